@@ -1,0 +1,59 @@
+r"""Sampled-token OPSD objective (the paper's alternative to the full-vocabulary divergence).
+
+For each sampled response token ŷ_n, with log-probs at temperature τ from vocab-parallel logits:
+
+    A_n    = log p_T(ŷ_n) − log p_S(ŷ_n)                 (advantage, held constant)
+    loss_n = −w_n · A_n · log p_S(ŷ_n)
+    ∂loss_n/∂s = −w_n · A_n · ∂log p_S(ŷ_n)/∂s
+
+i.e. a policy gradient whose per-token reward is the teacher-student log-ratio. ``w_n`` is 1, or,
+when ``sampler_logprobs`` are given (rollouts from an engine whose numerics differ from the
+trainer's, e.g. vLLM in bf16), the truncated importance weight
+w_n = min(exp(log p_S(ŷ_n) − log p_sampler(ŷ_n)), ``importance_ratio_max``), held constant.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from opsd_megatron.losses.token_logprob import vocab_parallel_token_logprobs
+from opsd_megatron.losses.validation import check_logits_pair
+from opsd_megatron.losses.vocab_parallel import DEFAULT_CHUNK_ELEMENTS
+
+
+class SampledTokenOutput(NamedTuple):
+    """Per-token tensors ``[...]``; only ``loss`` carries a gradient (to the student logits)."""
+
+    loss: torch.Tensor
+    advantage: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    importance_weight: torch.Tensor
+
+
+def vocab_parallel_sampled_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                      tokens: torch.Tensor, *, temperature: float = 1.0,
+                                      vocab_size: int | None = None, group=None,
+                                      sampler_logprobs: torch.Tensor | None = None,
+                                      importance_ratio_max: float = 2.0,
+                                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SampledTokenOutput:
+    """Per-token sampled-token loss from vocab-sharded logits ``[..., V/tp]`` and tokens ``[...]``."""
+    check_logits_pair(student_logits, teacher_logits)
+    if importance_ratio_max <= 0:
+        raise ValueError(f"importance_ratio_max must be > 0, got {importance_ratio_max}")
+    kwargs = dict(temperature=temperature, vocab_size=vocab_size, group=group, chunk_elements=chunk_elements)
+    student_lp = vocab_parallel_token_logprobs(student_logits, tokens, **kwargs)
+    with torch.no_grad():
+        teacher_lp = vocab_parallel_token_logprobs(teacher_logits.detach(), tokens, **kwargs)
+    advantage = (teacher_lp - student_lp).detach()
+    if sampler_logprobs is None:
+        weight = torch.ones_like(advantage)
+    else:
+        if sampler_logprobs.shape != tokens.shape:
+            raise ValueError(f"sampler_logprobs {tuple(sampler_logprobs.shape)} must match tokens {tuple(tokens.shape)}")
+        log_ratio = student_lp.detach() - sampler_logprobs.to(student_lp.dtype)
+        weight = torch.exp(log_ratio).clamp(max=importance_ratio_max)
+    loss = -(weight * advantage) * student_lp
+    return SampledTokenOutput(loss, advantage, student_lp.detach(), teacher_lp, weight)

@@ -1,0 +1,77 @@
+r"""Vocab-parallel log-probability of given tokens: log p(y_n) = s_{n,y_n}/τ − log Σ_v exp(s_{n,v}/τ).
+
+Legend: N tokens (leading dims flattened), V local vocab shard.
+
+Gradient: ∂ log p(y_n)/∂s_{n,v} = (1[v = y_n] − p_{n,v}) / τ, computed from the shard alone; the
+forward reduces only per-token scalars (row max, sum of exponentials, the target's logit, which
+lives on exactly one rank). This is megatron-core's ``vocab_parallel_cross_entropy`` with the sign
+flipped, plus temperature, padded-vocab masking and fp64 support.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opsd_megatron.losses.vocab_parallel import (
+    DEFAULT_CHUNK_ELEMENTS,
+    all_reduce_per_token,
+    chunk_log_probs,
+    global_softmax_stats,
+    group_size,
+    token_chunks,
+    vocab_shard,
+    working_dtype,
+)
+from opsd_megatron.losses.validation import check_floating, check_temperature, check_tokens
+
+
+def _local_target_index(tokens_N: torch.Tensor, start: int, real: int):
+    """Column of each token inside this shard, and whether the shard holds it."""
+    local = tokens_N - start
+    owned = (local >= 0) & (local < real)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+class _VocabParallelTokenLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_NV, tokens_N, temperature, vocab_size, group, chunk_elements):
+        dtype = working_dtype(logits_NV)
+        shard = vocab_shard(logits_NV.shape[1], vocab_size, group)
+        max_1N, log_sum_1N = global_softmax_stats([logits_NV], shard, temperature, dtype, chunk_elements, group)
+        index_N, owned_N = _local_target_index(tokens_N, shard.start, shard.real)
+        picked = logits_NV.gather(1, index_N[:, None])[:, 0].to(dtype)
+        picked = torch.where(owned_N, (picked - max_1N[0]) / temperature, torch.zeros_like(picked))
+        target_1N = all_reduce_per_token(picked[None], "sum", group)
+        ctx.save_for_backward(logits_NV, index_N, owned_N, max_1N[0], log_sum_1N[0])
+        ctx.params = (temperature, shard, chunk_elements, dtype)
+        return target_1N[0] - log_sum_1N[0]
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_NV, index_N, owned_N, max_N, log_sum_N = ctx.saved_tensors
+        temperature, shard, chunk_elements, dtype = ctx.params
+        grad_NV = torch.zeros_like(logits_NV)
+        for sl in token_chunks(logits_NV.shape[0], shard.width, chunk_elements):
+            p = torch.exp(chunk_log_probs(logits_NV[sl], max_N[sl], log_sum_N[sl], shard, temperature, dtype))
+            g = -p
+            rows = torch.nonzero(owned_N[sl], as_tuple=True)[0]
+            g[rows, index_N[sl][rows]] += 1.0
+            g = g * (grad_N[sl, None].to(dtype) / temperature)
+            grad_NV[sl, : shard.real] = g.to(grad_NV.dtype)
+        return grad_NV, None, None, None, None, None
+
+
+def vocab_parallel_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                                  vocab_size: int | None = None, group=None,
+                                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """log p(tokens) ``[...]`` from vocab-sharded ``logits [..., V/tp]`` (fp32, or fp64 for fp64 input)."""
+    check_floating("logits", logits)
+    check_tokens(tokens, logits)
+    check_temperature(temperature)
+    width = logits.shape[-1]
+    limit = vocab_size if vocab_size is not None else width * group_size(group)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
+        raise ValueError(f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+    out = _VocabParallelTokenLogProb.apply(logits.reshape(-1, width), tokens.reshape(-1).long(), float(temperature),
+                                           vocab_size, group, chunk_elements)
+    return out.reshape(tokens.shape)

@@ -1,0 +1,7 @@
+"""Where the code runs: CUDA, or megatron-core's CPU backend, and model-parallel initialisation."""
+
+from opsd_megatron.platform.cpu_backend import activate as activate_cpu_backend
+from opsd_megatron.platform.cpu_backend import default_device
+from opsd_megatron.platform.parallel import initialize_model_parallel
+
+__all__ = ["activate_cpu_backend", "default_device", "initialize_model_parallel"]

@@ -1,0 +1,182 @@
+"""CPU backend for megatron-core: run its models, schedules and TP/PP collectives on CPU over gloo.
+
+megatron-core assumes CUDA in three kinds of places (measured on 0.16.1, see
+``shared/notes/megatron-core-on-cpu.md``):
+
+(a) ``torch.cuda.current_device()`` picks the device of RoPE buffers, attention helpers and the
+    pipeline's p2p shape tensors, and ``torch.cuda.synchronize()`` follows batched p2p;
+(b) the model-parallel RNG tracker snapshots ``torch.cuda`` RNG states (dropout forks it);
+(c) a few helpers allocate with a hard-coded ``device="cuda"`` (``get_default_causal_mask``, the
+    schedules' token counters).
+
+``activate()`` mends exactly these: (a) resolves the current device to CPU and makes synchronize a
+no-op, (b) swaps the tracker class for :class:`CpuRNGStatesTracker` (same API, CPU generator
+states), (c) gives the listed megatron modules a view of ``torch`` whose factory functions map
+``device="cuda"`` to CPU. It never does anything when a CUDA device is present, and it is
+idempotent. Everything else in megatron-core is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import types
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Modules whose code allocates with a literal device="cuda" on paths a CPU run takes.
+# Missing modules are skipped, so the list can name modules of any megatron-core 0.16-0.19.
+CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+)
+_FACTORIES = frozenset(
+    {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "empty_like", "zeros_like",
+     "ones_like", "full_like"}
+)
+
+_active = False
+
+
+def is_active() -> bool:
+    """True once :func:`activate` has installed the backend in this process."""
+    return _active
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return isinstance(device, int)  # a bare ordinal means a CUDA device in torch's factories
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorchView(types.ModuleType):
+    """``torch`` as seen by a patched module: factories allocate on CPU, everything else is torch."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self._wrapped = {name: _cpu_factory(getattr(torch, name)) for name in _FACTORIES}
+
+    def __getattr__(self, name):
+        wrapped = self.__dict__["_wrapped"].get(name)
+        return wrapped if wrapped is not None else getattr(torch, name)
+
+
+def _tracker_base():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    return mrandom
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's ``CudaRNGStatesTracker`` that keeps named CPU generator states.
+
+    Same contract: ``add(name, seed)`` registers a stream, ``fork(name)`` runs a block on that
+    stream and restores the caller's stream after, so TP-rank-specific dropout stays reproducible.
+    """
+
+    def __init__(self, use_cudagraphable_rng=False, is_inference_rng_tracker=False):
+        if use_cudagraphable_rng:
+            raise ValueError("CUDA-graph-safe RNG needs a GPU; the CPU backend cannot provide it")
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = is_inference_rng_tracker
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        orig_name = self._current_state_name
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+            self._current_state_name = orig_name
+
+
+def _install_rng_tracker() -> None:
+    mrandom = _tracker_base()
+    base = mrandom.CudaRNGStatesTracker
+    if not issubclass(base, CpuRNGStatesTracker):
+        # A subclass, so megatron's isinstance checks (get_all_rng_states) keep working.
+        tracker_cls = type("CpuRNGStatesTracker", (CpuRNGStatesTracker, base), {})
+        mrandom.CudaRNGStatesTracker = tracker_cls
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def activate() -> bool:
+    """Install the CPU backend if no CUDA device is present. Returns whether it is active."""
+    global _active
+    if _active:
+        return True
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+    _install_rng_tracker()
+    view = _CpuTorchView()
+    for name in CUDA_LITERAL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        module.torch = view
+    _active = True
+    logger.info("opsd_megatron: no CUDA device, megatron-core runs on the CPU backend")
+    return True
+
+
+def default_device() -> torch.device:
+    """The device tensors should live on: the current CUDA device, or CPU under this backend."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,125 @@
+"""Run a function on N real processes joined by a gloo process group, and collect what each returns.
+
+Used by every distributed test: sharded code runs for real (no mocked collectives) and its
+per-rank results are compared with a single-process reference in the parent.
+
+* Processes come from a ``forkserver`` that preloads torch and megatron-core once, so each rank
+  starts in ~0.1 s yet never inherits OpenMP threads from the pytest process (fork-after-OpenMP
+  can hang).
+* Rendezvous uses a ``TCPStore`` opened by the parent on 127.0.0.1 with an OS-chosen port, so
+  concurrent runs never race for a port.
+* Each rank runs with one intra-op thread, like one GPU per rank.
+* Any rank that raises, dies, or is still running at the timeout fails the run with that rank's
+  traceback (or exit code); all ranks are then killed so nothing hangs the suite.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "opsd_megatron"]
+
+
+class DistributedRunError(RuntimeError):
+    """A rank failed, died or timed out; the message holds each failing rank's report."""
+
+
+def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(threads),
+    )
+    torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                              timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=120))
+        out = fn(*args, **kwargs)
+        # Plain pickle copies tensor data by value; torch's shared-memory reducers would hand the
+        # parent file descriptors that vanish when this process exits.
+        results.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - everything must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:  # noqa: BLE001
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 180.0,
+                    threads_per_rank: int = 1, **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results.
+
+    ``fn`` must be importable by name (a module-level function) and its result picklable. The
+    process group is initialised before ``fn`` runs and destroyed after.
+    """
+    ctx = _context()
+    master = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=60))
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_main, daemon=True,
+                    args=(fn, rank, world_size, master.port, args, kwargs, results, threads_per_rank))
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    reports: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(reports) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+                reports[rank] = (status, payload)
+                if status == "error":
+                    break  # the others will block on collectives with the dead rank
+                continue
+            except queue.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
+            if dead:
+                time.sleep(0.5)  # a report may still be in flight
+                while not results.empty():
+                    rank, status, payload = results.get()
+                    reports[rank] = (status, payload)
+                for r in dead:
+                    reports.setdefault(r, ("error", f"process exited with code {procs[r].exitcode}"))
+                break
+            if time.monotonic() > deadline:
+                for r in range(world_size):
+                    reports.setdefault(r, ("error", f"still running after {timeout:.0f} s (hang?)"))
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not any(s == "error" for s, _ in reports.values()) else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        del master
+    failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}
+    if failed:
+        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failed.items())
+        raise DistributedRunError(f"{len(failed)} of {world_size} ranks failed:\n{text}")
+    return [pickle.loads(reports[r][1]) for r in range(world_size)]
