@@ -88,32 +88,33 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         p.start()
     reports: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
+    grace_end = None  # after the first failure, collect the others' reports briefly, then stop
     try:
         while len(reports) < world_size:
-            try:
-                rank, status, payload = results.get(timeout=0.2)
-                reports[rank] = (status, payload)
-                if status == "error":
-                    break  # the others will block on collectives with the dead rank
-                continue
-            except queue.Empty:
-                pass
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
-            if dead:
-                time.sleep(0.5)  # a report may still be in flight
-                while not results.empty():
-                    rank, status, payload = results.get()
-                    reports[rank] = (status, payload)
-                for r in dead:
-                    reports.setdefault(r, ("error", f"process exited with code {procs[r].exitcode}"))
+            now = time.monotonic()
+            if grace_end is not None and now > grace_end:
                 break
-            if time.monotonic() > deadline:
+            if now > deadline:
                 for r in range(world_size):
                     reports.setdefault(r, ("error", f"still running after {timeout:.0f} s (hang?)"))
                 break
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+                reports[rank] = (status, payload)
+            except queue.Empty:
+                pass
+            failing = any(st == "error" for st, _ in reports.values()) or any(
+                p.exitcode not in (None, 0) for p in procs)
+            if failing and grace_end is None:
+                grace_end = time.monotonic() + 2.0
+        for r, p in enumerate(procs):
+            if r not in reports and p.exitcode not in (None, 0):
+                reports[r] = ("error", f"process exited with code {p.exitcode}")
+        for r in range(world_size):
+            reports.setdefault(r, ("error", "did not report (stopped after another rank failed)"))
     finally:
         for p in procs:
-            p.join(timeout=5 if not any(s == "error" for s, _ in reports.values()) else 0.5)
+            p.join(timeout=5 if all(st == "ok" for st, _ in reports.values()) else 0.5)
             if p.is_alive():
                 p.kill()
                 p.join()
