@@ -36,6 +36,7 @@ from opsd_megatron.losses.vocab_parallel import (
     all_reduce_per_token,
     chunk_log_probs,
     global_softmax_stats,
+    resolve_chunk_elements,
     token_chunks,
     vocab_shard,
     working_dtype,
@@ -53,7 +54,7 @@ class JSDOutput(NamedTuple):
 
 def _xlogy_terms(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     """p·diff with 0 where p == 0 (so -inf log-probs of impossible tokens give 0, not NaN)."""
-    return torch.where(p > 0, p * diff, torch.zeros_like(p))
+    return torch.where(p > 0, p * diff, 0.0)
 
 
 class JSDMath:
@@ -78,7 +79,7 @@ class JSDMath:
         if term_clip is None:
             return e, g
         kept = e <= term_clip
-        return torch.where(kept, e, torch.full_like(e, term_clip)), torch.where(kept, g, torch.zeros_like(g))
+        return torch.where(kept, e, term_clip), torch.where(kept, g, 0.0)
 
     @staticmethod
     def neg_entropy_terms(lp: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,8 @@ class _VocabParallelJSD(torch.autograd.Function):
         if grad_loss_N is None:
             return (None,) * 8
         beta, temperature, term_clip, shard, chunk_elements, dtype = ctx.params
-        grad_NV = torch.zeros_like(student_NV)
+        grad_NV = torch.empty_like(student_NV)
+        grad_NV[:, shard.real:] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(student_NV.shape[0], shard.width, chunk_elements):
             ls = chunk_log_probs(student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype)
             lt = chunk_log_probs(teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype)
@@ -135,7 +137,7 @@ class _VocabParallelJSD(torch.autograd.Function):
 def vocab_parallel_jsd_with_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float,
                                     temperature: float = 1.0, vocab_size: int | None = None,
                                     term_clip: float | None = None, group=None,
-                                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> JSDOutput:
+                                    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> JSDOutput:
     """Per-token JSD_β plus student and teacher entropies from the same pass (see module doc).
 
     ``student_logits``/``teacher_logits``: ``[..., V/tp]`` vocab shards (any float dtype; math in
@@ -153,13 +155,14 @@ def vocab_parallel_jsd_with_entropy(student_logits: torch.Tensor, teacher_logits
     width = student_logits.shape[-1]
     loss, hs, ht = _VocabParallelJSD.apply(
         student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), float(beta),
-        float(temperature), vocab_size, term_clip, group, chunk_elements)
+        float(temperature), vocab_size, term_clip, group,
+        resolve_chunk_elements(chunk_elements, student_logits.device))
     return JSDOutput(loss.reshape(lead), hs.reshape(lead), ht.reshape(lead))
 
 
 def vocab_parallel_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float,
                        temperature: float = 1.0, vocab_size: int | None = None, term_clip: float | None = None,
-                       group=None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+                       group=None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Per-token generalized JSD_β ``[...]`` between vocab-sharded student and teacher logits."""
     return vocab_parallel_jsd_with_entropy(
         student_logits, teacher_logits, beta=beta, temperature=temperature, vocab_size=vocab_size,

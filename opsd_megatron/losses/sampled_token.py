@@ -38,7 +38,7 @@ def vocab_parallel_sampled_token_loss(student_logits: torch.Tensor, teacher_logi
                                       vocab_size: int | None = None, group=None,
                                       sampler_logprobs: torch.Tensor | None = None,
                                       importance_ratio_max: float = 2.0,
-                                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SampledTokenOutput:
+                                      chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> SampledTokenOutput:
     """Per-token sampled-token loss from vocab-sharded logits ``[..., V/tp]`` and tokens ``[...]``."""
     check_logits_pair(student_logits, teacher_logits)
     if importance_ratio_max <= 0:

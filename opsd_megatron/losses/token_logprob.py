@@ -18,6 +18,7 @@ from opsd_megatron.losses.vocab_parallel import (
     chunk_log_probs,
     global_softmax_stats,
     group_size,
+    resolve_chunk_elements,
     token_chunks,
     vocab_shard,
     working_dtype,
@@ -50,7 +51,8 @@ class _VocabParallelTokenLogProb(torch.autograd.Function):
     def backward(ctx, grad_N):
         logits_NV, index_N, owned_N, max_N, log_sum_N = ctx.saved_tensors
         temperature, shard, chunk_elements, dtype = ctx.params
-        grad_NV = torch.zeros_like(logits_NV)
+        grad_NV = torch.empty_like(logits_NV)
+        grad_NV[:, shard.real:] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(logits_NV.shape[0], shard.width, chunk_elements):
             p = torch.exp(chunk_log_probs(logits_NV[sl], max_N[sl], log_sum_N[sl], shard, temperature, dtype))
             g = -p
@@ -63,7 +65,7 @@ class _VocabParallelTokenLogProb(torch.autograd.Function):
 
 def vocab_parallel_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
                                   vocab_size: int | None = None, group=None,
-                                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+                                  chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """log p(tokens) ``[...]`` from vocab-sharded ``logits [..., V/tp]`` (fp32, or fp64 for fp64 input)."""
     check_floating("logits", logits)
     check_tokens(tokens, logits)
@@ -73,5 +75,5 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *,
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
         raise ValueError(f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]")
     out = _VocabParallelTokenLogProb.apply(logits.reshape(-1, width), tokens.reshape(-1).long(), float(temperature),
-                                           vocab_size, group, chunk_elements)
+                                           vocab_size, group, resolve_chunk_elements(chunk_elements, logits.device))
     return out.reshape(tokens.shape)
