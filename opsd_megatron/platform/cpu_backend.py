@@ -7,12 +7,13 @@ megatron-core assumes CUDA in three kinds of places (measured on 0.16.1, see
     pipeline's p2p shape tensors, and ``torch.cuda.synchronize()`` follows batched p2p;
 (b) the model-parallel RNG tracker snapshots ``torch.cuda`` RNG states (dropout forks it);
 (c) a few helpers allocate with a hard-coded ``device="cuda"`` (``get_default_causal_mask``, the
-    schedules' token counters).
+    schedules' token counters) or move tensors with ``.cuda()`` (tied embeddings across pipeline
+    stages).
 
 ``activate()`` mends exactly these: (a) resolves the current device to CPU and makes synchronize a
 no-op, (b) swaps the tracker class for :class:`CpuRNGStatesTracker` (same API, CPU generator
 states), (c) gives the listed megatron modules a view of ``torch`` whose factory functions map
-``device="cuda"`` to CPU. It never does anything when a CUDA device is present, and it is
+``device="cuda"`` to CPU, and makes ``Tensor.cuda()`` a no-op (it could only fail without CUDA). It never does anything when a CUDA device is present, and it is
 idempotent. Everything else in megatron-core is left untouched.
 """
 
@@ -162,6 +163,7 @@ def activate() -> bool:
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     _install_rng_tracker()
     view = _CpuTorchView()
     for name in CUDA_LITERAL_MODULES:

@@ -1,7 +1,8 @@
-"""Run a function on N real processes joined by a gloo process group, and collect what each returns.
+"""Run a function on N real local processes joined by a gloo process group; collect what each returns.
 
-Used by every distributed test: sharded code runs for real (no mocked collectives) and its
-per-rank results are compared with a single-process reference in the parent.
+Used by every distributed test (sharded code runs for real, no mocked collectives, and per-rank
+results are compared with a single-process reference) and by the tools when they run on one
+machine without torchrun (e.g. checkpoint conversion at TP=2 on CPU).
 
 * Processes come from a ``forkserver`` that preloads torch and megatron-core once, so each rank
   starts in ~0.1 s yet never inherits OpenMP threads from the pytest process (fork-after-OpenMP

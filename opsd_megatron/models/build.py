@@ -1,0 +1,102 @@
+"""Build a megatron-core GPTModel for an :class:`ArchSpec` on this rank's pipeline stage.
+
+The model definition is megatron-core's; this module only translates the HF architecture into a
+``TransformerConfig``. Where the model sits (TP/PP/DP groups) comes from ``parallel_state``, set
+up beforehand by :func:`opsd_megatron.platform.initialize_model_parallel`. Logits stay
+vocab-sharded (``parallel_output=True``) and padded to a multiple of 128·tp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from opsd_megatron.models.hf_config import ArchSpec
+from opsd_megatron.models.layer_specs import gpt_layer_spec
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: torch.dtype = torch.float32,
+                       recompute: bool = False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch.check_layout(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    extra = {}
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        **extra,
+    )
+
+
+def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *, recompute: bool = False,
+                    transformer_engine: bool | None = None):
+    """This rank's stage of the model, on the current device (CPU under the CPU backend)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    layout = ParallelLayout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                            sequence_parallel=False)
+    config = transformer_config(arch, layout, params_dtype, recompute)
+    model = GPTModel(
+        config,
+        gpt_layer_spec(arch, transformer_engine),
+        vocab_size=arch.padded_vocab_size(layout.tensor_model_parallel_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def stage_layer_offset(arch: ArchSpec) -> int:
+    """Global index of this pipeline stage's first decoder layer."""
+    from megatron.core import parallel_state as ps
+
+    per_stage = arch.num_layers // ps.get_pipeline_model_parallel_world_size()
+    return ps.get_pipeline_model_parallel_rank() * per_stage

@@ -1,0 +1,64 @@
+"""Model weights as megatron-core distributed checkpoints (``dist_checkpointing``, torch_dist).
+
+A checkpoint written at one TP/PP loads at any other: megatron stores each tensor globally with
+per-shard offsets. Beside the tensors, ``opsd_model.json`` records the architecture (so a model can
+be rebuilt without the HF directory), the original HF config (for export) and the layout it was
+written at. Adapters can be saved and loaded alone (``adapters_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from opsd_megatron.models.hf_config import ArchSpec
+from opsd_megatron.models.lora import SUFFIX
+
+METADATA = "opsd_model.json"
+
+
+def _sharded(model, adapters_only: bool) -> dict:
+    sharded = model.sharded_state_dict()
+    if adapters_only:
+        sharded = {k: v for k, v in sharded.items() if SUFFIX + "." in k}
+        if not sharded:
+            raise ValueError("adapters_only=True but the model has no LoRA adapters")
+    return sharded
+
+
+def save_model_checkpoint(model, ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None = None,
+                          adapters_only: bool = False, extra: dict | None = None) -> None:
+    """Collective: every rank passes its model stage; ``ckpt_dir`` must exist and be empty."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    ckpt_dir = Path(ckpt_dir)
+    dist_checkpointing.save(_sharded(model, adapters_only), str(ckpt_dir))
+    if dist.get_rank() == 0:
+        meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": adapters_only,
+                "written_at": {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+                               "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()},
+                **(extra or {})}
+        (ckpt_dir / METADATA).write_text(json.dumps(meta, indent=2))
+    dist.barrier()
+
+
+def read_checkpoint_metadata(ckpt_dir: str | Path) -> tuple[ArchSpec, dict]:
+    path = Path(ckpt_dir) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not an opsd-megatron checkpoint (no {METADATA})")
+    meta = json.loads(path.read_text())
+    return ArchSpec(**meta["arch"]), meta
+
+
+def load_model_checkpoint(model, ckpt_dir: str | Path, adapters_only: bool = False) -> None:
+    """Collective: fill this rank's shards from a checkpoint written at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded(model, adapters_only), str(ckpt_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if "_extra_state" not in k]
+    if unexpected:
+        raise KeyError(f"{ckpt_dir}: checkpoint tensors the model does not have: {unexpected[:5]}")

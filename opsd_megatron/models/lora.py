@@ -1,0 +1,200 @@
+r"""LoRA on megatron-core's tensor-parallel linears, sharded so that TP=n computes exactly TP=1.
+
+y = W x + (α/r) · B A dropout(x), with B initialised to zero (output equals the base at init).
+
+Sharding (as NeMo's ParallelLinearAdapter), all communication inside megatron's own autograd
+functions, so no gradient needs a manual all-reduce:
+
+* ColumnParallel base (qkv, fc1; W shard [out/tp, in], x replicated):
+  A = ColumnParallel(in→r, gather_output=True) — shard [r/tp, in], h gathered to [.., r];
+  B = ColumnParallel(r→out) — shard [out/tp, r], same row layout as W's shard.
+  Merged shard: W_k + s · B_k · A.
+* RowParallel base (o_proj, down; W shard [out, in/tp], x sharded):
+  A = RowParallel(in→r, input_is_parallel=True) — shard [r, in/tp], h all-reduced;
+  B = ColumnParallel(r→out, gather_output=True) — shard [out/tp, r].
+  Merged shard: W_k + s · B · A_k.
+
+Adapters live beside the linear they adapt (``self_attention.linear_qkv_lora``), not inside it,
+so megatron's distributed checkpointing sees them as their own TP-sharded tensors.
+``adapters_disabled(model)`` switches every adapter off: that is the frozen teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+# megatron submodule names of the paper's seven targets
+TARGETS = {
+    "q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
+    "gate": "linear_fc1", "up": "linear_fc1", "down": "linear_fc2",
+}
+SUFFIX = "_lora"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    # Megatron fuses q,k,v into linear_qkv and gate,up into linear_fc1, so naming any member adapts
+    # the fused linear (as NeMo and Megatron-Bridge do).
+    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.target_modules) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"lora.target_modules has unknown entries {unknown} (valid: {sorted(TARGETS)})")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def linear_names(self) -> set[str]:
+        return {TARGETS[t] for t in self.target_modules}
+
+
+def _kaiming(weight: torch.Tensor) -> None:
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class LoRAAdapter(torch.nn.Module):
+    """The A/B pair for one megatron linear; added to its output by a forward hook."""
+
+    def __init__(self, base, cfg: LoRAConfig, row_parallel: bool, glu: bool):
+        super().__init__()
+        from megatron.core import tensor_parallel as mtp
+
+        config = base.config
+        in_size, out_size = base.input_size, base.output_size
+        tp = base.tp_size if hasattr(base, "tp_size") else dist.get_world_size(base.tp_group)
+        if cfg.rank % tp:
+            raise ValueError(f"lora.rank={cfg.rank} must be divisible by tensor_model_parallel_size={tp}")
+        common = dict(config=config, bias=False, skip_bias_add=True, is_expert=False)
+        if row_parallel:
+            self.lora_A = mtp.RowParallelLinear(in_size, cfg.rank, init_method=_kaiming, input_is_parallel=True,
+                                                **common)
+            self.lora_B = mtp.ColumnParallelLinear(cfg.rank, out_size, init_method=torch.nn.init.zeros_,
+                                                   gather_output=True, **common)
+        else:
+            self.lora_A = mtp.ColumnParallelLinear(in_size, cfg.rank, init_method=_kaiming, gather_output=True,
+                                                   **common)
+            self.lora_B = mtp.ColumnParallelLinear(cfg.rank, out_size, init_method=torch.nn.init.zeros_,
+                                                   gather_output=False, **common)
+        with torch.no_grad():
+            self.lora_B.weight.zero_()
+        self.row_parallel, self.glu = row_parallel, glu
+        self.scale = cfg.scale
+        self.dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else torch.nn.Identity()
+        self.enabled = True
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lora_A(self.dropout(x))
+        y, _ = self.lora_B(h)
+        return y * self.scale
+
+    def hook(self, module, inputs, output):
+        if not self.enabled:
+            return output
+        out, bias = output
+        return out + self.delta(inputs[0]).to(out.dtype), bias
+
+    @torch.no_grad()
+    def merged(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of W + s·B·A (a collective over the TP group)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region as gather_last
+
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.row_parallel:  # B is row-sharded: gather its rows
+            b_full = gather_last(b.t().contiguous()).t()
+            delta = b_full @ a
+        else:  # A is row-sharded: gather its rows
+            a_full = gather_last(a.t().contiguous()).t()
+            delta = b @ a_full
+        return base_weight + (self.scale * delta).to(base_weight.dtype)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        out = {}
+        for name in ("lora_A", "lora_B"):
+            sub = getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata)
+            if self.glu and name == "lora_B":  # B's rows follow fc1's [gate; up] split per rank
+                key = f"{prefix}{name}.weight"
+                sub[key] = apply_swiglu_sharded_factory(sub[key], sharded_offsets)
+            out.update(sub)
+        return out
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Attach adapters to the target linears and freeze everything else. Returns the adapted names."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    wanted = cfg.linear_names()
+    adapted = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name not in wanted or child_name + SUFFIX in parent._modules:
+                continue
+            adapter = LoRAAdapter(child, cfg, row_parallel=isinstance(child, RowParallelLinear),
+                                  glu=child_name == "linear_fc1")
+            parent.add_module(child_name + SUFFIX, adapter)
+            child.register_forward_hook(adapter.hook)
+            adapted.append(f"{parent_name}.{child_name}".lstrip("."))
+    if not adapted:
+        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no linear in the model")
+    for name, p in model.named_parameters():
+        p.requires_grad_(SUFFIX + "." in name)
+    return adapted
+
+
+def adapters(model: torch.nn.Module) -> Iterator[LoRAAdapter]:
+    return (m for m in model.modules() if isinstance(m, LoRAAdapter))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the base model: every adapter off inside the block (the frozen teacher, no weight copy)."""
+    found = list(adapters(model))
+    previous = [a.enabled for a in found]
+    for a in found:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a, state in zip(found, previous):
+            a.enabled = state
+
+
+def base_weight_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the base model's weights: what an HF checkpoint holds."""
+    for name, value in model.state_dict(keep_vars=True).items():
+        if value is None or "_extra_state" in name or SUFFIX + "." in name:
+            continue
+        yield name, value
+
+
+def lora_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, value in model.state_dict(keep_vars=True).items():
+        if SUFFIX + "." in name and "_extra_state" not in name and value is not None:
+            yield name, value
+
+
+def merged_weight(model: torch.nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Base weight ``name`` (``value``) with its adapter, if any, merged in; collective when adapted."""
+    module_path, _, leaf = name.rpartition(".")
+    parent_path, _, linear = module_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    adapter = parent._modules.get(linear + SUFFIX)
+    if leaf != "weight" or adapter is None:
+        return value.detach()
+    return adapter.merged(value.detach())
