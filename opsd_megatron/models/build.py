@@ -25,7 +25,7 @@ class ParallelLayout:
 
 
 def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: torch.dtype = torch.float32,
-                       recompute: bool = False):
+                       recompute: bool = False, initialize: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch.check_layout(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
@@ -62,19 +62,23 @@ def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: tor
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         sequence_parallel=layout.sequence_parallel,
+        perform_initialization=initialize,
         **extra,
     )
 
 
 def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *, recompute: bool = False,
-                    transformer_engine: bool | None = None):
-    """This rank's stage of the model, on the current device (CPU under the CPU backend)."""
+                    transformer_engine: bool | None = None, initialize: bool = True):
+    """This rank's stage of the model, on the current device (CPU under the CPU backend).
+
+    ``initialize=False`` skips random initialisation, for weights that are loaded right after.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     layout = ParallelLayout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                             sequence_parallel=False)
-    config = transformer_config(arch, layout, params_dtype, recompute)
+    config = transformer_config(arch, layout, params_dtype, recompute, initialize)
     model = GPTModel(
         config,
         gpt_layer_spec(arch, transformer_engine),

@@ -25,6 +25,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -63,6 +64,16 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
             dist.destroy_process_group()
 
 
+def _kill_tree(pid: int) -> None:
+    """Kill a rank and whatever it started (e.g. checkpoint writer processes), so nothing lingers."""
+    try:
+        proc = psutil.Process(pid)
+        for child in proc.children(recursive=True) + [proc]:
+            child.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
 def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -81,7 +92,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                            timeout=timedelta(seconds=60))
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_rank_main, daemon=True,
+        ctx.Process(target=_rank_main, daemon=False,  # ranks may start helpers (dist_checkpointing)
                     args=(fn, rank, world_size, master.port, args, kwargs, results, threads_per_rank))
         for rank in range(world_size)
     ]
@@ -117,7 +128,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         for p in procs:
             p.join(timeout=5 if all(st == "ok" for st, _ in reports.values()) else 0.5)
             if p.is_alive():
-                p.kill()
+                _kill_tree(p.pid)
                 p.join()
         del master
     failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}

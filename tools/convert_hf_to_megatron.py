@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face checkpoint (Qwen3 / Qwen2.5 / Llama-3.x, safetensors) into a megatron-core
+distributed checkpoint sharded for a tensor/pipeline-parallel layout.
+
+The result loads at any other TP/PP too (megatron's dist_checkpointing reshards on load). Runs
+TP*PP ranks: as local CPU processes by default, or under `torchrun --nproc-per-node TP*PP`.
+Each rank reads only its own slices from the safetensors files. The output directory appears
+only when the conversion succeeded.
+
+Example:
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen3-8B --out ckpt/qwen3-8b-tp2 --tp 2 --pp 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opsd_megatron.models.convert import convert_hf_to_megatron
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF model directory: config.json, *.safetensors (+ index), tokenizer files")
+    p.add_argument("--out", required=True, help="output directory for the megatron checkpoint (must not exist)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (divides heads and KV heads)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to shard for (divides the layers)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the stored weights; auto keeps config.json's torch_dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = p.parse_args(argv)
+    try:
+        ranks = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    peak = max(r["peak_rss_bytes"] for r in ranks) / 2**20
+    print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}); peak host memory per rank: {peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
