@@ -90,12 +90,25 @@ class LoRAAdapter(torch.nn.Module):
                                                    **common)
             self.lora_B = mtp.ColumnParallelLinear(cfg.rank, out_size, init_method=torch.nn.init.zeros_,
                                                    gather_output=False, **common)
-        with torch.no_grad():
-            self.lora_B.weight.zero_()
+        self._init_weights(in_size, cfg.rank, row_parallel)
         self.row_parallel, self.glu = row_parallel, glu
         self.scale = cfg.scale
         self.dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else torch.nn.Identity()
         self.enabled = True
+
+    @torch.no_grad()
+    def _init_weights(self, in_size: int, rank: int, row_parallel: bool) -> None:
+        """A: PEFT's kaiming-uniform on the full [r, in] matrix, then this rank's slice — the same
+        default-generator draw on every TP rank, so TP=n starts exactly where TP=1 does. B: zeros.
+        Done here, not through megatron's init, so it also happens when the base skips init."""
+        from megatron.core import parallel_state as ps
+
+        full = torch.empty(rank, in_size, dtype=torch.float32)
+        _kaiming(full)
+        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        shard = full.chunk(tp, dim=1 if row_parallel else 0)[tp_rank]
+        self.lora_A.weight.copy_(shard.to(self.lora_A.weight.dtype))
+        self.lora_B.weight.zero_()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.lora_A(self.dropout(x))
