@@ -1,0 +1,1 @@
+"""Problems with reference solutions, tokenizers, and the student/teacher prompts."""

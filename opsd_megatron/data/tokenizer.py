@@ -1,0 +1,49 @@
+"""Tokenizers: an HF tokenizer directory (never ``trust_remote_code``), or the project's built-in
+character tokenizer with a Qwen3-style chat template, so the tiny recipes need no download."""
+
+from __future__ import annotations
+
+import string
+
+BUILTIN = "builtin:arith"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen3's template, reduced to what the prompts use: thinking off appends an empty think block.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def builtin_tokenizer():
+    """Character-level tokenizer over printable ASCII plus Qwen3's chat specials (≈105 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r")) + ["—", "’"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(spec: str):
+    if spec == BUILTIN:
+        return builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a response: EOS and Qwen's <|im_end|> / <|endoftext|> where present."""
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

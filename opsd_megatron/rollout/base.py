@@ -1,0 +1,21 @@
+"""The rollout-engine interface the trainer talks to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class RolloutResult:
+    responses: list[list[int]]  # sampled token ids per prompt, the stop token included if reached
+    logprobs: list[list[float]]  # the sampler's log p(token) at the sampling temperature
+    finished: list[bool]  # stopped at a stop token (False: hit max_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult: ...
