@@ -1,10 +1,16 @@
-"""The teacher: the frozen initial policy, scoring the student's tokens in one forward pass.
+"""The teacher: by default the frozen initial policy, scoring the student's tokens in one pass.
 
 * ``lora_base`` (default, with LoRA): the student model itself with every adapter switched off
   (``adapters_disabled``) — no second copy of the weights; base weights are frozen by LoRA.
 * ``frozen_copy`` (full-parameter training): a separate copy of the initial model that never
   receives gradients; with ``offload=True`` its weights wait in host memory between teacher
   passes and move to the GPU only for them.
+
+What the teacher's weights track over training (``update``):
+* ``fixed`` — the initial policy (the paper's choice).
+* ``ema`` — an exponential moving average of the student's trainable weights (the adapters with
+  LoRA, swapped in for the teacher pass; the frozen copy's weights in full-parameter mode).
+* ``current`` — the live student weights (adapters on), seen through the teacher prompt.
 """
 
 from __future__ import annotations
@@ -33,11 +39,15 @@ class TeacherConfig:
 
 class Teacher:
     def __init__(self, student: torch.nn.Module, cfg: TeacherConfig,
-                 build_model: Callable[[], torch.nn.Module] | None = None):
+                 build_model: Callable[[], torch.nn.Module] | None = None, update: str = "fixed",
+                 ema_rate: float = 0.99):
         """``build_model`` makes an empty model of the student's architecture (frozen_copy only;
         megatron modules hold process groups, so they are rebuilt rather than deep-copied)."""
-        self.cfg = cfg
+        if update not in ("fixed", "ema", "current"):
+            raise ValueError(f"teacher update must be fixed|ema|current, got {update!r}")
+        self.cfg, self.update, self.ema_rate = cfg, update, ema_rate
         self.student = student
+        self.shadow = None
         if cfg.kind == "lora_base":
             if not any(True for _ in adapters(student)):
                 raise ValueError("teacher.kind='lora_base' needs LoRA adapters on the student "
@@ -53,10 +63,47 @@ class Teacher:
             self.device = next(self.model.parameters()).device
             if cfg.offload:
                 self.model.to("cpu")
+        if update == "ema" and self.model is None:
+            self.shadow = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Move an EMA teacher toward the student: w_T <- rate * w_T + (1 - rate) * w_S."""
+        if self.update != "ema":
+            return
+        if self.shadow is not None:
+            for n, p in self.student.named_parameters():
+                if n in self.shadow:
+                    self.shadow[n].lerp_(p.detach(), 1 - self.ema_rate)
+            return
+        teacher_params = dict(self.model.named_parameters())
+        for n, p in self.student.named_parameters():
+            teacher_params[n].lerp_(p.detach().to(teacher_params[n].device), 1 - self.ema_rate)
+
+    @contextlib.contextmanager
+    def _swapped_in_shadow(self):
+        params = dict(self.student.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, v in self.shadow.items():
+                params[n].copy_(v)
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
 
     @contextlib.contextmanager
     def active(self):
         """The module that acts as the teacher inside the block (weights on the compute device)."""
+        if self.update == "current":
+            yield self.student
+            return
+        if self.shadow is not None:
+            with self._swapped_in_shadow() as model:
+                yield model
+            return
         if self.model is None:
             with adapters_disabled(self.student):
                 yield self.student

@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses.vocab_parallel import all_reduce_per_token, group_size, vocab_shard
+from opsd_megatron.losses.vocab_parallel import (
+    VocabShard,
+    all_reduce_per_token,
+    global_softmax_stats,
+    group_size,
+    vocab_shard,
+)
 
 TOP_P_BISECTION_STEPS = 40
 
@@ -35,16 +41,22 @@ def _global_topk_cutoff(z_BV: torch.Tensor, k: int, group) -> torch.Tensor:
 
 
 def _log_normalizer(z_BV: torch.Tensor, group) -> torch.Tensor:
-    m = all_reduce_per_token(z_BV.amax(dim=1)[None].clone(), "max", group)[0]
-    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = all_reduce_per_token(torch.exp(z_BV - safe[:, None]).sum(dim=1)[None], "sum", group)[0]
-    return safe + torch.log(s)
+    """log Σ_v exp(z_v) over all shards (a shard may hold no real column at all)."""
+    whole = VocabShard(0, z_BV.shape[1], z_BV.shape[1])
+    row_max, log_sum = global_softmax_stats([z_BV], whole, 1.0, z_BV.dtype, 1 << 20, group)
+    return row_max[0] + log_sum[0]
+
+
+def _row_max(x_BV: torch.Tensor) -> torch.Tensor:
+    if x_BV.shape[1] == 0:
+        return x_BV.new_full((x_BV.shape[0],), -torch.inf)
+    return x_BV.amax(dim=1)
 
 
 def _top_p_cutoff(p_BV: torch.Tensor, top_p: float, group) -> torch.Tensor:
     """Largest θ with Σ_{p_v ≥ θ} p_v ≥ top_p, per row, by bisection (mass is non-increasing in θ)."""
     lo = torch.zeros(p_BV.shape[0], dtype=p_BV.dtype, device=p_BV.device)
-    hi = all_reduce_per_token(p_BV.amax(dim=1)[None].clone(), "max", group)[0]
+    hi = all_reduce_per_token(_row_max(p_BV)[None].clone(), "max", group)[0]
     for _ in range(TOP_P_BISECTION_STEPS):
         mid = (lo + hi) / 2
         mass = all_reduce_per_token(torch.where(p_BV >= mid[:, None], p_BV, 0.0).sum(dim=1)[None], "sum", group)[0]

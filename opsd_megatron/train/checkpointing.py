@@ -1,0 +1,89 @@
+"""Training checkpoints: written to a temporary directory and renamed, so a crash never leaves a
+half-written checkpoint that resume would pick; the last K are kept.
+
+Layout of ``OUT/checkpoints/step_000050/``:
+  model/               megatron dist checkpoint (adapters only with LoRA; any TP/PP can read it)
+  rank00000.pt ...     per-rank optimizer, LR schedule and RNG state (same layout to resume)
+  trainer_state.json   step, counters, layout — written last: its presence marks completeness
+  config.yaml          the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from opsd_megatron.config import to_dict, to_yaml
+from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.trainer.output_dir) / "checkpoints"
+
+
+def latest_checkpoint(cfg) -> Path | None:
+    root = checkpoint_root(cfg)
+    if not root.is_dir():
+        return None
+    done = [d for d in root.iterdir() if STEP_DIR.match(d.name) and (d / "trainer_state.json").is_file()]
+    return max(done, key=lambda d: int(STEP_DIR.match(d.name).group(1))) if done else None
+
+
+def _layout(c) -> dict:
+    return {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp}
+
+
+def save_checkpoint(c, step: int, counters: dict) -> Path:
+    """Collective. Returns the final directory."""
+    root = checkpoint_root(c.cfg)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+    dist.barrier()
+    extra = {"lora": to_dict(c.cfg)["lora"]}
+    save_model_checkpoint(c.model, tmp / "model", c.arch, None, adapters_only=c.cfg.lora is not None, extra=extra)
+    torch.save({"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "sampler_calls": c.sampler.calls},
+               tmp / f"rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / "config.yaml").write_text(to_yaml(c.cfg))
+        state = {"step": step, "counters": counters, "layout": _layout(c)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, c.cfg.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((d for d in root.iterdir() if STEP_DIR.match(d.name)), key=lambda d: d.name)
+    for d in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
+    """Restore model/adapters, optimizer, schedule, RNG; returns (step, counters)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["layout"] != _layout(c):
+        raise ValueError(f"{ckpt}: written at layout {state['layout']}, resuming at {_layout(c)}; resume needs "
+                         f"the same TP/PP/DP (the model part alone loads at any layout)")
+    load_model_checkpoint(c.model, ckpt / "model", adapters_only=c.cfg.lora is not None)
+    rank_state = torch.load(ckpt / f"rank{dist.get_rank():05d}.pt", weights_only=True)
+    c.optimizer.load_state_dict(rank_state["optimizer"])
+    c.scheduler.load_state_dict(rank_state["scheduler"])
+    torch.set_rng_state(rank_state["torch_rng"])
+    c.sampler.calls = rank_state["sampler_calls"]
+    return state["step"], state["counters"]

@@ -1,0 +1,65 @@
+"""``opsd-train RECIPE.yaml [key=value ...]``: train OPSD on megatron-core.
+
+Under torchrun (WORLD_SIZE set) this process is one rank (NCCL on GPUs, gloo on CPU). Otherwise
+it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhere.
+``--dry-run`` loads and validates the recipe, prints the resolved config and the layout, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
+
+
+def _rank_entry(recipe, overrides):
+    from opsd_megatron.train.loop import run
+
+    return run(load_config(recipe, overrides))
+
+
+def _torchrun_entry(recipe, overrides):
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        _rank_entry(recipe, overrides)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="opsd-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10 loss.beta=0")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the config and layout, then exit")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+        layout = validate_layout(cfg, world)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg))
+    print(f"[opsd] layout: {layout.describe()}", flush=True)
+    if args.dry_run:
+        return 0
+    if world is not None:
+        _torchrun_entry(args.recipe, args.overrides)
+        return 0
+    from opsd_megatron.platform.local_processes import run_distributed
+
+    run_distributed(_rank_entry, layout.world_size, args.recipe, args.overrides, timeout=7 * 24 * 3600)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The training run: build, resume, step, log, checkpoint, summarise. Called on every rank."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from opsd_megatron.config import OPSDConfig, to_yaml
+from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from opsd_megatron.train.metrics import MetricsLogger, plot_loss
+from opsd_megatron.train.setup import build_components
+from opsd_megatron.train.step import train_step
+
+
+def run(cfg: OPSDConfig) -> dict:
+    rank0 = dist.get_rank() == 0
+    c = build_components(cfg)
+    out = Path(cfg.trainer.output_dir)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        print(f"[opsd] {c.layout.describe()}; {len(c.problems)} problems", flush=True)
+    start, counters = 0, {"generated_tokens": 0.0, "skipped_steps": 0}
+    ckpt = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    if ckpt is not None:
+        start, counters = load_checkpoint(c, ckpt)
+        if rank0:
+            print(f"[opsd] resumed from {ckpt} at step {start}", flush=True)
+    logger = MetricsLogger(cfg, rank0, cfg.trainer.max_steps, start)
+    t0 = time.perf_counter()
+    last = {}
+    try:
+        for step in range(start, cfg.trainer.max_steps):
+            last = train_step(c, step)
+            counters["generated_tokens"] += last["generated_tokens"]
+            counters["skipped_steps"] += last["skipped"]
+            last.update(total_generated_tokens=counters["generated_tokens"], skipped_steps=counters["skipped_steps"])
+            if not math.isfinite(last["loss"]) and rank0:
+                print(f"[opsd] step {step + 1}: non-finite loss, update skipped", flush=True)
+            logger.log(last)
+            done = step + 1
+            if done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
+                save_checkpoint(c, done, counters)
+    finally:
+        logger.close()
+    summary = {"steps": cfg.trainer.max_steps, "start_step": start, "final_loss": last.get("loss"),
+               "generated_tokens": counters["generated_tokens"], "skipped_steps": counters["skipped_steps"],
+               "wall_time_s": time.perf_counter() - t0, "layout": c.layout.describe(),
+               "checkpoint": str(latest_checkpoint(cfg))}
+    if rank0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if (out / "metrics.jsonl").exists():
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        print(f"[opsd] done: {json.dumps(summary)}", flush=True)
+    return summary
