@@ -36,6 +36,7 @@ class ModelConfig:
     tokenizer: str = "builtin:arith"  # a tokenizer directory, or the project's local one
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     init_seed: int = 1234
+    init_std: float = 0.02  # random init only (model.architecture alone)
 
     def sources(self) -> list:
         return [s for s in (self.hf_dir, self.megatron_dir, self.architecture) if s]
@@ -165,7 +166,7 @@ class TrainerConfig:
     micro_batch_size: int = 1
     seed: int = 42
     output_dir: str = "runs/opsd"
-    force_layout: bool = False
+    save_rollouts: bool = False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
 
 
 @dataclass

@@ -55,10 +55,13 @@ def _build_model(cfg: OPSDConfig, arch, dtype):
     from opsd_megatron.models.checkpoint import load_model_checkpoint
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.models.random_init import RandomHFWeights
 
-    random_init = not (cfg.model.hf_dir or cfg.model.megatron_dir)
-    model = build_gpt_model(arch, dtype, initialize=random_init)
-    if cfg.model.hf_dir:
+    model = build_gpt_model(arch, dtype, initialize=False)
+    if not (cfg.model.hf_dir or cfg.model.megatron_dir):
+        with RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std) as reader:  # same weights at any TP/PP
+            load_hf_weights(model, reader, arch)
+    elif cfg.model.hf_dir:
         with HFCheckpointReader(cfg.model.hf_dir) as reader:
             load_hf_weights(model, reader, arch)
     elif cfg.model.megatron_dir:

@@ -10,8 +10,10 @@ Legend: B micro-batch rows, T sequence length, R response length, V local vocab 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -142,6 +144,19 @@ def _broadcast_stats(stats: dict, keys: list[str]) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def save_rollouts(c, step: int, problems, rollout) -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank():
+        return
+    out = Path(c.cfg.trainer.output_dir) / "rollouts"
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"step_{step + 1:06d}_dp{ps.get_data_parallel_rank()}.jsonl").open("w") as f:
+        for p, r, lp, fin in zip(problems, rollout.responses, rollout.logprobs, rollout.finished):
+            f.write(json.dumps({"id": p["id"], "problem": p["problem"], "response_ids": r, "logprobs": lp,
+                                "finished": fin, "response": c.tokenizer.decode(r)}) + "\n")
+
+
 def train_step(c, step: int) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -149,6 +164,8 @@ def train_step(c, step: int) -> dict:
     problems = problems_for_step(c, step)
     prompts = [student_prompt_ids(c.tokenizer, c.cfg.data, p["problem"]) for p in problems]
     rollout = c.sampler.generate(prompts, c.cfg.rollout.max_new_tokens)
+    if c.cfg.trainer.save_rollouts:
+        save_rollouts(c, step, problems, rollout)
     t1 = time.perf_counter()
     micro_batches = build_micro_batches(c, problems, rollout)
     teacher_pass(c, micro_batches)
