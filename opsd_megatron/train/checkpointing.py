@@ -47,7 +47,8 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
     dist.barrier()
     extra = {"lora": to_dict(c.cfg)["lora"]}

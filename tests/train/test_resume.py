@@ -1,0 +1,46 @@
+"""Kill the training process (SIGKILL, not an exception) after a checkpoint, resume, and get the
+uninterrupted run's per-step metrics exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.train.tiny import RECIPE, metrics, overrides
+
+TIMING = {"rollout_time", "train_time", "tokens_per_s", "peak_memory_gib"}
+
+
+def _train(out, steps):
+    return [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=steps)]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_kill_and_resume_reproduces_uninterrupted_metrics(tmp_path):
+    steps = 4
+    straight = tmp_path / "straight"
+    subprocess.run(_train(straight, steps), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train(killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step_000002" / "trainer_state.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [r["step"] for r in metrics(killed)]
+    assert done and done[-1] < steps, f"the kill came too late to test anything: {done}"
+
+    subprocess.run(_train(killed, steps), check=True, capture_output=True, timeout=300)
+    assert _strip(metrics(killed)) == _strip(metrics(straight))
+    remaining = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert remaining == ["step_000003", "step_000004"], "keep_last=2"
