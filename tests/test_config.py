@@ -1,0 +1,94 @@
+"""The command-line/config surface: unknown keys, bad types and impossible layouts give the promised
+errors; every recipe in recipes/ loads and validates; documented commands work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsd_megatron.config import ConfigError, load_config, validate_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+TINY = ROOT / "recipes" / "tiny_cpu.yaml"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    layout = validate_layout(cfg)
+    assert layout.world_size == layout.tp * layout.pp * layout.dp
+
+
+def test_paper_defaults():
+    cfg = load_config(ROOT / "recipes" / "qwen3_8b.yaml")
+    assert (cfg.optimizer.lr, cfg.optimizer.warmup_ratio, cfg.optimizer.schedule) == (2e-5, 0.1, "cosine")
+    assert (cfg.trainer.global_batch_size, cfg.rollout.num_rollouts, cfg.rollout.max_new_tokens) == (32, 1, 2048)
+    assert (cfg.rollout.temperature, cfg.loss.beta, cfg.lora.rank, cfg.lora.alpha) == (1.2, 0.5, 64, 128.0)
+    assert cfg.teacher.kind == "fixed" and not cfg.data.student_thinking and cfg.data.teacher_thinking
+    official = load_config(ROOT / "recipes" / "qwen3_8b_official.yaml")
+    assert (official.loss.beta, official.rollout.max_new_tokens, official.rollout.temperature) == (0.0, 1024, 1.1)
+    assert (official.rollout.top_p, official.rollout.top_k, official.optimizer.lr) == (0.95, 20, 5e-6)
+    assert (official.optimizer.grad_clip, official.loss.term_clip) == (0.1, 0.06)
+    assert official.lora.rank == 64, "variants inherit the rest from their base recipe"
+
+
+def test_overrides_apply_and_unknown_keys_name_the_closest():
+    cfg = load_config(TINY, ["trainer.max_steps=7", "loss.beta=0.1", "parallel.tensor_model_parallel_size=1"])
+    assert (cfg.trainer.max_steps, cfg.loss.beta) == (7, 0.1)
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.max_stesp'; did you mean 'trainer.max_steps'"):
+        load_config(TINY, ["trainer.max_stesp=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'los'; did you mean 'loss'"):
+        load_config(TINY, ["los.beta=3"])
+
+
+def test_bad_types_and_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"bad value for 'trainer.max_steps' \(expected int\)"):
+        load_config(TINY, ["trainer.max_steps=lots"])
+    with pytest.raises(ConfigError, match="loss.beta must be in"):
+        load_config(TINY, ["loss.beta=1.5"])
+    with pytest.raises(ConfigError, match="must be key=value"):
+        load_config(TINY, ["trainer.max_steps"])
+
+
+def test_recipe_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {max_steps: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("trainer: {max_step: 3}\nmodel: {architecture: {model_type: qwen3}}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'trainer.max_step'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("ovr, world, match", [
+    (["parallel.tensor_model_parallel_size=3"], 3, "does not divide num_attention_heads=4"),
+    (["parallel.pipeline_model_parallel_size=3", "parallel.tensor_model_parallel_size=1"], 3,
+     "does not divide num_hidden_layers=2"),
+    ([], 3, "world size 3 is not divisible"),
+    (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 2, "global_batch_size=6 is not divisible"),
+])
+def test_impossible_layouts(ovr, world, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_layout(load_config(TINY, ovr), world)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "opsd_megatron.train.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_cli_dry_run_prints_config_and_layout():
+    out = _cli(str(ROOT / "recipes" / "qwen3_8b.yaml"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "world 8 = TP 1 x PP 1 x DP 8" in out.stdout and "beta: 0.5" in out.stdout
+
+
+def test_cli_bad_override_exits_2_with_message():
+    out = _cli(str(TINY), "trainer.max_stesp=1", "--dry-run")
+    assert out.returncode == 2 and "did you mean 'trainer.max_steps'" in out.stderr
