@@ -19,8 +19,10 @@ from opsd_megatron.models.lora import SUFFIX
 METADATA = "opsd_model.json"
 
 
-def _sharded(model, adapters_only: bool) -> dict:
+def _sharded(model, adapters_only: bool, base_only: bool = False) -> dict:
     sharded = model.sharded_state_dict()
+    if base_only:
+        sharded = {k: v for k, v in sharded.items() if SUFFIX + "." not in k}
     if adapters_only:
         sharded = {k: v for k, v in sharded.items() if SUFFIX + "." in k}
         if not sharded:
@@ -29,13 +31,14 @@ def _sharded(model, adapters_only: bool) -> dict:
 
 
 def save_model_checkpoint(model, ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None = None,
-                          adapters_only: bool = False, extra: dict | None = None) -> None:
-    """Collective: every rank passes its model stage; ``ckpt_dir`` must exist and be empty."""
+                          adapters_only: bool = False, extra: dict | None = None, base_only: bool = False) -> None:
+    """Collective: every rank passes its model stage; ``ckpt_dir`` must exist and be empty.
+    ``adapters_only``: just the LoRA adapters; ``base_only``: everything but them."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     ckpt_dir = Path(ckpt_dir)
-    dist_checkpointing.save(_sharded(model, adapters_only), str(ckpt_dir))
+    dist_checkpointing.save(_sharded(model, adapters_only, base_only), str(ckpt_dir))
     if dist.get_rank() == 0:
         meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": adapters_only,
                 "written_at": {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),

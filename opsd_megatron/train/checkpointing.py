@@ -52,7 +52,9 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
         (tmp / "model").mkdir(parents=True)
     dist.barrier()
     extra = {"lora": to_dict(c.cfg)["lora"]}
-    save_model_checkpoint(c.model, tmp / "model", c.arch, None, adapters_only=c.cfg.lora is not None, extra=extra)
+    hf_config = dict(c.cfg.model.architecture) if c.cfg.model.architecture else None
+    save_model_checkpoint(c.model, tmp / "model", c.arch, hf_config, adapters_only=c.cfg.lora is not None,
+                          extra=extra)
     torch.save({"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "sampler_calls": c.sampler.calls},
                tmp / f"rank{dist.get_rank():05d}.pt")
@@ -88,3 +90,26 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     torch.set_rng_state(rank_state["torch_rng"])
     c.sampler.calls = rank_state["sampler_calls"]
     return state["step"], state["counters"]
+
+
+def save_base_model(c) -> Path | None:
+    """A randomly initialised run saves its initial weights once (OUT/base_model), so its student
+    can be exported to HF: tools/convert_megatron_to_hf.py --megatron-dir OUT/base_model
+    --adapters OUT/checkpoints/step_N/model. Runs from hf_dir/megatron_dir already have a base."""
+    if c.cfg.model.hf_dir or c.cfg.model.megatron_dir:
+        return None
+    target = Path(c.cfg.trainer.output_dir) / "base_model"
+    if (target / "opsd_model.json").is_file():
+        return target
+    tmp = Path(c.cfg.trainer.output_dir) / ".tmp-base_model"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    hf_config = dict(c.cfg.model.architecture, torch_dtype="float32")
+    save_model_checkpoint(c.model, tmp, c.arch, hf_config, base_only=True)
+    if dist.get_rank() == 0:
+        c.tokenizer.save_pretrained(tmp / "tokenizer")  # the export copies it next to the weights
+        os.replace(tmp, target)
+    dist.barrier()
+    return target

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from opsd_megatron.config import OPSDConfig, to_yaml
-from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
 from opsd_megatron.train.setup import build_components
 from opsd_megatron.train.step import train_step
@@ -25,6 +25,7 @@ def run(cfg: OPSDConfig) -> dict:
         (out / "config.yaml").write_text(to_yaml(cfg))
         print(f"[opsd] {c.layout.describe()}; {len(c.problems)} problems", flush=True)
     start, counters = 0, {"generated_tokens": 0.0, "skipped_steps": 0}
+    save_base_model(c)
     ckpt = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if ckpt is not None:
         start, counters = load_checkpoint(c, ckpt)

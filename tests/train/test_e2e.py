@@ -24,3 +24,26 @@ def test_two_steps_and_first_loss_matches_reference(tmp_path, tp, pp, world):
     assert abs(rows[0]["loss"] - want) <= 1e-5 * abs(want), (rows[0]["loss"], want)
     assert (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
     assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
+
+
+def test_trained_student_exports_to_hf(tmp_path):
+    """A 2-step TP=2 run, exported through tools/convert_megatron_to_hf with its adapters merged,
+    loads in transformers; adapted tensors moved away from the base, the rest did not."""
+    from transformers import AutoModelForCausalLM
+
+    from opsd_megatron.models.convert import convert_megatron_to_hf
+    from tests.models.test_conversion import _tensors
+
+    out = tmp_path / "run"
+    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1), timeout=300)
+    convert_megatron_to_hf(out / "base_model", tmp_path / "base_hf")
+    convert_megatron_to_hf(out / "base_model", tmp_path / "student_hf",
+                           adapters=out / "checkpoints" / "step_000002" / "model")
+    base, student = _tensors(tmp_path / "base_hf"), _tensors(tmp_path / "student_hf")
+    assert base.keys() == student.keys()
+    moved = {k for k in base if not torch.equal(base[k], student[k])}
+    assert moved and all("proj" in k for k in moved), sorted(moved)[:5]
+    assert any("q_proj" in k for k in moved) and any("down_proj" in k for k in moved)
+    assert (tmp_path / "student_hf" / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student_hf")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
