@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opsd_megatron.models.convert import convert_hf_to_megatron
+from opsd_megatron.models.convert import convert_hf_to_megatron, run_tool
 
 
 def main(argv=None) -> int:
@@ -29,14 +29,8 @@ def main(argv=None) -> int:
                    help="dtype of the stored weights; auto keeps config.json's torch_dtype")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    try:
-        ranks = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    peak = max(r["peak_rss_bytes"] for r in ranks) / 2**20
-    print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}); peak host memory per rank: {peak:.0f} MiB")
-    return 0
+    return run_tool(convert_hf_to_megatron, args.out, hf_dir=args.hf_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                    overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

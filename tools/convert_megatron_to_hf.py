@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opsd_megatron.models.convert import convert_megatron_to_hf
+from opsd_megatron.models.convert import convert_megatron_to_hf, run_tool
 
 
 def main(argv=None) -> int:
@@ -30,15 +30,8 @@ def main(argv=None) -> int:
                    help="dtype of the exported weights; auto uses the original config's torch_dtype")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    try:
-        ranks = convert_megatron_to_hf(args.megatron_dir, args.out, args.tp, args.pp, args.dtype,
-                                       args.adapters, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    peak = max(r["peak_rss_bytes"] for r in ranks) / 2**20
-    print(f"wrote {args.out}; peak host memory per rank: {peak:.0f} MiB")
-    return 0
+    return run_tool(convert_megatron_to_hf, args.out, ckpt_dir=args.megatron_dir, tp=args.tp, pp=args.pp,
+                    dtype=args.dtype, adapters=args.adapters, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

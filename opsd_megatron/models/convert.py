@@ -110,3 +110,17 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         return _run(_megatron_to_hf_rank, tp * pp, str(ckpt_dir), str(tmp), tp, pp, dtype,
                     str(adapters) if adapters else None)
+
+
+def run_tool(convert, out: str, **kwargs) -> int:
+    """What the two conversion scripts share: run, report peak memory, turn bad input into exit 2."""
+    import sys
+
+    try:
+        ranks = convert(out_dir=out, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    peak = max(r["peak_rss_bytes"] for r in ranks) / 2**20
+    print(f"wrote {out}; peak host memory per rank: {peak:.0f} MiB")
+    return 0

@@ -98,7 +98,8 @@ def build_components(cfg: OPSDConfig) -> Components:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     r = cfg.rollout
     if r.engine == "vllm":
-        raise NotImplementedError("rollout.engine=vllm arrives with the scale-out work; use rollout.engine=megatron")
+        raise ValueError("rollout.engine=vllm is not available yet (it arrives with the scale-out work); "
+                         "use rollout.engine=megatron")
     sampler = MegatronSampler(model, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                               stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                               vocab_size=arch.vocab_size, seed=r.seed)
