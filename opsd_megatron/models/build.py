@@ -93,6 +93,7 @@ def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    mark_tensor_parallel_params(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -104,3 +105,26 @@ def stage_layer_offset(arch: ArchSpec) -> int:
 
     per_stage = arch.num_layers // ps.get_pipeline_model_parallel_world_size()
     return ps.get_pipeline_model_parallel_rank() * per_stage
+
+
+def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
+    """Set megatron's ``tensor_model_parallel`` attributes on sharded weights.
+
+    megatron-core sets them only while initialising; a model built with ``initialize=False`` (its
+    weights are loaded right after) would otherwise look TP-duplicated to norm and clipping code.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for m in module.modules():
+        if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(m, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        if getattr(m, "weight", None) is not None and not hasattr(m.weight, "partition_dim"):
+            set_tensor_model_parallel_attributes(m.weight, True, dim, 1)
+        bias = getattr(m, "bias", None)
+        if isinstance(m, ColumnParallelLinear) and bias is not None and not hasattr(bias, "partition_dim"):
+            set_tensor_model_parallel_attributes(bias, True, 0, 1)

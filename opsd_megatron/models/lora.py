@@ -152,6 +152,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
     """Attach adapters to the target linears and freeze everything else. Returns the adapted names."""
     from megatron.core.tensor_parallel import RowParallelLinear
 
+    from opsd_megatron.models.build import mark_tensor_parallel_params
+
     wanted = cfg.linear_names()
     adapted = []
     for parent_name, parent in list(model.named_modules()):
@@ -160,6 +162,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
                 continue
             adapter = LoRAAdapter(child, cfg, row_parallel=isinstance(child, RowParallelLinear),
                                   glu=child_name == "linear_fc1")
+            mark_tensor_parallel_params(adapter)
             parent.add_module(child_name + SUFFIX, adapter)
             child.register_forward_hook(adapter.hook)
             adapted.append(f"{parent_name}.{child_name}".lstrip("."))
