@@ -10,8 +10,12 @@ import torch
 
 
 def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
-                   micro_batch_size: int | None = None) -> torch.Tensor | None:
-    """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the schedule."""
+                   micro_batch_size: int | None = None, inference_context=None) -> torch.Tensor | None:
+    """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the schedule.
+
+    With an ``inference_context`` (KV cache, see ``kv_cache.py``) the tokens continue the cached
+    prefix; the batch then goes through in one micro-batch.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -25,7 +29,10 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
 
     def step(data_iterator, m):
         tokens, positions = next(data_iterator)
-        out = m(tokens, positions, attention_mask=None)
+        if inference_context is None:
+            out = m(tokens, positions, attention_mask=None)
+        else:
+            out = m(tokens, positions, attention_mask=None, inference_context=inference_context)
 
         def keep_logits(output, non_loss_data=False):
             return output.detach() if non_loss_data else (output.sum() * 0, {})

@@ -1,11 +1,11 @@
 """The Megatron-native rollout engine: batched autoregressive sampling with the training model
 itself, on CPU or GPU, under TP and PP.
 
-Each step runs the batch (right-padded: with causal attention a row's logits at its own last
-position are exactly those of the unpadded row) through the pipeline in forward-only mode; the last
-stage samples vocab-parallel (``sampling.py``) and broadcasts the tokens to the other stages.
-Seeded per call, so a run is reproducible. No KV cache yet: each step recomputes the prefix,
-which is fine for the tiny CPU recipes; GPU runs should use ``rollout.engine=vllm``.
+The prompts are prefilled up to the shortest one's length, then each step feeds one position of
+every row through the pipeline (forward-only) against megatron's static KV cache
+(``models/kv_cache.py``); a row still inside its prompt takes its own next prompt token, so every
+row sees exactly its own unpadded context. The last stage samples vocab-parallel (``sampling.py``)
+and broadcasts the tokens to the other stages. Seeded per call, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.models.forward import forward_logits
+from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.sampling import sample_next_tokens
 
@@ -33,48 +34,65 @@ class MegatronSampler:
         key = (self.seed, self.calls, ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank())
         return torch.Generator().manual_seed(hash(key) % (2**63))
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+    def _next(self, logits, b: int, gen):
+        """Sample from last-position logits (last stage) and share the tokens with every stage."""
         from megatron.core import parallel_state as ps
 
+        tok, lp = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
+        if logits is not None:
+            tok, lp = sample_next_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                         generator=gen, vocab_size=self.vocab_size,
+                                         group=ps.get_tensor_model_parallel_group())
+            tok, lp = tok.cpu(), lp.cpu()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            src = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(tok, src, group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(lp, src, group=ps.get_pipeline_model_parallel_group())
+        return tok, lp
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        """Prefill the shortest prompt's length, then one position per step with the KV cache;
+        rows whose prompt is longer take their own prompt token until it is consumed."""
         gen = self._generator()
         self.calls += 1
         b = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts])
-        tokens = torch.full((b, int(lengths.max()) + max_new_tokens), self.pad_id, dtype=torch.long)
+        total = int(lengths.max()) + max_new_tokens
+        tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
+        positions = torch.arange(total).expand(b, total)
+        generated = torch.zeros(b, dtype=torch.long)
         alive = torch.ones(b, dtype=torch.bool)
         responses, logprobs = [[] for _ in range(b)], [[] for _ in range(b)]
+        device = _device(self.model)
+        ctx = new_context(b, total)
+        start = int(lengths.min())
         was_training = self.model.training
         self.model.eval()
         try:
-            for _ in range(max_new_tokens):
-                width = int(lengths.max())
-                logits = forward_logits(self.model, tokens[:, :width].to(_device(self.model)))
-                next_tok = torch.zeros(b, dtype=torch.long)
-                next_lp = torch.zeros(b, dtype=torch.float32)
-                if logits is not None:
-                    last = logits[torch.arange(b), lengths - 1]
-                    next_tok, next_lp = sample_next_tokens(
-                        last, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=gen,
-                        vocab_size=self.vocab_size, group=ps.get_tensor_model_parallel_group())
-                    next_tok, next_lp = next_tok.cpu(), next_lp.cpu()
-                if ps.get_pipeline_model_parallel_world_size() > 1:
-                    src = ps.get_pipeline_model_parallel_last_rank()
-                    dist.broadcast(next_tok, src, group=ps.get_pipeline_model_parallel_group())
-                    dist.broadcast(next_lp, src, group=ps.get_pipeline_model_parallel_group())
-                for i in torch.nonzero(alive, as_tuple=True)[0].tolist():
-                    responses[i].append(int(next_tok[i]))
-                    logprobs[i].append(float(next_lp[i]))
-                    tokens[i, lengths[i]] = next_tok[i]
-                    lengths[i] += 1
-                alive &= ~torch.isin(next_tok, self.stop_ids)
-                if not alive.any():
-                    break
+            with sharded_inference_logits(self.model):
+                t = start  # next position to fill
+                chunk = slice(0, start)
+                while alive.any() and t < total:
+                    logits = forward_logits(self.model, tokens[:, chunk].to(device), positions[:, chunk].to(device),
+                                            inference_context=ctx)
+                    ctx.sequence_len_offset += chunk.stop - chunk.start
+                    tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
+                    sampling = alive & (lengths <= t)  # rows past their prompt
+                    for i in torch.nonzero(sampling, as_tuple=True)[0].tolist():
+                        tokens[i, t] = tok[i]
+                        responses[i].append(int(tok[i]))
+                        logprobs[i].append(float(lp[i]))
+                        generated[i] += 1
+                    alive &= ~(sampling & torch.isin(tok, self.stop_ids)) & (generated < max_new_tokens)
+                    chunk = slice(t, t + 1)
+                    t += 1
         finally:
             self.model.train(was_training)
-        return RolloutResult(responses, logprobs, [not a for a in alive.tolist()])
+        finished = [bool(r) and r[-1] in self.stop_ids.tolist() for r in responses]
+        return RolloutResult(responses, logprobs, finished)
 
 
 def _device(model) -> torch.device:
