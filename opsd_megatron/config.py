@@ -185,6 +185,32 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Paper Table 5: thinking on, top-p 0.95, no top-k, 16 samples, T=1.2 (token budget per recipe)."""
+
+    benchmarks: list = field(default_factory=list)  # JSONL paths (id, problem, answer), HF names, synthetic:arith
+    split: str = "test"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    max_problems: Optional[int] = None
+    n_samples: int = 16
+    ks: list = field(default_factory=lambda: [1, 4, 8, 16])
+    temperature: float = 1.2
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 38912
+    thinking: bool = True
+    batch_size: int = 16
+    grade_timeout: float = 10.0
+    interval: int = 0  # evaluate every N training steps (0: off)
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
+            raise ConfigError("eval: need n_samples >= 1, ks >= 1, batch_size >= 1")
+
+
+@dataclass
 class OPSDConfig:
     algorithm: str = "opsd"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,6 +224,7 @@ class OPSDConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.lora is None and self.teacher.model.kind == "lora_base":

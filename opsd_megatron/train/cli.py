@@ -8,30 +8,16 @@ it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
+from opsd_megatron.platform.launch import launched_world_size, run_ranks
 
 
 def _rank_entry(recipe, overrides):
     from opsd_megatron.train.loop import run
 
     return run(load_config(recipe, overrides))
-
-
-def _torchrun_entry(recipe, overrides):
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    try:
-        _rank_entry(recipe, overrides)
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -43,7 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
-        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+        world = launched_world_size()
         layout = validate_layout(cfg, world)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -52,12 +38,7 @@ def main(argv=None) -> int:
     print(f"[opsd] layout: {layout.describe()}", flush=True)
     if args.dry_run:
         return 0
-    if world is not None:
-        _torchrun_entry(args.recipe, args.overrides)
-        return 0
-    from opsd_megatron.platform.local_processes import run_distributed
-
-    run_distributed(_rank_entry, layout.world_size, args.recipe, args.overrides, timeout=7 * 24 * 3600)
+    run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides)
     return 0
 
 

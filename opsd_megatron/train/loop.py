@@ -10,6 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from opsd_megatron.config import OPSDConfig, to_yaml
+from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
 from opsd_megatron.train.setup import build_components
@@ -42,8 +43,12 @@ def run(cfg: OPSDConfig) -> dict:
             last.update(total_generated_tokens=counters["generated_tokens"], skipped_steps=counters["skipped_steps"])
             if not math.isfinite(last["loss"]) and rank0:
                 print(f"[opsd] step {step + 1}: non-finite loss, update skipped", flush=True)
-            logger.log(last)
             done = step + 1
+            if cfg.eval.interval and cfg.eval.benchmarks and done % cfg.eval.interval == 0:
+                report = evaluate(c.model, c.tokenizer, cfg, c.arch, tag=f"step_{done:06d}")
+                if report is not None:
+                    last.update({f"eval/{k}": v for k, v in report["average"].items()})
+            logger.log(last)
             if done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
                 save_checkpoint(c, done, counters)
     finally:

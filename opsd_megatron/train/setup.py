@@ -50,7 +50,7 @@ def lr_lambda(cfg: OPSDConfig):
     return f
 
 
-def _build_model(cfg: OPSDConfig, arch, dtype):
+def build_model(cfg: OPSDConfig, arch, dtype):
     from opsd_megatron.models import build_gpt_model
     from opsd_megatron.models.checkpoint import load_model_checkpoint
     from opsd_megatron.models.hf_io import HFCheckpointReader
@@ -87,10 +87,10 @@ def build_components(cfg: OPSDConfig) -> Components:
     if len(tokenizer) > arch.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {arch.vocab_size}")
     dtype = params_dtype(cfg)
-    model = _build_model(cfg, arch, dtype)
+    model = build_model(cfg, arch, dtype)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
-    teacher = Teacher(model, cfg.teacher.model, build_model=lambda: _build_model(cfg, arch, dtype),
+    teacher = Teacher(model, cfg.teacher.model, build_model=lambda: build_model(cfg, arch, dtype),
                       update=cfg.teacher.kind, ema_rate=cfg.teacher.ema_rate)
     trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, boxed-answer grading with math-verify, avg@n / pass@k / maj@n."""

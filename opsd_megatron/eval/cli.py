@@ -1,0 +1,64 @@
+"""``opsd-eval RECIPE.yaml [key=value ...] [--checkpoint OUT/checkpoints/step_N] [--tag NAME]``
+
+Evaluates the recipe's model (its base weights, plus a training checkpoint's adapters or weights
+when given) on ``eval.benchmarks`` with the paper's sampling (Table 5, overridable as ``eval.*``),
+writing ``OUT/eval/<tag>.json`` and a Markdown table. Launch like opsd-train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from opsd_megatron.config import ConfigError, load_config, validate_layout
+from opsd_megatron.platform.launch import launched_world_size, run_ranks
+
+
+def _rank_entry(recipe, overrides, checkpoint, tag):
+    from opsd_megatron.data.tokenizer import load_tokenizer
+    from opsd_megatron.eval.runner import evaluate
+    from opsd_megatron.models.checkpoint import load_model_checkpoint
+    from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.train.setup import build_model, params_dtype
+
+    cfg = load_config(recipe, overrides)
+    arch = cfg.model.arch()
+    import torch.distributed as dist
+
+    layout = validate_layout(cfg, dist.get_world_size(), arch)
+    initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
+    model = build_model(cfg, arch, params_dtype(cfg))
+    if checkpoint:
+        if cfg.lora is not None:
+            apply_lora(model, cfg.lora)
+        load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=cfg.lora is not None)
+    return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, tag)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="opsd-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n_samples=4")
+    p.add_argument("--checkpoint", default=None, help="a training checkpoint directory (OUT/checkpoints/step_N)")
+    p.add_argument("--tag", default="eval", help="name of the report files under OUT/eval/")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        layout = validate_layout(cfg, launched_world_size())
+        if not cfg.eval.benchmarks:
+            raise ConfigError("eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]")
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag)[0]
+    if report is not None:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Evaluate the current model on benchmarks: sample n answers per problem with the rollout engine,
+grade the last boxed answer, and report avg@n, pass@k and maj@n per benchmark and on average.
+
+Collective: every rank calls it; DP ranks split the problems, rank 0 grades and writes
+``eval/<tag>.json`` and ``eval/<tag>.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from opsd_megatron.data.prompts import chat_prompt_ids
+from opsd_megatron.eval.benchmarks import load_benchmark
+from opsd_megatron.eval.grading import Grader
+from opsd_megatron.eval.metrics import summarize
+from opsd_megatron.rollout.megatron_sampler import MegatronSampler
+
+
+def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size) -> list[list[str]]:
+    from megatron.core import parallel_state as ps
+
+    e = cfg.eval
+    sampler = MegatronSampler(model, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, stop_ids=stop_ids,
+                              pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, seed=e.seed)
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    jobs = [(i, s) for i in range(len(rows)) for s in range(e.n_samples)][rank::dp]
+    texts = {}
+    for start in range(0, len(jobs), e.batch_size):
+        batch = jobs[start:start + e.batch_size]
+        prompts = [chat_prompt_ids(tokenizer, cfg.data.student_template.format(problem=rows[i]["problem"]),
+                                   e.thinking) for i, _ in batch]
+        out = sampler.generate(prompts, e.max_new_tokens)
+        for (i, s), resp in zip(batch, out.responses):
+            texts[(i, s)] = tokenizer.decode(resp, skip_special_tokens=True)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, texts)
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return [[merged[(i, s)] for s in range(e.n_samples)] for i in range(len(rows))]
+
+
+def evaluate(model, tokenizer, cfg, arch, tag: str = "eval") -> dict | None:
+    """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere)."""
+    from opsd_megatron.data.tokenizer import stop_token_ids
+
+    report = {"benchmarks": {}}
+    grader = Grader(cfg.eval.grade_timeout) if dist.get_rank() == 0 else None
+    try:
+        for spec in cfg.eval.benchmarks:
+            name, rows = load_benchmark(spec, cfg.eval)
+            outputs = _generate(model, tokenizer, cfg, rows, stop_token_ids(tokenizer), arch.vocab_size)
+            if grader is None:
+                continue
+            per_problem = []
+            for row, outs in zip(rows, outputs):
+                grades = [grader.grade(o, row["answer"], row.get("answer_type")) for o in outs]
+                per_problem.append({"id": row["id"], "correct": [g.correct for g in grades],
+                                    "extracted": [g.extracted for g in grades]})
+            report["benchmarks"][name] = summarize(per_problem, cfg.eval.ks)
+    finally:
+        if grader is not None:
+            grader.close()
+    if dist.get_rank() != 0:
+        return None
+    metric_names = sorted({k for s in report["benchmarks"].values() for k in s if "@" in k})
+    report["average"] = {m: sum(s[m] for s in report["benchmarks"].values() if m in s) / max(
+        1, sum(m in s for s in report["benchmarks"].values())) for m in metric_names}
+    out = Path(cfg.trainer.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{tag}.md").write_text(markdown_table(report, metric_names))
+    return report
+
+
+def markdown_table(report: dict, metrics: list[str]) -> str:
+    lines = ["| benchmark | problems | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, s in report["benchmarks"].items():
+        cells = [f"{100 * s[m]:.1f}" if m in s else "–" for m in metrics]
+        lines.append(f"| {name} | {s['graded']}" + (f" (+{s['ungraded']} ungraded)" if s["ungraded"] else "")
+                     + " | " + " | ".join(cells) + " |")
+    lines.append("| average | | " + " | ".join(f"{100 * report['average'][m]:.1f}" for m in metrics) + " |")
+    return "\n".join(lines) + "\n"

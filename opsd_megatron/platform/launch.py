@@ -1,0 +1,27 @@
+"""Run an entry point on every rank: under torchrun (WORLD_SIZE set) this process is one rank
+(NCCL on GPUs, gloo on CPU); otherwise ``world`` local gloo processes are started."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world_size() -> int | None:
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+
+
+def run_ranks(entry, world: int, *args):
+    if launched_world_size() is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            return [entry(*args)]
+        finally:
+            dist.destroy_process_group()
+    from opsd_megatron.platform.local_processes import run_distributed
+
+    return run_distributed(entry, world, *args, timeout=7 * 24 * 3600)

@@ -1,0 +1,86 @@
+"""Grader on MATH-500 reference solutions, perturbed and pathological outputs; pass@k vs brute force."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from opsd_megatron.eval.grading import Grader, last_boxed
+from opsd_megatron.eval.metrics import maj_at_n, pass_at_k, summarize
+
+MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"
+AMO = MATH500.parent / "amobench.jsonl"
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with Grader(timeout=5) as g:
+        yield g
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason="shared data not present")
+def test_every_math500_reference_solution_is_accepted(grader):
+    rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
+    misses = [r["id"] for r in rows if not grader.grade(r["solution"], r["answer"]).correct]
+    print(f"MATH-500: {len(rows) - len(misses)}/{len(rows)} reference solutions accepted")
+    assert not misses, misses[:10]
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason="shared data not present")
+def test_perturbed_answers_are_rejected(grader):
+    rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
+    numeric = [r for r in rows if r["answer"].strip().lstrip("-").isdigit()][:40]
+    for r in numeric:
+        wrong = str(int(r["answer"]) + 1)
+        assert grader.grade(f"... so \\boxed{{{wrong}}}", r["answer"]).correct is False, r["id"]
+
+
+def test_equivalent_forms_and_last_box_wins(grader):
+    assert grader.grade("\\boxed{\\dfrac12}", "\\frac{1}{2}").correct
+    assert grader.grade("\\boxed{0.5}", "\\frac{1}{2}").correct
+    assert grader.grade("\\boxed{x^2+2x+1}", "(x+1)^2").correct
+    assert grader.grade("first \\boxed{3}, then \\boxed{4}", "4").correct
+    assert not grader.grade("first \\boxed{4}, then \\boxed{3}", "4").correct
+
+
+def test_pathological_outputs(grader):
+    assert grader.grade("no box at all", "1").method == "no_box"
+    assert last_boxed("\\boxed{\\frac{a}{\\sqrt{b}}}") == "\\frac{a}{\\sqrt{b}}"
+    assert last_boxed("\\boxed{unbalanced") is None and last_boxed("\\boxed 7 apples") == "7"
+    assert grader.grade("x" * 100_000 + " \\boxed{7}", "7").correct
+    start = time.monotonic()
+    hang = grader.grade("\\boxed{9^{9^{9^{9^{9}}}}}", "1")
+    assert hang.correct is False and hang.method == "timeout" and time.monotonic() - start < 30
+    assert grader.grade("\\boxed{2}", "2").correct, "the grader recovers after killing a hung worker"
+
+
+@pytest.mark.skipif(not AMO.exists(), reason="shared data not present")
+def test_free_text_answers_are_ungraded(grader):
+    rows = [json.loads(line) for line in AMO.read_text().splitlines()]
+    desc = [r for r in rows if r.get("answer_type") == "description"]
+    assert desc
+    g = grader.grade("\\boxed{anything}", desc[0]["answer"], desc[0]["answer_type"])
+    assert g.correct is None and g.method == "ungraded"
+    s = summarize([{"correct": [None, None], "extracted": ["a", "b"]}, {"correct": [True, False], "extracted": ["1", "2"]}],
+                  ks=[1, 2])
+    assert s["ungraded"] == 1 and s["graded"] == 1 and s["avg@2"] == 0.5
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_pass_at_k_equals_brute_force(n):
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+            assert abs(pass_at_k(n, c, k) - brute) < 1e-12
+
+
+def test_maj_at_n():
+    assert maj_at_n(["3", "4", "3", None], [True, False, True, False])
+    assert not maj_at_n(["4", "4", "3"], [False, False, True])
+    assert not maj_at_n([None, None], [False, False])

@@ -1,0 +1,30 @@
+"""opsd-eval end to end at TP=2 on the tiny model, and periodic evaluation inside training."""
+
+from __future__ import annotations
+
+import json
+
+from opsd_megatron.eval.cli import _rank_entry
+from opsd_megatron.testing import run_distributed
+from opsd_megatron.train.cli import _rank_entry as train_entry
+from tests.train.tiny import RECIPE, metrics, overrides
+
+EVAL = ["eval.benchmarks=[synthetic:arith:6]", "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=8"]
+
+
+def test_eval_report_at_tp2(tmp_path):
+    reports = run_distributed(_rank_entry, 2, RECIPE, [f"trainer.output_dir={tmp_path}", *EVAL], None, "base")
+    report = reports[0]
+    assert reports[1] is None, "rank 0 reports"
+    s = report["benchmarks"]["synthetic_arith"]
+    assert s["problems"] == s["graded"] == 6 and {"avg@2", "pass@1", "pass@2", "maj@2"} <= s.keys()
+    assert json.loads((tmp_path / "eval" / "base.json").read_text()) == report
+    assert (tmp_path / "eval" / "base.md").read_text().startswith("| benchmark | problems |")
+
+
+def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
+    out = tmp_path / "run"
+    run_distributed(train_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "eval.interval=2"]), timeout=300)
+    rows = metrics(out)
+    assert "eval/avg@2" not in rows[0] and "eval/avg@2" in rows[1]
+    assert (out / "eval" / "step_000002.json").is_file()
