@@ -119,6 +119,17 @@ class LossConfig:
 
 
 @dataclass
+class GRPOConfig:
+    group_size: int = 8
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.group_size < 2 or not 0 < self.clip_eps < 1 or self.kl_coef < 0:
+            raise ConfigError("grpo: need group_size >= 2, 0 < clip_eps < 1, kl_coef >= 0")
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -212,13 +223,14 @@ class EvalConfig:
 
 @dataclass
 class OPSDConfig:
-    algorithm: str = "opsd"
+    algorithm: str = "opsd"  # opsd | sft | grpo
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: Optional[LoRAConfig] = field(default_factory=LoRAConfig)  # null: full-parameter training
     teacher: TeacherUpdateConfig = field(default_factory=TeacherUpdateConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -227,6 +239,8 @@ class OPSDConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        if self.algorithm not in ("opsd", "sft", "grpo"):
+            raise ConfigError(f"algorithm must be opsd|sft|grpo, got {self.algorithm!r}")
         if self.lora is None and self.teacher.model.kind == "lora_base":
             raise ConfigError("lora is null (full-parameter training): set teacher.model.kind=frozen_copy")
 
@@ -363,6 +377,10 @@ def validate_layout(cfg: OPSDConfig, world_size: int | None = None, arch=None) -
     if t.global_batch_size % per_step:
         raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                           f"trainer.micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    repeats = {"grpo": cfg.grpo.group_size, "opsd": cfg.rollout.num_rollouts}.get(cfg.algorithm, 1)
+    if t.global_batch_size % (repeats * dp):
+        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be divisible by the rollouts "
+                          f"per problem ({repeats}) x dp ({dp}), so no problem's rollouts straddle DP ranks")
     if cfg.lora is not None and cfg.lora.rank % tp:
         raise ConfigError(f"lora.rank={cfg.lora.rank} is not divisible by tensor_model_parallel_size={tp}")
     return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)

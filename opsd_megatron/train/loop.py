@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from opsd_megatron.algorithms import build_algorithm
 from opsd_megatron.config import OPSDConfig, to_yaml
 from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint
@@ -20,6 +21,7 @@ from opsd_megatron.train.step import train_step
 def run(cfg: OPSDConfig) -> dict:
     rank0 = dist.get_rank() == 0
     c = build_components(cfg)
+    algorithm = build_algorithm(cfg)
     out = Path(cfg.trainer.output_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def run(cfg: OPSDConfig) -> dict:
     last = {}
     try:
         for step in range(start, cfg.trainer.max_steps):
-            last = train_step(c, step)
+            last = train_step(c, algorithm, step)
             counters["generated_tokens"] += last["generated_tokens"]
             counters["skipped_steps"] += last["skipped"]
             last.update(total_generated_tokens=counters["generated_tokens"], skipped_steps=counters["skipped_steps"])

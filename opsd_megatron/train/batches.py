@@ -1,0 +1,63 @@
+"""Micro-batches shared by the algorithms: a packed student sequence per row plus per-response-token
+tensors ``[B, R]`` aligned by response index.
+
+Legend: B micro-batch rows, T sequence length, R response length, V local vocab shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opsd_megatron.data.prompts import PackedBatch, pack
+
+
+@dataclass
+class MicroBatch:
+    student: PackedBatch
+    response_mask_BR: torch.Tensor
+    response_tokens_BR: torch.Tensor
+    sampler_logprobs_BR: torch.Tensor
+    extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
+
+
+def problems_for_step(c, step: int, repeats: int = 1) -> list[dict]:
+    """This DP rank's problems for ``step`` (each ``repeats`` times): a deterministic walk."""
+    from megatron.core import parallel_state as ps
+
+    per_step = c.cfg.trainer.global_batch_size // repeats
+    n = len(c.problems)
+    batch = [c.problems[(step * per_step + i) % n] for i in range(per_step)]
+    batch = [p for p in batch for _ in range(repeats)]
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    share = len(batch) // dp
+    return batch[rank * share:(rank + 1) * share]
+
+
+def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> torch.Tensor:
+    """Logits at the positions that predict the response, aligned by response index: [B, R, V]."""
+    b, _, v = logits_BTV.shape
+    out = logits_BTV.new_zeros(b, r_max, v)
+    for i in range(b):
+        start, n = batch.prompt_lengths[i] - 1, batch.response_lengths[i]
+        out[i, :n] = logits_BTV[i, start:start + n]
+    return out
+
+
+def micro_batches(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]] | None,
+                  micro: int, pad_id: int) -> list[MicroBatch]:
+    out = []
+    for s in range(0, len(prompts), micro):
+        resp = responses[s:s + micro]
+        r_max = max(1, max(len(r) for r in resp))
+        mask = torch.zeros(len(resp), r_max, dtype=torch.bool)
+        tokens = torch.full((len(resp), r_max), pad_id, dtype=torch.long)
+        lps = torch.zeros(len(resp), r_max)
+        for i, r in enumerate(resp):
+            mask[i, :len(r)] = True
+            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            if logprobs is not None:
+                lps[i, :len(r)] = torch.tensor(logprobs[s + i])
+        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id), mask, tokens, lps))
+    return out
