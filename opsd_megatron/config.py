@@ -130,6 +130,17 @@ class GRPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    # Fraction of examples whose prompt is the teacher prompt (problem + reference), e.g. to build a
+    # base that can use a reference but only partly solves problems alone.
+    teacher_prompt_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.teacher_prompt_fraction <= 1.0:
+            raise ConfigError("sft.teacher_prompt_fraction must be in [0, 1]")
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -231,6 +242,7 @@ class OPSDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

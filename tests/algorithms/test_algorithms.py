@@ -94,3 +94,25 @@ def test_grpo_run_counts_and_skips_zero_variance_groups(tmp_path):
         assert row["reward"] == 0.0 and row["skipped_groups"] == 2.0
         assert row["loss"] == 0.0 and row["grad_norm"] == 0.0
         assert row["generated_tokens"] > 0
+
+
+def _sft_prompt_mix():
+    from opsd_megatron.algorithms.sft import SFT
+    from opsd_megatron.config import load_config
+    from opsd_megatron.data.dataset import load_problems
+    from opsd_megatron.data.tokenizer import load_tokenizer
+    from opsd_megatron.platform import initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
+    cfg = load_config(RECIPE, ["algorithm=sft", "sft.teacher_prompt_fraction=0.5", "trainer.global_batch_size=16",
+                               "trainer.micro_batch_size=16"])
+    tok = load_tokenizer(cfg.model.tokenizer)
+    c = SimpleNamespace(cfg=cfg, tokenizer=tok, problems=load_problems(cfg.data).rows)
+    texts = [tok.decode(row) for mb in SFT().prepare(c, 0)[0] for row in mb.student.tokens_BT.tolist()]
+    again = [tok.decode(row) for mb in SFT().prepare(c, 0)[0] for row in mb.student.tokens_BT.tolist()]
+    return sum("Reference Solution Begin" in t for t in texts), len(texts), texts == again
+
+
+def test_sft_mixes_teacher_prompts_deterministically():
+    with_reference, total, same = run_distributed(_sft_prompt_mix, 1)[0]
+    assert 0 < with_reference < total and same
