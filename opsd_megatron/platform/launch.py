@@ -24,4 +24,5 @@ def run_ranks(entry, world: int, *args):
             dist.destroy_process_group()
     from opsd_megatron.platform.local_processes import run_distributed
 
-    return run_distributed(entry, world, *args, timeout=7 * 24 * 3600)
+    threads = max(1, (os.cpu_count() or 1) // world)  # share the machine's cores between the ranks
+    return run_distributed(entry, world, *args, timeout=7 * 24 * 3600, threads_per_rank=threads)

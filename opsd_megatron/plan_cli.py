@@ -1,0 +1,66 @@
+"""``opsd-plan RECIPE.yaml [key=value ...] [--gpu-gib 80] [--world N]``: per-GPU memory of the
+recipe's layout, term by term, whether it fits the GPU, the smallest layout that does if not, and
+the launch command it implies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opsd_megatron.config import ConfigError, load_config, validate_layout
+from opsd_megatron.planner import GIB, PlanInput, plan, smallest_fitting_layout
+
+def plan_input(cfg, layout) -> PlanInput:
+
+    bytes_per_param = 4 if cfg.model.dtype == "float32" else 2
+    r = cfg.rollout
+    student = cfg.data.max_problem_tokens + r.max_new_tokens + 64
+    teacher = student + cfg.data.max_solution_tokens + 256
+    return PlanInput(arch=cfg.model.arch(), tp=layout.tp, pp=layout.pp, dp=layout.dp,
+                     bytes_per_param=bytes_per_param, lora_rank=cfg.lora.rank if cfg.lora else None,
+                     micro_batch_size=cfg.trainer.micro_batch_size, micro_batches_per_rank=layout.grad_accumulation,
+                     student_seq_len=student, teacher_seq_len=teacher, response_len=r.max_new_tokens,
+                     frozen_teacher_copy=cfg.lora is None and not cfg.teacher.model.offload,
+                     vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
+                     rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp)
+
+def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:
+    world = p.tp * p.pp * p.dp
+    over = f"parallel.tensor_model_parallel_size={p.tp} parallel.pipeline_model_parallel_size={p.pp} " \
+           f"parallel.data_parallel_size={p.dp}"
+    if world <= gpus_per_node:
+        return f"torchrun --nproc-per-node {world} -m opsd_megatron.train.cli {recipe} {over}"
+    return f"sbatch --nodes {world // gpus_per_node} launch/opsd_multinode.slurm {recipe} {over}"
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="opsd-plan", description=__doc__)
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit (A100-80GB by default)")
+    ap.add_argument("--world", type=int, default=None, help="GPUs in the job (default: the recipe's layout)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        layout = validate_layout(cfg, args.world)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    p = plan_input(cfg, layout)
+    terms = plan(p)
+    print(f"{args.recipe}: {layout.describe()}")
+    for k, v in terms.items():
+        print(f"  {k:<20} {v / GIB:9.2f} GiB")
+    fits = terms["total"] <= args.gpu_gib * GIB
+    print(f"fits a {args.gpu_gib:.0f} GiB GPU: {'yes' if fits else 'no'}")
+    chosen = p if fits else smallest_fitting_layout(p, args.gpu_gib * GIB)
+    if chosen is None:
+        print("no layout up to 128 GPUs fits")
+        return 1
+    if not fits:
+        print(f"smallest layout that fits: TP {chosen.tp} x PP {chosen.pp} x DP {chosen.dp} "
+              f"({plan(chosen)['total'] / GIB:.1f} GiB per GPU)")
+    print(launch_command(args.recipe, chosen))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Per-GPU memory plan for a recipe and layout: what the trainer will hold, term by term.
+
+Weights, gradients and optimizer states are exact counts of this trainer's tensors (megatron's
+vocab padding, TP/PP sharding, our LoRA sharding; AdamW keeps two states per trainable parameter
+in the parameter dtype; ``distributed_optimizer`` divides states by DP). Activations follow
+Korthikanti et al. 2022 (per layer, per micro-batch: s·b·h·(10 + 24/t) bytes plus 5·a·s²·b/t for
+the attention scores without flash attention; full recompute keeps 2·s·b·h bytes per layer) and
+are estimates. The loss terms are what the step keeps: teacher logits of the response rows for all
+micro-batches of a rank, the student's logits and their response rows, the gradient of those rows,
+and the loss's chunked fp32 working set. vLLM's share is its weight copy plus a KV cache for the
+rank's rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opsd_megatron.models.hf_config import ArchSpec
+
+GIB = 2**30
+LOSS_TEMPORARIES = 8  # fp32 chunk-sized temporaries alive at once in the vocab-parallel losses
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    arch: ArchSpec
+    tp: int
+    pp: int
+    dp: int
+    bytes_per_param: int = 2  # bf16
+    lora_rank: int | None = 64
+    lora_targets: tuple = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    micro_batch_size: int = 1
+    micro_batches_per_rank: int = 4
+    student_seq_len: int = 2560  # prompt + max_new_tokens
+    teacher_seq_len: int = 6656  # teacher prompt (+ reference solution) + max_new_tokens
+    response_len: int = 2048
+    recompute: bool = False
+    flash_attention: bool = True
+    distributed_optimizer: bool = False
+    frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
+    vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
+    rollouts_per_rank: int = 4
+
+
+def layer_linear_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) of each fused megatron linear in one decoder layer (unsharded)."""
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
+    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * arch.ffn_hidden_size),
+            "linear_fc2": (arch.ffn_hidden_size, h)}
+
+
+def layer_params_per_rank(arch: ArchSpec, tp: int) -> int:
+    shapes = layer_linear_shapes(arch)
+    linear = sum(i * o for i, o in shapes.values()) // tp
+    bias = (shapes["linear_qkv"][1] // tp) if arch.qkv_bias else 0
+    norms = 2 * arch.hidden_size + (2 * arch.head_dim if arch.qk_norm else 0)
+    return linear + bias + norms
+
+
+def lora_params_per_layer_rank(arch: ArchSpec, tp: int, rank: int, targets) -> int:
+    """Our sharding: column base A [r/tp, in] + B [out/tp, r]; row base A [r, in/tp] + B [out/tp, r]."""
+    total = 0
+    for name, (i, o) in layer_linear_shapes(arch).items():
+        if name not in targets:
+            continue
+        a = (rank // tp) * i if name in ("linear_qkv", "linear_fc1") else rank * (i // tp)
+        total += a + (o // tp) * rank
+    return total
+
+
+def stage_params(p: PlanInput) -> list[int]:
+    """Base parameters held by each pipeline stage's rank."""
+    a = p.arch
+    vocab_rows = a.padded_vocab_size(p.tp) // p.tp * a.hidden_size
+    layers = a.num_layers // p.pp * layer_params_per_rank(a, p.tp)
+    out = []
+    for stage in range(p.pp):
+        n = layers
+        if stage == 0:
+            n += vocab_rows
+        if stage == p.pp - 1:
+            n += a.hidden_size  # final norm
+            if not a.tie_word_embeddings or p.pp > 1:
+                n += vocab_rows  # output layer (a tied copy when the embedding lives on another stage)
+        out.append(n)
+    return out
+
+
+def plan(p: PlanInput) -> dict[str, float]:
+    """Bytes per GPU on the most loaded stage, by term, plus the total."""
+    a = p.arch
+    per_stage = stage_params(p)
+    worst = max(range(p.pp), key=lambda s: per_stage[s])
+    weights = per_stage[worst] * p.bytes_per_param
+    if p.lora_rank:
+        trainable = a.num_layers // p.pp * lora_params_per_layer_rank(a, p.tp, p.lora_rank, p.lora_targets)
+        weights += trainable * p.bytes_per_param
+    else:
+        trainable = per_stage[worst]
+    grads = trainable * p.bytes_per_param
+    optimizer = 2 * trainable * p.bytes_per_param / (p.dp if p.distributed_optimizer else 1)
+    layers_here = a.num_layers // p.pp
+    s, b, h, t = p.student_seq_len, p.micro_batch_size, a.hidden_size, p.tp
+    if p.recompute:
+        activations = layers_here * 2 * s * b * h
+    else:
+        per_layer = s * b * h * (10 + 24 / t)
+        if not p.flash_attention:
+            per_layer += 5 * a.num_attention_heads * s * s * b / t
+        activations = layers_here * per_layer
+    v_local = a.padded_vocab_size(p.tp) // p.tp
+    last = worst == p.pp - 1 or p.pp == 1
+    resp_rows = b * p.response_len * v_local
+    teacher_logits = p.micro_batches_per_rank * resp_rows * p.bytes_per_param if last else 0
+    student_logits = (b * s * v_local + 2 * resp_rows) * p.bytes_per_param if last else 0  # logits, rows, grad
+    loss_working = LOSS_TEMPORARIES * min(LOSS_CHUNK_ELEMENTS, b * p.response_len * v_local) * 4 if last else 0
+    teacher_copy = per_stage[worst] * p.bytes_per_param if p.frozen_teacher_copy else 0
+    kv_tokens = p.rollouts_per_rank * p.student_seq_len
+    vllm = 0.0
+    if p.vllm_gpu_fraction:
+        kv = 2 * a.num_layers * max(1, a.num_query_groups // p.tp) * a.head_dim * kv_tokens * p.bytes_per_param
+        vllm = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param + kv
+    terms = {"weights": weights, "gradients": grads, "optimizer_states": optimizer, "activations": activations,
+             "teacher_logits": teacher_logits, "student_logits": student_logits, "loss_working_set": loss_working,
+             "frozen_teacher_copy": teacher_copy, "vllm": vllm}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def smallest_fitting_layout(p: PlanInput, gpu_bytes: float, world_sizes=(8, 16, 32, 64, 128)) -> PlanInput | None:
+    """The layout with the fewest model-parallel GPUs (then the smallest world) whose plan fits."""
+    a = p.arch
+    options = []
+    for world in world_sizes:
+        for tp in (1, 2, 4, 8):
+            for pp in (1, 2, 4, 8, 16):
+                if world % (tp * pp) or a.num_attention_heads % tp or a.num_query_groups % tp or a.num_layers % pp:
+                    continue
+                cand = PlanInput(**{**p.__dict__, "tp": tp, "pp": pp, "dp": world // (tp * pp)})
+                if plan(cand)["total"] <= gpu_bytes:
+                    options.append((tp * pp, world, tp, cand))
+    return min(options, key=lambda o: o[:3])[3] if options else None

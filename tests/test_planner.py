@@ -1,0 +1,74 @@
+"""The memory planner's weight/optimizer arithmetic equals the tensors real megatron models hold
+at TP/PP layouts (tied and untied, with LoRA), and the CLI reports a fitting layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_megatron.models import arch_from_hf_config
+from opsd_megatron.planner import PlanInput, lora_params_per_layer_rank, plan, stage_params
+from opsd_megatron.testing import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = {
+    "qwen3_tied": dict(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "qwen2_untied": dict(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+}
+
+
+def _count(tp, pp, cfg):
+    from megatron.core import parallel_state as ps
+
+    from opsd_megatron.models import build_gpt_model
+    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.platform import initialize_model_parallel
+
+    initialize_model_parallel(tp, pp)
+    model = build_gpt_model(arch_from_hf_config(cfg), torch.bfloat16, initialize=False)
+    base = sum(p.numel() for p in model.parameters())
+    apply_lora(model, LoRAConfig(rank=8, alpha=16.0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
+    return ps.get_pipeline_model_parallel_rank(), base, sum(p.numel() for p in trainable), state_bytes
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_weights_lora_and_optimizer_counts_are_exact(name, tp, pp):
+    arch = arch_from_hf_config(ARCHS[name])
+    expected = stage_params(PlanInput(arch=arch, tp=tp, pp=pp, dp=1))
+    lora = arch.num_layers // pp * lora_params_per_layer_rank(arch, tp, 8, ("linear_qkv", "linear_proj",
+                                                                           "linear_fc1", "linear_fc2"))
+    for stage, base, trainable, state_bytes in run_distributed(_count, tp * pp, tp, pp, ARCHS[name]):
+        assert base == expected[stage], (stage, base, expected)
+        assert trainable == lora
+        assert state_bytes == 2 * lora * 2, "AdamW: two bf16 states per trainable parameter"
+
+
+def test_plan_terms_and_distributed_optimizer():
+    arch = arch_from_hf_config(ARCHS["qwen3_tied"])
+    p = PlanInput(arch=arch, tp=2, pp=2, dp=4, lora_rank=None)
+    full = plan(p)
+    sharded = plan(PlanInput(**{**p.__dict__, "distributed_optimizer": True}))
+    assert full["optimizer_states"] == 2 * full["gradients"] and sharded["optimizer_states"] == full["optimizer_states"] / 4
+    assert plan(PlanInput(**{**p.__dict__, "recompute": True}))["activations"] < full["activations"]
+    assert full["total"] == sum(v for k, v in full.items() if k != "total")
+
+
+def test_cli_finds_a_fitting_layout_for_full_parameter_8b():
+    out = subprocess.run([sys.executable, "-m", "opsd_megatron.plan_cli", str(ROOT / "recipes" / "qwen3_8b.yaml"),
+                          "lora=null", "teacher.model.kind=frozen_copy"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "fits a 80 GiB GPU: no" in out.stdout and "smallest layout that fits" in out.stdout
+    assert "torchrun --nproc-per-node 8" in out.stdout
