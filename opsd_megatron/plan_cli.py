@@ -30,7 +30,7 @@ def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:
            f"parallel.data_parallel_size={p.dp}"
     if world <= gpus_per_node:
         return f"torchrun --nproc-per-node {world} -m opsd_megatron.train.cli {recipe} {over}"
-    return f"sbatch --nodes {world // gpus_per_node} launch/opsd_multinode.slurm {recipe} {over}"
+    return f"RECIPE={recipe} sbatch --nodes {world // gpus_per_node} launch/opsd_70b.slurm {over}"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="opsd-plan", description=__doc__)

@@ -8,10 +8,13 @@ it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhe
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
+from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
 
 
 def _rank_entry(recipe, overrides):
@@ -38,7 +41,12 @@ def main(argv=None) -> int:
     print(f"[opsd] layout: {layout.describe()}", flush=True)
     if args.dry_run:
         return 0
-    run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides)
+    if launched_world_size() is None:  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
+        flag = Path(cfg.trainer.output_dir) / FLAG_FILE
+        signal.signal(signal.SIGUSR1, lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()))
+    results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides)
+    if any(isinstance(r, dict) and r.get("preempted") for r in results):
+        return PREEMPTED_EXIT_CODE  # launch/common.sh requeues the job on this code
     return 0
 
 

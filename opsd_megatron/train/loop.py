@@ -12,6 +12,7 @@ import torch.distributed as dist
 from opsd_megatron.algorithms import build_algorithm
 from opsd_megatron.config import OPSDConfig, to_yaml
 from opsd_megatron.eval.runner import evaluate
+from opsd_megatron.train import preemption
 from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
 from opsd_megatron.train.setup import build_components
@@ -20,12 +21,14 @@ from opsd_megatron.train.step import train_step
 
 def run(cfg: OPSDConfig) -> dict:
     rank0 = dist.get_rank() == 0
+    preemption.install()
     c = build_components(cfg)
     algorithm = build_algorithm(cfg)
     out = Path(cfg.trainer.output_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
+        preemption.clear_marker(cfg.trainer.output_dir)
         print(f"[opsd] {c.layout.describe()}; {len(c.problems)} problems", flush=True)
     start, counters = 0, {"generated_tokens": 0.0, "skipped_steps": 0}
     save_base_model(c)
@@ -51,8 +54,14 @@ def run(cfg: OPSDConfig) -> dict:
                 if report is not None:
                     last.update({f"eval/{k}": v for k, v in report["average"].items()})
             logger.log(last)
-            if done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
+            stop = preemption.requested(cfg.trainer.output_dir)
+            if stop or done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
                 save_checkpoint(c, done, counters)
+            if stop:
+                if rank0:
+                    preemption.acknowledge(cfg.trainer.output_dir, done)
+                    print(f"[opsd] preempted: checkpoint at step {done} written, stopping for requeue", flush=True)
+                return {"steps": done, "preempted": True}
     finally:
         logger.close()
     summary = {"steps": cfg.trainer.max_steps, "start_step": start, "final_loss": last.get("loss"),

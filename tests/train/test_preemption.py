@@ -1,0 +1,38 @@
+"""Preemption: SIGUSR1 to the launcher (as SLURM's --signal=B:USR1 delivers it to the batch step)
+makes every rank checkpoint after the current step and exit with code 75; rerunning resumes there
+and finishes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.train.tiny import RECIPE, metrics, overrides
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE,
+           *overrides(out, tp=2, steps=6, extra=["checkpoint.save_interval=100"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 75
+    assert (out / "PREEMPTED").is_file(), "the marker launch/common.sh requeues on"
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(saved) == 1 and saved[0] < "step_000006", saved
+    stopped_at = int(saved[0].split("_")[1])
+    assert [r["step"] for r in metrics(out)][-1] == stopped_at
+
+    (out / "PREEMPT").touch()  # the file form, as launch/common.sh writes it: honoured and cleared
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 75
+    assert not (out / "PREEMPT").exists()
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert not (out / "PREEMPTED").exists()
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
