@@ -3,7 +3,9 @@ half-written checkpoint that resume would pick; the last K are kept.
 
 Layout of ``OUT/checkpoints/step_000050/``:
   model/               megatron dist checkpoint (adapters only with LoRA; any TP/PP can read it)
-  rank00000.pt ...     per-rank optimizer, LR schedule and RNG state (same layout to resume)
+  optimizer/           AdamW moments as a megatron dist checkpoint (any TP/PP can read it)
+  rank00000.pt ...     per-rank LR schedule, RNG and sampler state (restored exactly at the same
+                       layout; at another layout the run continues with fresh RNG streams)
   trainer_state.json   step, counters, layout — written last: its presence marks completeness
   config.yaml          the resolved config
 """
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import to_dict, to_yaml
 from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from opsd_megatron.train.optimizer_state import has_state, load_optimizer, save_optimizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,9 +58,13 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
     hf_config = dict(c.cfg.model.architecture) if c.cfg.model.architecture else None
     save_model_checkpoint(c.model, tmp / "model", c.arch, hf_config, adapters_only=c.cfg.lora is not None,
                           extra=extra)
-    torch.save({"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "sampler_calls": c.sampler.calls},
-               tmp / f"rank{dist.get_rank():05d}.pt")
+    if has_state(c.optimizer):
+        if dist.get_rank() == 0:
+            (tmp / "optimizer").mkdir()
+        dist.barrier()
+        save_optimizer(c.model, c.optimizer, tmp / "optimizer")
+    torch.save({"scheduler": c.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "sampler_calls": c.sampler.calls}, tmp / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(to_yaml(c.cfg))
@@ -80,15 +87,19 @@ def _prune(root: Path, keep: int) -> None:
 def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     """Restore model/adapters, optimizer, schedule, RNG; returns (step, counters)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["layout"] != _layout(c):
-        raise ValueError(f"{ckpt}: written at layout {state['layout']}, resuming at {_layout(c)}; resume needs "
-                         f"the same TP/PP/DP (the model part alone loads at any layout)")
     load_model_checkpoint(c.model, ckpt / "model", adapters_only=c.cfg.lora is not None)
-    rank_state = torch.load(ckpt / f"rank{dist.get_rank():05d}.pt", weights_only=True)
-    c.optimizer.load_state_dict(rank_state["optimizer"])
+    if (ckpt / "optimizer").is_dir():
+        applied = state["step"] - int(state["counters"].get("skipped_steps", 0))
+        load_optimizer(c.model, c.optimizer, ckpt / "optimizer", applied)
+    same_layout = state["layout"] == _layout(c)
+    rank_state = torch.load(ckpt / f"rank{dist.get_rank() if same_layout else 0:05d}.pt", weights_only=True)
     c.scheduler.load_state_dict(rank_state["scheduler"])
-    torch.set_rng_state(rank_state["torch_rng"])
     c.sampler.calls = rank_state["sampler_calls"]
+    if same_layout:
+        torch.set_rng_state(rank_state["torch_rng"])
+    elif dist.get_rank() == 0:
+        print(f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with resharded weights "
+              f"and optimizer state, fresh RNG streams", flush=True)
     return state["step"], state["counters"]
 
 

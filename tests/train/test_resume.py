@@ -44,3 +44,16 @@ def test_kill_and_resume_reproduces_uninterrupted_metrics(tmp_path):
     assert _strip(metrics(killed)) == _strip(metrics(straight))
     remaining = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert remaining == ["step_000003", "step_000004"], "keep_last=2"
+
+
+def test_resume_at_another_layout_reshards_weights_and_optimizer(tmp_path):
+    """A TP=2 run checkpointed at step 2 continues at TP=1: adapters and AdamW moments reshard."""
+    out = tmp_path / "run"
+    subprocess.run(_train(out, 2), check=True, capture_output=True, timeout=300)
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=1, steps=4)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming at {'tp': 1" in res.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
