@@ -83,7 +83,7 @@ class HFCheckpointWriter:
     """Buffer tensors and flush them as safetensors parts of bounded size.
 
     Several writers (one per pipeline stage) may share a directory, told apart by ``prefix``;
-    :meth:`write_index` then names all parts ``model-XXXXX-of-YYYYY.safetensors`` and writes the index.
+    :meth:`write_index` then names all parts ``model-00001-of-0000N.safetensors`` and writes the index.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 2 << 30, prefix: str = ""):
@@ -112,10 +112,6 @@ class HFCheckpointWriter:
         if self._buffer:
             self._flush()
         return list(self._parts)
-
-    def finish(self) -> None:
-        """Single-writer convenience: flush and write the index."""
-        self.write_index(self.dir, self.close_parts())
 
     @staticmethod
     def write_index(out_dir: Path, parts: list[tuple[str, list[str], int]]) -> None:

@@ -199,12 +199,6 @@ def base_weight_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
         yield name, value
 
 
-def lora_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, value in model.state_dict(keep_vars=True).items():
-        if SUFFIX + "." in name and "_extra_state" not in name and value is not None:
-            yield name, value
-
-
 def merged_weight(model: torch.nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
     """Base weight ``name`` (``value``) with its adapter, if any, merged in; collective when adapted."""
     module_path, _, leaf = name.rpartition(".")

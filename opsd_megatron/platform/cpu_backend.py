@@ -80,12 +80,6 @@ class _CpuTorchView(types.ModuleType):
         return wrapped if wrapped is not None else getattr(torch, name)
 
 
-def _tracker_base():
-    from megatron.core.tensor_parallel import random as mrandom
-
-    return mrandom
-
-
 class CpuRNGStatesTracker:
     """Drop-in for megatron's ``CudaRNGStatesTracker`` that keeps named CPU generator states.
 
@@ -145,7 +139,8 @@ class CpuRNGStatesTracker:
 
 
 def _install_rng_tracker() -> None:
-    mrandom = _tracker_base()
+    from megatron.core.tensor_parallel import random as mrandom
+
     base = mrandom.CudaRNGStatesTracker
     if not issubclass(base, CpuRNGStatesTracker):
         # A subclass, so megatron's isinstance checks (get_all_rng_states) keep working.
