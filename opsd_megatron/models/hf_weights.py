@@ -60,22 +60,32 @@ def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
+    """Yield (megatron global name, {hf_name: full tensor}) for this pipeline stage's parameters.
+
+    Collective over the TP group (each tensor is gathered there); every TP rank gets the full tensors.
+    With ``merge_lora`` adapters are merged into their base weights on the fly.
+    """
+    from opsd_megatron.models.lora import merged_weight
+
+    offset = stage_layer_offset(arch)
+    for local_name, value in _base_parameters(model).items():
+        global_name = wm.with_global_layer(local_name, offset)
+        if global_name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue  # tied: model.embed_tokens comes from the first stage
+        shard = merged_weight(model, local_name, value) if merge_lora else value.detach()
+        yield global_name, wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard), arch)
+
+
+@torch.no_grad()
 def export_hf_weights(model, arch: ArchSpec, out_dir: Path, dtype: torch.dtype | None = None,
                       max_shard_bytes: int = 2 << 30) -> None:
     """Write the model's full weights as HF safetensors shards + index into ``out_dir`` (collective)."""
     from megatron.core import parallel_state as ps
 
-    from opsd_megatron.models.lora import merged_weight
-
-    offset = stage_layer_offset(arch)
     writes = ps.get_tensor_model_parallel_rank() == 0
     writer = HFCheckpointWriter(Path(out_dir), max_shard_bytes, prefix=f"stage{ps.get_pipeline_model_parallel_rank()}-")
-    for local_name, value in _base_parameters(model).items():
-        global_name = wm.with_global_layer(local_name, offset)
-        if global_name == "output_layer.weight" and arch.tie_word_embeddings:
-            continue  # tied: the first stage writes model.embed_tokens
-        shard = merged_weight(model, local_name, value)
-        full = wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard), arch)
+    for _, full in iter_stage_hf_tensors(model, arch):
         if writes:
             for hf_name, tensor in full.items():
                 writer.add(hf_name, tensor.to(dtype) if dtype is not None else tensor)
@@ -85,4 +95,3 @@ def export_hf_weights(model, arch: ArchSpec, out_dir: Path, dtype: torch.dtype |
     if dist.get_rank() == 0:
         HFCheckpointWriter.write_index(Path(out_dir), [p for rank_parts in everyone for p in rank_parts])
     dist.barrier()
-

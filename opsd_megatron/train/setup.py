@@ -97,9 +97,9 @@ def build_components(cfg: OPSDConfig) -> Components:
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     r = cfg.rollout
-    if r.engine == "vllm":
-        raise ValueError("rollout.engine=vllm is not available yet (it arrives with the scale-out work); "
-                         "use rollout.engine=megatron")
+    if r.engine == "vllm":  # needs the optional extra; fails with a clear ImportError otherwise
+        raise ValueError("rollout.engine=vllm: the colocated engine (opsd_megatron/rollout/vllm_engine.py) is "
+                         "not wired into the training step yet; use rollout.engine=megatron")
     sampler = MegatronSampler(model, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                               stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                               vocab_size=arch.vocab_size, seed=r.seed)
