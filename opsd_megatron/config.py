@@ -9,7 +9,9 @@ tokens at temperature 1.2, JSD β=0.5, LoRA r=64 α=128, teacher fixed to the in
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -270,9 +272,6 @@ def _valid_keys(node, prefix="") -> list[str]:
 
 def _declared_type(key: str) -> str:
     """The annotation of a dotted key in the dataclass tree, e.g. 'int' for trainer.max_steps."""
-    import dataclasses
-    import typing
-
     cls = OPSDConfig
     for part in key.split("."):
         hints = typing.get_type_hints(cls)

@@ -10,19 +10,19 @@ import sys
 from opsd_megatron.config import ConfigError, load_config, validate_layout
 from opsd_megatron.planner import GIB, PlanInput, plan, smallest_fitting_layout
 
-def plan_input(cfg, layout) -> PlanInput:
 
+def plan_input(cfg, layout) -> PlanInput:
     bytes_per_param = 4 if cfg.model.dtype == "float32" else 2
     r = cfg.rollout
     student = cfg.data.max_problem_tokens + r.max_new_tokens + 64
-    teacher = student + cfg.data.max_solution_tokens + 256
     return PlanInput(arch=cfg.model.arch(), tp=layout.tp, pp=layout.pp, dp=layout.dp,
                      bytes_per_param=bytes_per_param, lora_rank=cfg.lora.rank if cfg.lora else None,
                      micro_batch_size=cfg.trainer.micro_batch_size, micro_batches_per_rank=layout.grad_accumulation,
-                     student_seq_len=student, teacher_seq_len=teacher, response_len=r.max_new_tokens,
+                     student_seq_len=student, response_len=r.max_new_tokens,
                      frozen_teacher_copy=cfg.lora is None and not cfg.teacher.model.offload,
                      vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
                      rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp)
+
 
 def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:
     world = p.tp * p.pp * p.dp

@@ -34,7 +34,6 @@ class PlanInput:
     micro_batch_size: int = 1
     micro_batches_per_rank: int = 4
     student_seq_len: int = 2560  # prompt + max_new_tokens
-    teacher_seq_len: int = 6656  # teacher prompt (+ reference solution) + max_new_tokens
     response_len: int = 2048
     recompute: bool = False
     flash_attention: bool = True

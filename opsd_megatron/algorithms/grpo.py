@@ -15,6 +15,7 @@ import torch
 from opsd_megatron.algorithms.rollouts import student_rollouts
 from opsd_megatron.eval.grading import Grader, last_boxed
 from opsd_megatron.losses import vocab_parallel_token_logprobs
+from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.train.batches import micro_batches, problems_for_step, response_rows
 
 
@@ -62,8 +63,6 @@ class GRPO:
         from megatron.core import parallel_state as ps
 
         with c.teacher.active() as ref:  # the initial policy: adapters off / frozen copy
-            from opsd_megatron.models.forward import forward_logits
-
             logits = forward_logits(ref, mb.student.tokens_BT, mb.student.position_ids_BT)
         if logits is not None:
             rows = response_rows(logits, mb.student, mb.response_mask_BR.shape[1])

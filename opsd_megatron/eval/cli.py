@@ -17,6 +17,8 @@ from opsd_megatron.platform.launch import launched_world_size, run_ranks
 
 
 def _rank_entry(recipe, overrides, checkpoint, tag):
+    import torch.distributed as dist
+
     from opsd_megatron.data.tokenizer import load_tokenizer
     from opsd_megatron.eval.runner import evaluate
     from opsd_megatron.models.checkpoint import load_model_checkpoint
@@ -26,8 +28,6 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
 
     cfg = load_config(recipe, overrides)
     arch = cfg.model.arch()
-    import torch.distributed as dist
-
     layout = validate_layout(cfg, dist.get_world_size(), arch)
     initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
     model = build_model(cfg, arch, params_dtype(cfg))
