@@ -216,6 +216,9 @@ class EvalConfig:
     split: str = "test"
     problem_field: str = "problem"
     answer_field: str = "answer"
+    solution_field: str = "solution"
+    with_reference: bool = False  # opsd-eval: prompt with the teacher template (problem + reference solution)
+    teacher_too: bool = False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
     max_problems: Optional[int] = None
     n_samples: int = 16
     ks: list = field(default_factory=lambda: [1, 4, 8, 16])

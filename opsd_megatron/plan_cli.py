@@ -32,6 +32,20 @@ def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:
         return f"torchrun --nproc-per-node {world} -m opsd_megatron.train.cli {recipe} {over}"
     return f"RECIPE={recipe} sbatch --nodes {world // gpus_per_node} launch/opsd_70b.slurm {over}"
 
+def refuse_unfit_layout(cfg, layout, gpu_gib: float) -> str | None:
+    """None when the planner says the layout fits ``gpu_gib``; otherwise the reason, with the
+    smallest layout that fits, for the trainer to refuse to start."""
+    p = plan_input(cfg, layout)
+    total = plan(p)["total"]
+    if total <= gpu_gib * GIB:
+        return None
+    better = smallest_fitting_layout(p, gpu_gib * GIB)
+    hint = (f"; the smallest layout that fits is TP {better.tp} x PP {better.pp} x DP {better.dp}" if better
+            else "; no layout up to 128 GPUs fits")
+    return (f"the planner estimates {total / GIB:.1f} GiB per GPU for {layout.describe()}, more than the "
+            f"{gpu_gib:.0f} GiB GPU{hint} (see opsd-plan; pass --force to start anyway)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="opsd-plan", description=__doc__)
     ap.add_argument("recipe")
@@ -61,6 +75,7 @@ def main(argv=None) -> int:
               f"({plan(chosen)['total'] / GIB:.1f} GiB per GPU)")
     print(launch_command(args.recipe, chosen))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,3 +72,16 @@ def test_cli_finds_a_fitting_layout_for_full_parameter_8b():
     assert out.returncode == 0, out.stderr
     assert "fits a 80 GiB GPU: no" in out.stdout and "smallest layout that fits" in out.stdout
     assert "torchrun --nproc-per-node 8" in out.stdout
+
+
+def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "qwen3_8b.yaml"), "lora=null",
+           "teacher.model.kind=frozen_copy", "--dry-run", "--gpu-gib", "80"]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "more than the 80 GiB GPU" in refused.stderr and "smallest layout that fits is TP" in refused.stderr
+    assert "--force" in refused.stderr
+    forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    fits = subprocess.run(cmd[:4] + ["--dry-run", "--gpu-gib", "80"], capture_output=True, text=True)
+    assert fits.returncode == 0, fits.stderr  # the paper's LoRA layout fits one A100-80GB per rank

@@ -19,7 +19,15 @@ from opsd_megatron.eval.metrics import summarize
 from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
 
-def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size) -> list[list[str]]:
+def _prompt_text(cfg, row, with_reference: bool) -> str:
+    if not with_reference:
+        return cfg.data.student_template.format(problem=row["problem"])
+    if not row.get("solution"):
+        raise ValueError(f"eval.with_reference needs a '{cfg.eval.solution_field}' for problem {row['id']}")
+    return cfg.data.teacher_template.format(problem=row["problem"], solution=row["solution"])
+
+
+def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference) -> list[list[str]]:
     from megatron.core import parallel_state as ps
 
     e = cfg.eval
@@ -30,8 +38,7 @@ def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size) -> list[list[st
     texts = {}
     for start in range(0, len(jobs), e.batch_size):
         batch = jobs[start:start + e.batch_size]
-        prompts = [chat_prompt_ids(tokenizer, cfg.data.student_template.format(problem=rows[i]["problem"]),
-                                   e.thinking) for i, _ in batch]
+        prompts = [chat_prompt_ids(tokenizer, _prompt_text(cfg, rows[i], with_reference), e.thinking) for i, _ in batch]
         out = sampler.generate(prompts, e.max_new_tokens)
         for (i, s), resp in zip(batch, out.responses):
             texts[(i, s)] = tokenizer.decode(resp, skip_special_tokens=True)
@@ -41,8 +48,12 @@ def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size) -> list[list[st
     return [[merged[(i, s)] for s in range(e.n_samples)] for i in range(len(rows))]
 
 
-def evaluate(model, tokenizer, cfg, arch, tag: str = "eval") -> dict | None:
-    """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere)."""
+def evaluate(model, tokenizer, cfg, arch, tag: str = "eval", with_reference: bool | None = None) -> dict | None:
+    """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere).
+
+    ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template, which
+    measures what OPSD relies on: how much better the model solves a problem when shown its solution."""
+    with_reference = cfg.eval.with_reference if with_reference is None else with_reference
     from opsd_megatron.data.tokenizer import stop_token_ids
 
     report = {"benchmarks": {}}
@@ -50,7 +61,8 @@ def evaluate(model, tokenizer, cfg, arch, tag: str = "eval") -> dict | None:
     try:
         for spec in cfg.eval.benchmarks:
             name, rows = load_benchmark(spec, cfg.eval)
-            outputs = _generate(model, tokenizer, cfg, rows, stop_token_ids(tokenizer), arch.vocab_size)
+            outputs = _generate(model, tokenizer, cfg, rows, stop_token_ids(tokenizer), arch.vocab_size,
+                                with_reference)
             if grader is None:
                 continue
             per_problem = []

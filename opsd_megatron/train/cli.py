@@ -3,6 +3,7 @@
 Under torchrun (WORLD_SIZE set) this process is one rank (NCCL on GPUs, gloo on CPU). Otherwise
 it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhere.
 ``--dry-run`` loads and validates the recipe, prints the resolved config and the layout, and exits.
+A layout the memory planner (``opsd-plan``) says cannot fit the GPU is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ import sys
 from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
+from opsd_megatron.plan_cli import refuse_unfit_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
+
+
+def _gpu_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return 80.0
 
 
 def _rank_entry(recipe, overrides):
@@ -29,11 +39,17 @@ def main(argv=None) -> int:
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10 loss.beta=0")
     p.add_argument("--dry-run", action="store_true", help="validate and print the config and layout, then exit")
+    p.add_argument("--force", action="store_true", help="start even if opsd-plan says the layout does not fit")
+    p.add_argument("--gpu-gib", type=float, default=None,
+                   help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
         world = launched_world_size()
         layout = validate_layout(cfg, world)
+        refusal = None if args.force else refuse_unfit_layout(cfg, layout, args.gpu_gib or _gpu_gib())
+        if refusal:
+            raise ConfigError(refusal)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,6 +53,11 @@ def run(cfg: OPSDConfig) -> dict:
                 report = evaluate(c.model, c.tokenizer, cfg, c.arch, tag=f"step_{done:06d}")
                 if report is not None:
                     last.update({f"eval/{k}": v for k, v in report["average"].items()})
+                if cfg.eval.teacher_too:
+                    report = evaluate(c.model, c.tokenizer, cfg, c.arch, tag=f"step_{done:06d}_teacher",
+                                      with_reference=True)
+                    if report is not None:
+                        last.update({f"eval_teacher/{k}": v for k, v in report["average"].items()})
             logger.log(last)
             stop = preemption.requested(cfg.trainer.output_dir)
             if stop or done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:

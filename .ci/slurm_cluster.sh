@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Starts a real one-node SLURM cluster on this machine (munged, slurmctld, slurmd on 127.0.0.1)
+# for tests/launch/test_real_slurm.py. Installs Debian's slurm-wlm and munge when they are missing
+# (needs root and apt). Idempotent: does nothing when `sinfo` already answers. Never fatal for CI:
+# when it cannot start a cluster it says why and the real-SLURM tests skip.
+set -uo pipefail
+
+if timeout 5 sinfo -h >/dev/null 2>&1; then echo "[slurm] cluster already up"; exit 0; fi
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
+    echo "[slurm] slurm-wlm/munge missing and cannot apt-get install them (not root or no apt); skipping"; exit 0
+  fi
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/tmp/slurm-apt.log 2>&1 \
+    || { echo "[slurm] apt-get install failed (see /tmp/slurm-apt.log); skipping"; exit 0; }
+fi
+
+host=$(hostname -s)
+conf_dir=/etc/slurm
+mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+cat >"$conf_dir/slurm.conf" <<CONF
+ClusterName=opsdci
+SlurmctldHost=${host}(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+MinJobAge=3600
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
+CONF
+
+[[ -s /etc/munge/munge.key ]] || { mkdir -p /etc/munge; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; }
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+chmod 0400 /etc/munge/munge.key
+pgrep -x munged >/dev/null || { runuser -u munge -- munged 2>/dev/null || munged --force; }
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+for _ in $(seq 1 30); do
+  if sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then echo "[slurm] one-node cluster up on ${host}"; exit 0; fi
+  sleep 1
+done
+echo "[slurm] cluster did not come up; logs in /var/log/slurm"; sinfo 2>&1 | head -5
+exit 0
