@@ -20,12 +20,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from opsd_megatron.config_sections import (  # noqa: F401  (re-exported)
+    ConfigError, EvalConfig, GRPOConfig, LossConfig, RolloutConfig, SFTConfig, VLLMConfig)
 from opsd_megatron.models.lora import LoRAConfig
 from opsd_megatron.models.teacher import TeacherConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key."""
 
 
 @dataclass
@@ -84,62 +82,6 @@ class TeacherUpdateConfig:
             raise ConfigError(f"teacher.kind must be fixed|ema|current, got {self.kind!r}")
         if not 0.0 < self.ema_rate < 1.0:
             raise ConfigError(f"teacher.ema_rate must be in (0, 1), got {self.ema_rate}")
-
-
-@dataclass
-class RolloutConfig:
-    engine: str = "megatron"  # megatron | vllm
-    num_rollouts: int = 1
-    max_new_tokens: int = 2048
-    temperature: float = 1.2
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.engine not in ("megatron", "vllm"):
-            raise ConfigError(f"rollout.engine must be megatron|vllm, got {self.engine!r}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise ConfigError("rollout: need temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1")
-
-
-@dataclass
-class LossConfig:
-    kind: str = "jsd"  # jsd | sampled_token
-    beta: float = 0.5
-    temperature: float = 1.0
-    term_clip: Optional[float] = None
-    reduction: str = "sequence_mean"  # sequence_mean (paper eq. 6/8) | token_mean
-
-    def __post_init__(self):
-        if self.kind not in ("jsd", "sampled_token"):
-            raise ConfigError(f"loss.kind must be jsd|sampled_token, got {self.kind!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"loss.beta must be in [0, 1], got {self.beta}")
-        if self.reduction not in ("sequence_mean", "token_mean"):
-            raise ConfigError(f"loss.reduction must be sequence_mean|token_mean, got {self.reduction!r}")
-
-
-@dataclass
-class GRPOConfig:
-    group_size: int = 8
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-
-    def __post_init__(self):
-        if self.group_size < 2 or not 0 < self.clip_eps < 1 or self.kl_coef < 0:
-            raise ConfigError("grpo: need group_size >= 2, 0 < clip_eps < 1, kl_coef >= 0")
-
-
-@dataclass
-class SFTConfig:
-    # Fraction of examples whose prompt is the teacher prompt (problem + reference), e.g. to build a
-    # base that can use a reference but only partly solves problems alone.
-    teacher_prompt_fraction: float = 0.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.teacher_prompt_fraction <= 1.0:
-            raise ConfigError("sft.teacher_prompt_fraction must be in [0, 1]")
 
 
 @dataclass
@@ -206,35 +148,6 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "opsd-megatron"
     progress_bar: bool = True
-
-
-@dataclass
-class EvalConfig:
-    """Paper Table 5: thinking on, top-p 0.95, no top-k, 16 samples, T=1.2 (token budget per recipe)."""
-
-    benchmarks: list = field(default_factory=list)  # JSONL paths (id, problem, answer), HF names, synthetic:arith
-    split: str = "test"
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    solution_field: str = "solution"
-    with_reference: bool = False  # opsd-eval: prompt with the teacher template (problem + reference solution)
-    teacher_too: bool = False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
-    max_problems: Optional[int] = None
-    n_samples: int = 16
-    ks: list = field(default_factory=lambda: [1, 4, 8, 16])
-    temperature: float = 1.2
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 38912
-    thinking: bool = True
-    batch_size: int = 16
-    grade_timeout: float = 10.0
-    interval: int = 0  # evaluate every N training steps (0: off)
-    seed: int = 1234
-
-    def __post_init__(self):
-        if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
-            raise ConfigError("eval: need n_samples >= 1, ks >= 1, batch_size >= 1")
 
 
 @dataclass

@@ -7,21 +7,22 @@ import random
 
 
 def worked_addition(a: int, b: int) -> str:
-    """Column addition from the right, one line per digit, carries spelled out."""
+    """Column addition from the right, one short line per digit (``x+y+carry=sum``), then the
+    boxed answer: every step is checkable, and short enough that CPU rollouts stay cheap."""
     da, db = str(a)[::-1], str(b)[::-1]
     lines, carry, digits = [], 0, []
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={s}, write {s % 10} carry {s // 10}")
+        lines.append(f"{x}+{y}+{carry}={s}")
         digits.append(str(s % 10))
         carry = s // 10
     if carry:
         digits.append(str(carry))
     answer = int("".join(reversed(digits)))
     assert answer == a + b
-    return "\n".join(lines) + f"\nSo {a}+{b}={answer}. \\boxed{{{answer}}}"
+    return "\n".join(lines) + f"\n\\boxed{{{answer}}}"
 
 
 def addition_problems(n: int, seed: int = 0, digits: int = 3) -> list[dict]:

@@ -19,6 +19,7 @@ class MicroBatch:
     response_mask_BR: torch.Tensor
     response_tokens_BR: torch.Tensor
     sampler_logprobs_BR: torch.Tensor
+    sampled: bool  # the responses were sampled (OPSD, GRPO), not reference solutions (SFT)
     extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
 
 
@@ -59,5 +60,5 @@ def micro_batches(prompts: list[list[int]], responses: list[list[int]], logprobs
             tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             if logprobs is not None:
                 lps[i, :len(r)] = torch.tensor(logprobs[s + i])
-        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id), mask, tokens, lps))
+        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id), mask, tokens, lps, logprobs is not None))
     return out

@@ -98,10 +98,12 @@ def build_components(cfg: OPSDConfig) -> Components:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     r = cfg.rollout
     if r.engine == "vllm":  # needs the optional extra; fails with a clear ImportError otherwise
-        raise ValueError("rollout.engine=vllm: the colocated engine (opsd_megatron/rollout/vllm_engine.py) is "
-                         "not wired into the training step yet; use rollout.engine=megatron")
-    sampler = MegatronSampler(model, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                              vocab_size=arch.vocab_size, seed=r.seed)
+        from opsd_megatron.rollout.vllm_engine import VLLMEngine
+
+        sampler = VLLMEngine(model, arch, cfg, tokenizer, stop_token_ids(tokenizer))
+    else:
+        sampler = MegatronSampler(model, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                  stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                                  vocab_size=arch.vocab_size, seed=r.seed)
     problems = load_problems(cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))).rows
     return Components(cfg, layout, arch, tokenizer, model, teacher, optimizer, scheduler, sampler, problems, dtype)

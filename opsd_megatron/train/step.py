@@ -16,10 +16,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses import global_normalizer, partial_loss
+from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel_token_logprobs
 from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.train.batches import response_rows
 from opsd_megatron.train.grads import clip_and_check, reduce_gradients
+
+
+def _sampler_logprob_error(c, student_BRV, mb, group) -> torch.Tensor:
+    """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, at the sampling temperature:
+    ~0 when the rollout engine samples from the weights being trained (catches a stale or wrong
+    vLLM refit). Exact without top-k/top-p, which renormalise the sampler's distribution."""
+    lp = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=c.cfg.rollout.temperature,
+                                       vocab_size=c.arch.vocab_size, group=group)
+    return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
 
 def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
@@ -40,6 +49,8 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {"loss": loss.detach().clone(), "divergence": masked_mean(per_token.detach(), mb.response_mask_BR)}
             stats.update({k: masked_mean(v.detach(), mb.response_mask_BR) for k, v in diag.items()})
+            if mb.sampled:
+                stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb, group)
             return loss, torch.ones((), dtype=torch.int), stats  # already globally normalised
 
         return logits, loss_fn
@@ -86,7 +97,8 @@ def train_step(c, algorithm, step: int) -> dict:
         c.teacher.after_optimizer_step()
     c.scheduler.step()
     t2 = time.perf_counter()
-    out = _share(stats, ["loss", "divergence", *algorithm.stat_names(c.cfg)], summed={"loss"})
+    sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in micro_batches) else []
+    out = _share(stats, ["loss", "divergence", *algorithm.stat_names(c.cfg), *sampled], summed={"loss"})
     counts = _share(info, list(info), summed=set(info))  # per-rank counts: summed over DP
     if "reward_sum" in counts:
         out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
@@ -95,4 +107,6 @@ def train_step(c, algorithm, step: int) -> dict:
     out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=c.scheduler.get_last_lr()[0],
                response_length=tokens / c.cfg.trainer.global_batch_size, generated_tokens=tokens,
                rollout_time=t1 - t0, train_time=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
+    if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
+        out["refit_time"] = c.sampler.last_refit_s
     return out

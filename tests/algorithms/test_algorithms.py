@@ -70,7 +70,7 @@ def test_grpo_loss_equals_plain_formula():
     adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
     cfg = SimpleNamespace(rollout=SimpleNamespace(temperature=0.9), grpo=SimpleNamespace(clip_eps=0.2, kl_coef=0.1))
     c = SimpleNamespace(cfg=cfg, arch=SimpleNamespace(vocab_size=v))
-    mb = MicroBatch(pack([[1]] * 2, [[0] * r] * 2, 0), torch.ones(2, r, dtype=torch.bool), tokens, old,
+    mb = MicroBatch(pack([[1]] * 2, [[0] * r] * 2, 0), torch.ones(2, r, dtype=torch.bool), tokens, old, True,
                     {"advantage_B": adv, "ref_logprobs_BR": ref})
     loss, diag = GRPO().per_token_loss(c, logits, mb, None)
     loss.sum().backward()

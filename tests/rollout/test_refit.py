@@ -1,10 +1,8 @@
 """Weight refit stream for a colocated vLLM: at TP2xPP2 the streamed HF tensors (LoRA merged or
 not) loaded into an HF transformers model give the Megatron model's logits; buckets respect their
-size bound; without vLLM the engine choice fails clearly and the vLLM test says why it skips."""
+size bound (the engine itself: tests/rollout/test_vllm_engine.py)."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -74,24 +72,3 @@ def test_streamed_weights_reproduce_megatron_logits_in_hf(hf_dir, merge):
         assert diff <= 1e-4, diff
     else:
         assert diff > 1e-3, "base-only weights must differ from the adapted model"
-
-
-def test_vllm_engine_needs_the_extra():
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed: see test_vllm_generates_and_refits")
-    from opsd_megatron.rollout.vllm_engine import VLLMEngine
-
-    with pytest.raises(ImportError, match=r"pip install 'opsd-megatron\[vllm\]'"):
-        VLLMEngine("unused", tensor_parallel_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="needs vLLM and a GPU (pip install 'opsd-megatron[vllm]' on a cluster); "
-                           "the refit stream it consumes is tested above without it")
-def test_vllm_generates_and_refits(hf_dir):
-    from opsd_megatron.rollout.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(str(hf_dir), tensor_parallel_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                        max_model_len=256)
-    out = engine.generate([[5, 6, 7], [8, 9]], max_new_tokens=4)
-    assert [len(r) <= 4 for r in out.responses] == [True, True] and len(out.logprobs[0]) == len(out.responses[0])
