@@ -2,10 +2,13 @@
 
 Weights, gradients and optimizer states are exact counts of this trainer's tensors (megatron's
 vocab padding, TP/PP sharding, our LoRA sharding; AdamW keeps two states per trainable parameter
-in the parameter dtype; ``distributed_optimizer`` divides states by DP). Activations follow
-Korthikanti et al. 2022 (per layer, per micro-batch: s·b·h·(10 + 24/t) bytes plus 5·a·s²·b/t for
-the attention scores without flash attention; full recompute keeps 2·s·b·h bytes per layer) and
-are estimates. The loss terms are what the step keeps: teacher logits of the response rows for all
+in the parameter dtype; ``distributed_optimizer`` divides states by DP). Activations are the
+tensors each layer saves for its backward, counted per implementation (``activation_bytes_per_layer``):
+``te`` (GPU: transformer-engine norms, flash attention) or ``local`` (megatron-core's local spec,
+what runs on CPU: fp32 torch norms, unfused attention with an fp32 softmax); full recompute keeps
+only each layer's input. The ``local`` count is checked against the bytes megatron really saves
+(tests/test_planner.py); ``te`` is the same accounting for TE's kernels, not yet measured on a GPU.
+The loss terms are what the step keeps: teacher logits of the response rows for all
 micro-batches of a rank, the student's logits and their response rows, the gradient of those rows,
 and the loss's chunked fp32 working set. vLLM's share is its weight copy plus a KV cache for the
 rank's rollouts.
@@ -36,7 +39,7 @@ class PlanInput:
     student_seq_len: int = 2560  # prompt + max_new_tokens
     response_len: int = 2048
     recompute: bool = False
-    flash_attention: bool = True
+    impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
     distributed_optimizer: bool = False
     frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
     vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
@@ -88,6 +91,34 @@ def stage_params(p: PlanInput) -> list[int]:
     return out
 
 
+def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int, impl: str = "te") -> float:
+    """Bytes one transformer layer saves for backward for a micro-batch of b sequences of s tokens.
+
+    Per TP rank: hidden-size tensors are replicated, head and MLP tensors are split by tp. Norms
+    save their input (and, in the local spec, an fp32 copy, the fp32 normalised value and the
+    cast output); attention saves q, k, v (GQA-expanded in the local spec) plus, unfused, the
+    fp32 softmax, its cast copy and a byte mask of the scores; SwiGLU saves fc1's output and its
+    two halves' products.
+    """
+    heads, groups, d, f = a.num_attention_heads // tp, max(1, a.num_query_groups // tp), a.head_dim, \
+        a.ffn_hidden_size // tp
+    sb, h = s * b, a.hidden_size
+    q, kv = sb * heads * d, sb * groups * d
+    if impl == "local":
+        hidden_norms = 2 * ((4 + 4 + nbytes) * sb * h + 4 * sb)  # fp32 input, fp32 normalised, cast output, rstd
+        qk_norms = (8 * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm  # fp32 input and normalised, rstd
+        scores = b * heads * s * s
+        attention = nbytes * 3 * q + (4 + nbytes) * scores + s * s  # q, k, v expanded; fp32 softmax, cast; mask
+        attention += 4 * nbytes * s * d  # RoPE's cos/sin for q and k
+        return hidden_norms + qk_norms + attention + nbytes * q + nbytes * 5 * sb * f  # + proj input, SwiGLU
+    if impl != "te":
+        raise ValueError(f"impl must be te|local, got {impl!r}")
+    hidden_norms = 2 * (2 * nbytes * sb * h + 4 * sb)  # input + output of each fused norm, fp32 rsigma
+    qk_norms = (nbytes * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm
+    attention = nbytes * (q + 2 * kv + q) + 4 * b * heads * s  # flash: q, k, v, output, log-sum-exp
+    return hidden_norms + qk_norms + attention + nbytes * 3 * sb * f
+
+
 def plan(p: PlanInput) -> dict[str, float]:
     """Bytes per GPU on the most loaded stage, by term, plus the total."""
     a = p.arch
@@ -102,14 +133,11 @@ def plan(p: PlanInput) -> dict[str, float]:
     grads = trainable * p.bytes_per_param
     optimizer = 2 * trainable * p.bytes_per_param / (p.dp if p.distributed_optimizer else 1)
     layers_here = a.num_layers // p.pp
-    s, b, h, t = p.student_seq_len, p.micro_batch_size, a.hidden_size, p.tp
+    s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
     if p.recompute:
-        activations = layers_here * 2 * s * b * h
+        activations = layers_here * p.bytes_per_param * s * b * h
     else:
-        per_layer = s * b * h * (10 + 24 / t)
-        if not p.flash_attention:
-            per_layer += 5 * a.num_attention_heads * s * s * b / t
-        activations = layers_here * per_layer
+        activations = layers_here * activation_bytes_per_layer(a, s, b, p.tp, p.bytes_per_param, p.impl)
     v_local = a.padded_vocab_size(p.tp) // p.tp
     last = worst == p.pp - 1 or p.pp == 1
     resp_rows = b * p.response_len * v_local

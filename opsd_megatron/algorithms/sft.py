@@ -25,7 +25,7 @@ class SFT:
                    else student_prompt_ids(tok, cfg.data, p["problem"]) for i, p in enumerate(problems)]
         targets = [tok.encode(p["solution"], add_special_tokens=False) + [tok.eos_token_id] for p in problems]
         return micro_batches(prompts, targets, None, cfg.trainer.micro_batch_size, tok.pad_token_id), \
-            {"generated_tokens": 0.0}
+            {"generated_tokens": 0.0, "reference_tokens": float(sum(len(t) for t in targets))}
 
     def per_token_loss(self, c, student_BRV, mb, group):
         logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, vocab_size=c.arch.vocab_size,

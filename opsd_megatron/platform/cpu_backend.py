@@ -147,6 +147,9 @@ def _install_rng_tracker() -> None:
         tracker_cls = type("CpuRNGStatesTracker", (CpuRNGStatesTracker, base), {})
         mrandom.CudaRNGStatesTracker = tracker_cls
     mrandom.initialize_rng_tracker(force_reset=True)
+    # activation recompute saves and restores the "device" RNG: on CPU that is the CPU generator
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
 def activate() -> bool:

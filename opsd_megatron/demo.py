@@ -1,0 +1,160 @@
+"""``opsd-demo RECIPE.yaml [key=value ...]``: the learning demonstration, as ordinary training runs.
+
+(1) build a base by SFT on the student *and* the teacher prompt, so it can use a reference solution
+but solves only part of the problems alone; (2) evaluate it on held-out problems (alone and with the
+reference); (3) train each arm — OPSD, and the SFT and GRPO baselines — from that base with the
+same number of problems per step, evaluating as they go; (4) write ``summary.json`` and
+``accuracy.png`` (held-out accuracy against sampled tokens; SFT, which samples nothing, against the
+reference tokens it trained on).
+
+The recipe has ``output_dir``, ``common`` (a recipe every stage starts from), ``base`` and ``arms``
+(name -> recipe overrides, ``opsd`` required); each stage is written as ``OUT/<stage>/recipe.yaml``
+and run by ``opsd-train``, so any stage can be rerun or inspected alone. Overrides address the
+demo recipe: ``arms.opsd.trainer.max_steps=50``, ``common.model.init_seed=3``, ``arms.grpo=null``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from opsd_megatron.config import ConfigError, load_config
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "runs/demo"
+    common: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)
+    arms: dict = field(default_factory=dict)
+
+
+def load_demo(path: str, overrides: list[str]) -> DemoConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(raw) - {"output_dir", "common", "base", "arms"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown demo keys {sorted(unknown)} (expected output_dir, common, base, arms)")
+    merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
+    d = DemoConfig(**OmegaConf.to_container(merged))
+    d.arms = {k: v for k, v in (d.arms or {}).items() if v is not None}
+    if "opsd" not in d.arms:
+        raise ConfigError(f"{path}: arms.opsd is required")
+    return d
+
+
+def _stage_recipe(d: DemoConfig, name: str, stage: dict, base_model: str | None) -> Path:
+    """Write OUT/<name>/recipe.yaml (common + stage, output under OUT/<name>) and validate it."""
+    out = Path(d.output_dir) / name
+    recipe = OmegaConf.merge(OmegaConf.create(d.common), OmegaConf.create(stage))
+    recipe.trainer = OmegaConf.merge(recipe.get("trainer", {}), {"output_dir": str(out)})
+    if base_model:
+        recipe.model = OmegaConf.merge(recipe.get("model", {}), {"megatron_dir": base_model, "architecture": None})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recipe.yaml"
+    path.write_text(OmegaConf.to_yaml(recipe))
+    try:
+        load_config(path)
+    except ConfigError as err:
+        raise ConfigError(f"demo stage '{name}': {err}") from err
+    return path
+
+
+def _run(recipe: Path) -> None:
+    from opsd_megatron.train.cli import main as train
+
+    rc = train([str(recipe)])
+    if rc != 0:
+        raise RuntimeError(f"{recipe}: opsd-train exited with {rc}")
+
+
+def _curve(metrics: Path, start_acc: float) -> list[tuple[float, float]]:
+    """[(tokens so far, held-out accuracy)] from a run's metrics.jsonl, starting at the base."""
+    points, tokens = [(0.0, start_acc)], 0.0
+    for line in metrics.read_text().splitlines():
+        m = json.loads(line)
+        tokens += m.get("generated_tokens", 0.0) or m.get("reference_tokens", 0.0)
+        if "eval/avg@1" in m:
+            points.append((tokens, m["eval/avg@1"]))
+    return points
+
+
+def _plot(curves: dict, base: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.axhline(100 * base["teacher_accuracy"], color="gray", ls=":", label="base with the reference (teacher)")
+    ax.set_xlabel("tokens sampled during training")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(d: DemoConfig) -> dict:
+    t0 = time.perf_counter()
+    out = Path(d.output_dir)
+    base_recipe = _stage_recipe(d, "base", d.base, None)
+    _run(base_recipe)
+    base_cfg = load_config(base_recipe)
+    last = json.loads((out / "base" / "metrics.jsonl").read_text().splitlines()[-1])
+    if "eval/avg@1" not in last or "eval_teacher/avg@1" not in last:
+        raise ConfigError("demo base stage must evaluate at its last step with eval.teacher_too=true "
+                          "(eval.interval dividing trainer.max_steps)")
+    base = {"accuracy": last["eval/avg@1"], "teacher_accuracy": last["eval_teacher/avg@1"],
+            "steps": base_cfg.trainer.max_steps}
+    base_model = str(out / "base" / "checkpoints" / f"step_{base_cfg.trainer.max_steps:06d}" / "model")
+    arms = {}
+    for name, stage in d.arms.items():
+        recipe = _stage_recipe(d, name, stage, base_model)
+        _run(recipe)
+        curve = _curve(out / name / "metrics.jsonl", base["accuracy"])
+        arms[name] = {"algorithm": load_config(recipe).algorithm, "steps": load_config(recipe).trainer.max_steps,
+                      "final_accuracy": curve[-1][1], "best_accuracy": max(a for _, a in curve),
+                      "tokens": curve[-1][0], "curve": curve}
+    opsd = arms["opsd"]
+    summary = {"base_accuracy": base["accuracy"], "base_teacher_accuracy": base["teacher_accuracy"],
+               "final_accuracy": opsd["final_accuracy"], "lift": opsd["final_accuracy"] - base["accuracy"],
+               "steps": opsd["steps"], "generated_tokens": opsd["tokens"], "base": base, "arms": arms,
+               "wall_time_s": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot({k: v["curve"] for k, v in arms.items()}, base, out / "accuracy.png")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="opsd-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", default="recipes/demo_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+    args = p.parse_args(argv)
+    try:
+        summary = run_demo(load_demo(args.recipe, args.overrides))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = [f"  {name:<5} {100 * a['final_accuracy']:5.1f}% after {a['steps']} steps, {a['tokens']:.0f} tokens"
+            for name, a in summary["arms"].items()]
+    print(f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
+          f"with the reference\n" + "\n".join(rows) + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "
+          f"{Path(load_demo(args.recipe, args.overrides).output_dir) / 'summary.json'}, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
