@@ -39,6 +39,7 @@ def _hf_to_megatron_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: str) ->
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, pp)
+    before = _peak_rss_bytes()
     arch, raw = read_hf_config(hf_dir)
     model = build_gpt_model(arch, _dtype(dtype, arch.torch_dtype), initialize=False)
     with HFCheckpointReader(hf_dir) as reader:
@@ -47,7 +48,22 @@ def _hf_to_megatron_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: str) ->
     if dist.get_rank() == 0:
         (Path(out) / TOKENIZER_SUBDIR).mkdir()
         copy_tokenizer_files(Path(hf_dir), Path(out) / TOKENIZER_SUBDIR)
-    return {"tensors": loaded, "peak_rss_bytes": _peak_rss_bytes()}
+    return {"tensors": loaded, "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": before}
+
+
+def _hf_to_megatron_streamed(hf_dir: str, out: str, dtype: str) -> dict:
+    from opsd_megatron.models import read_hf_config
+    from opsd_megatron.models.streaming_convert import stream_hf_to_megatron, write_metadata
+    from opsd_megatron.platform import initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
+    before = _peak_rss_bytes()
+    arch, raw = read_hf_config(hf_dir)
+    chunks = stream_hf_to_megatron(hf_dir, out, _dtype(dtype, arch.torch_dtype))
+    write_metadata(Path(out), arch, raw)
+    (Path(out) / TOKENIZER_SUBDIR).mkdir()
+    copy_tokenizer_files(Path(hf_dir), Path(out) / TOKENIZER_SUBDIR)
+    return {"tensors": chunks, "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": before}
 
 
 def _megatron_to_hf_rank(ckpt_dir: str, out: str, tp: int, pp: int, dtype: str, adapters: str | None) -> dict:
@@ -86,8 +102,12 @@ def _run(fn, world: int, *args) -> list[dict]:
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                           dtype: str = "auto", overwrite: bool = False) -> list[dict]:
-    """Write a megatron distributed checkpoint (+ tokenizer) of an HF model, sharded TP x PP."""
+                           dtype: str = "auto", overwrite: bool = False, streaming: bool = True) -> list[dict]:
+    """Write a megatron distributed checkpoint (+ tokenizer) of an HF model, loadable at any TP x PP.
+
+    ``streaming`` (default): one process writes it tensor by tensor (peak memory: one parameter);
+    ``tp``/``pp`` are then only checked as the layout to train at. Otherwise ``tp*pp`` ranks each
+    build and save their shard (peak memory: the whole model across the ranks)."""
     from opsd_megatron.models import read_hf_config
 
     arch, _ = read_hf_config(hf_dir)  # fail on a bad config before anything is spawned
@@ -95,6 +115,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
     _dtype(dtype, arch.torch_dtype)
     HFCheckpointReader(hf_dir).close()  # fail on missing shards early, too
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        if streaming:
+            return _run(_hf_to_megatron_streamed, 1, str(hf_dir), str(tmp), dtype)
         return _run(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, dtype)
 
 

@@ -28,8 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class HFCheckpointReader:
     """Tensor-by-tensor access to an HF directory's safetensors (sharded with an index, or single)."""
 
-    def __init__(self, hf_dir: str | Path):
+    def __init__(self, hf_dir: str | Path, keep_open: bool = True):
+        """``keep_open=False`` maps a shard only while reading one tensor, so the pages read never
+        accumulate in this process's resident memory (the streaming converter's bound)."""
         self.dir = Path(hf_dir)
+        self.keep_open = keep_open
         index = self.dir / INDEX
         if index.is_file():
             try:
@@ -48,25 +51,31 @@ class HFCheckpointReader:
         self._handles: dict[str, object] = {}
         self._stack = contextlib.ExitStack()
 
+    @contextlib.contextmanager
     def _file(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor '{name}' is not in the checkpoint")
         fname = self.weight_map[name]
+        if not self.keep_open:
+            with safe_open(self.dir / fname, framework="pt") as f:
+                yield f
+            return
         if fname not in self._handles:
             self._handles[fname] = self._stack.enter_context(safe_open(self.dir / fname, framework="pt"))
-        return self._handles[fname]
+        yield self._handles[fname]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        with self._file(name) as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str, sl: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows/columns ``start:stop`` along ``dim`` for ``sl=(dim, start, stop)``."""
-        f = self._file(name)
-        if sl is None:
-            return f.get_tensor(name)
-        dim, start, stop = sl
-        view = f.get_slice(name)
-        return view[start:stop] if dim == 0 else view[:, start:stop]
+        with self._file(name) as f:
+            if sl is None:
+                return f.get_tensor(name)
+            dim, start, stop = sl
+            view = f.get_slice(name)
+            return view[start:stop] if dim == 0 else view[:, start:stop]
 
     def close(self) -> None:
         self._stack.close()

@@ -31,7 +31,7 @@ def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", ["qwen3_tied", "llama"])
 def test_round_trip_tp2_pp2_is_bit_identical_and_loads_in_hf(tmp_path, family):
     src = make_hf_checkpoint(tmp_path / "hf", family)
-    convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=2, dtype="float32")
+    convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=2, dtype="float32", streaming=False)
     meta = json.loads((tmp_path / "mc" / "opsd_model.json").read_text())
     assert meta["written_at"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
     convert_megatron_to_hf(tmp_path / "mc", tmp_path / "back", dtype="float32")
@@ -63,7 +63,7 @@ def _logits_from_checkpoint(tp, ckpt):
 
 def test_checkpoint_written_at_tp2_loads_at_tp1(tmp_path):
     src = make_hf_checkpoint(tmp_path / "hf", "qwen3_untied")
-    convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=1, dtype="float32")
+    convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=1, dtype="float32", streaming=False)
     (_, tp1_logits), = run_distributed(_logits_from_checkpoint, 1, 1, str(tmp_path / "mc"))
     tp2 = sorted(run_distributed(_logits_from_checkpoint, 2, 2, str(tmp_path / "mc")))
     tp2_logits = torch.cat([l for _, l in tp2], dim=-1)
@@ -109,9 +109,10 @@ def test_failure_inside_the_ranks_leaves_no_partial_output(tmp_path):
         f.unlink()
     for f in other.glob("model*"):
         shutil.copy(f, src / f.name)
-    with pytest.raises(Exception, match="config.json does not match the weights"):
-        convert_hf_to_megatron(src, tmp_path / "out", tp=2)
-    assert _no_leftovers(tmp_path, "out")
+    for streaming in (True, False):
+        with pytest.raises(Exception, match="config.json does not match the weights"):
+            convert_hf_to_megatron(src, tmp_path / "out", tp=2, streaming=streaming)
+        assert _no_leftovers(tmp_path, "out")
 
 
 def test_cli_help_and_error_exit(tmp_path):
