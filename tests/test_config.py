@@ -16,11 +16,45 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "recipes" / "tiny_cpu.yaml"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+DEMOS = [r for r in RECIPES if r.stem.startswith("demo_")]  # opsd-demo recipes: stages of training recipes
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in DEMOS], ids=lambda r: r.stem)
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
     layout = validate_layout(cfg)
     assert layout.world_size == layout.tp * layout.pp * layout.dp
+
+
+@pytest.mark.parametrize("recipe", DEMOS, ids=lambda r: r.stem)
+def test_demo_recipes_validate_every_stage(recipe, tmp_path):
+    from opsd_megatron.demo import _stage_recipe, load_demo
+
+    d = load_demo(str(recipe), [f"output_dir={tmp_path}"])
+    base = load_config(_stage_recipe(d, "base", d.base, None))
+    assert base.algorithm == "sft" and base.eval.teacher_too and base.trainer.max_steps % base.eval.interval == 0
+    for name, stage in d.arms.items():
+        cfg = load_config(_stage_recipe(d, name, stage, str(tmp_path / "base_model")))
+        validate_layout(cfg, arch=base.model.arch())
+        assert cfg.trainer.output_dir == str(tmp_path / name)
+    assert set(d.arms) == {"opsd", "sft", "grpo"}
+
+
+def test_demo_recipe_errors_name_the_problem(tmp_path):
+    from opsd_megatron.demo import load_demo
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("outputdir: x\narms: {opsd: {}}\n")
+    with pytest.raises(ConfigError, match="unknown demo keys \\['outputdir'\\]"):
+        load_demo(str(bad), [])
+    bad.write_text("arms: {sft: {}}\n")
+    with pytest.raises(ConfigError, match="arms.opsd is required"):
+        load_demo(str(bad), [])
+    d = load_demo(str(DEMOS[0]), [f"output_dir={tmp_path}", "arms.opsd.loss.beta=2"])
+    from opsd_megatron.demo import _stage_recipe
+
+    with pytest.raises(ConfigError, match="demo stage 'opsd'.*loss.beta"):
+        _stage_recipe(d, "opsd", d.arms["opsd"], None)
 
 
 def test_paper_defaults():
