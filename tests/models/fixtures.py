@@ -63,3 +63,27 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def sample_tokens(batch=2, seq=12, seed=1):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def adapted_model(tp: int, pp: int, hf_dir, seed: int = 1):
+    """(arch, model, lora config): this rank's stage of the HF model with LoRA whose B is random, as
+    if trained (inside a rank: initialises model parallelism)."""
+    from opsd_megatron.models import build_gpt_model, read_hf_config
+    from opsd_megatron.models.hf_io import HFCheckpointReader
+    from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.platform import initialize_model_parallel
+
+    initialize_model_parallel(tp, pp)
+    arch, _ = read_hf_config(hf_dir)
+    model = build_gpt_model(arch, initialize=False)
+    with HFCheckpointReader(hf_dir) as reader:
+        load_hf_weights(model, reader, arch)
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    apply_lora(model, lora)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return arch, model, lora

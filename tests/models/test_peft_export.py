@@ -9,30 +9,14 @@ import json
 import torch
 
 from opsd_megatron.testing import run_distributed
-from tests.models.fixtures import VOCAB, make_hf_checkpoint, sample_tokens
+from tests.models.fixtures import VOCAB, adapted_model, make_hf_checkpoint, sample_tokens
 
 
 def _export(tp, pp, hf_dir, out_dir):
-    from opsd_megatron.models import build_gpt_model, read_hf_config
     from opsd_megatron.models.forward import forward_logits
-    from opsd_megatron.models.hf_io import HFCheckpointReader
-    from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
     from opsd_megatron.models.peft_export import save_peft_adapter
-    from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
-    arch, _ = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, initialize=False)
-    with HFCheckpointReader(hf_dir) as reader:
-        load_hf_weights(model, reader, arch)
-    lora = LoRAConfig(rank=4, alpha=8.0)
-    apply_lora(model, lora)
-    with torch.no_grad():  # as if trained: B no longer zero, different on every TP shard
-        g = torch.Generator().manual_seed(7)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    arch, model, lora = adapted_model(tp, pp, hf_dir, seed=7)
     save_peft_adapter(model, arch, lora, out_dir, base_model=str(hf_dir))
     from megatron.core import parallel_state as ps
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opsd_megatron.testing import run_distributed
-from tests.models.fixtures import VOCAB, make_hf_checkpoint, sample_tokens
+from tests.models.fixtures import VOCAB, adapted_model, make_hf_checkpoint, sample_tokens
 
 BUCKET = 20_000  # bytes: forces many buckets on the tiny model
 
@@ -16,25 +16,10 @@ BUCKET = 20_000  # bytes: forces many buckets on the tiny model
 def _stream(tp, pp, hf_dir, merge):
     from megatron.core import parallel_state as ps
 
-    from opsd_megatron.models import build_gpt_model, read_hf_config
     from opsd_megatron.models.forward import forward_logits
-    from opsd_megatron.models.hf_io import HFCheckpointReader
-    from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
-    from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.rollout.refit import stream_hf_weights
 
-    initialize_model_parallel(tp, pp)
-    arch, _ = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, initialize=False)
-    with HFCheckpointReader(hf_dir) as reader:
-        load_hf_weights(model, reader, arch)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    with torch.no_grad():  # as if trained: B no longer zero
-        g = torch.Generator().manual_seed(1)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    arch, model, _ = adapted_model(tp, pp, hf_dir)
     logits = forward_logits(model, sample_tokens())
     buckets = list(stream_hf_weights(model, arch, bucket_bytes=BUCKET, merge_lora=merge))
     sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
