@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from opsd_megatron.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from opsd_megatron.testing import run_distributed
