@@ -33,6 +33,7 @@ class ModelConfig:
     # An HF config dict. Alone: a randomly initialised model (tiny recipes, tests). Beside hf_dir /
     # megatron_dir: lets a recipe validate its layout before the weights exist (checked against them).
     architecture: Optional[dict] = None
+    recompute: bool = False  # full activation recompute of every layer (keeps only layer inputs)
     tokenizer: str = "builtin:arith"  # a tokenizer directory, or the project's local one
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     init_seed: int = 1234
@@ -64,7 +65,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     data_parallel_size: Optional[int] = None  # None: whatever the launch's world size leaves
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # with TP > 1: activations outside the TP regions split along the sequence
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:

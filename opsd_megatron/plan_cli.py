@@ -21,7 +21,8 @@ def plan_input(cfg, layout) -> PlanInput:
                      student_seq_len=student, response_len=r.max_new_tokens,
                      frozen_teacher_copy=cfg.lora is None and not cfg.teacher.model.offload,
                      vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
-                     rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp)
+                     rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp, recompute=cfg.model.recompute,
+                     sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1)
 
 
 def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:

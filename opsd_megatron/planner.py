@@ -39,6 +39,7 @@ class PlanInput:
     student_seq_len: int = 2560  # prompt + max_new_tokens
     response_len: int = 2048
     recompute: bool = False
+    sequence_parallel: bool = False
     impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
     distributed_optimizer: bool = False
     frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
@@ -91,7 +92,8 @@ def stage_params(p: PlanInput) -> list[int]:
     return out
 
 
-def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int, impl: str = "te") -> float:
+def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int, impl: str = "te",
+                               sequence_parallel: bool = False) -> float:
     """Bytes one transformer layer saves for backward for a micro-batch of b sequences of s tokens.
 
     Per TP rank: hidden-size tensors are replicated, head and MLP tensors are split by tp. Norms
@@ -104,8 +106,9 @@ def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int
         a.ffn_hidden_size // tp
     sb, h = s * b, a.hidden_size
     q, kv = sb * heads * d, sb * groups * d
+    sb_hidden = sb // tp if sequence_parallel else sb  # hidden-size tensors: split along the sequence
     if impl == "local":
-        hidden_norms = 2 * ((4 + 4 + nbytes) * sb * h + 4 * sb)  # fp32 input, fp32 normalised, cast output, rstd
+        hidden_norms = 2 * ((4 + 4 + nbytes) * sb_hidden * h + 4 * sb_hidden)  # fp32 in, fp32 normed, cast, rstd
         qk_norms = (8 * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm  # fp32 input and normalised, rstd
         scores = b * heads * s * s
         attention = nbytes * 3 * q + (4 + nbytes) * scores + s * s  # q, k, v expanded; fp32 softmax, cast; mask
@@ -113,7 +116,7 @@ def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int
         return hidden_norms + qk_norms + attention + nbytes * q + nbytes * 5 * sb * f  # + proj input, SwiGLU
     if impl != "te":
         raise ValueError(f"impl must be te|local, got {impl!r}")
-    hidden_norms = 2 * (2 * nbytes * sb * h + 4 * sb)  # input + output of each fused norm, fp32 rsigma
+    hidden_norms = 2 * (2 * nbytes * sb_hidden * h + 4 * sb_hidden)  # input + output of each fused norm, rsigma
     qk_norms = (nbytes * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm
     attention = nbytes * (q + 2 * kv + q) + 4 * b * heads * s  # flash: q, k, v, output, log-sum-exp
     return hidden_norms + qk_norms + attention + nbytes * 3 * sb * f
@@ -135,9 +138,10 @@ def plan(p: PlanInput) -> dict[str, float]:
     layers_here = a.num_layers // p.pp
     s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
     if p.recompute:
-        activations = layers_here * p.bytes_per_param * s * b * h
+        activations = layers_here * p.bytes_per_param * s * b * h // (p.tp if p.sequence_parallel else 1)
     else:
-        activations = layers_here * activation_bytes_per_layer(a, s, b, p.tp, p.bytes_per_param, p.impl)
+        activations = layers_here * activation_bytes_per_layer(a, s, b, p.tp, p.bytes_per_param, p.impl,
+                                                               p.sequence_parallel)
     v_local = a.padded_vocab_size(p.tp) // p.tp
     last = worst == p.pp - 1 or p.pp == 1
     resp_rows = b * p.response_len * v_local

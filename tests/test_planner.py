@@ -87,7 +87,7 @@ def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
     assert fits.returncode == 0, fits.stderr  # the paper's LoRA layout fits one A100-80GB per rank
 
 
-def _saved_bytes_per_layer(tp, s, b, recompute, family):
+def _saved_bytes_per_layer(tp, s, b, recompute, family, sp=False):
     """Bytes megatron's layers really save for backward (unique storages seen by autograd's
     saved-tensor hooks, parameters excluded), per layer: (3 layers − 1 layer) / 2."""
     import torch
@@ -100,7 +100,7 @@ def _saved_bytes_per_layer(tp, s, b, recompute, family):
     totals = []
     for layers in (1, 3):
         arch = arch_from_hf_config({**ARCHS[family], "num_hidden_layers": layers, "max_position_embeddings": 4096})
-        model = build_gpt_model(arch, torch.bfloat16, recompute=recompute)
+        model = build_gpt_model(arch, torch.bfloat16, recompute=recompute, sequence_parallel=sp)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen = {}
 
@@ -117,13 +117,13 @@ def _saved_bytes_per_layer(tp, s, b, recompute, family):
     return (totals[1] - totals[0]) / 2, arch
 
 
-@pytest.mark.parametrize("family,tp,s,b", [("qwen3_tied", 1, 256, 2), ("qwen3_tied", 2, 256, 2),
-                                           ("qwen2_untied", 2, 128, 3)])
-def test_activation_estimate_matches_what_megatron_saves(family, tp, s, b):
+@pytest.mark.parametrize("family,tp,s,b,sp", [("qwen3_tied", 1, 256, 2, False), ("qwen3_tied", 2, 256, 2, False),
+                                              ("qwen2_untied", 2, 128, 3, False), ("qwen3_tied", 2, 256, 2, True)])
+def test_activation_estimate_matches_what_megatron_saves(family, tp, s, b, sp):
     from opsd_megatron.planner import activation_bytes_per_layer
 
-    measured, arch = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, False, family)[0]
-    estimate = activation_bytes_per_layer(arch, s, b, tp, 2, impl="local")
+    measured, arch = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, False, family, sp)[0]
+    estimate = activation_bytes_per_layer(arch, s, b, tp, 2, impl="local", sequence_parallel=sp)
     assert abs(estimate - measured) / measured <= 0.02, (estimate, measured)  # measured: exact (0.0 %)
-    recomputed, _ = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, True, family)[0]
-    assert recomputed == 2 * s * b * arch.hidden_size, "full recompute keeps only each layer's bf16 input"
+    recomputed, _ = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, True, family, sp)[0]
+    assert recomputed == 2 * s * b * arch.hidden_size // (tp if sp else 1), "recompute keeps each layer's input"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from opsd_megatron.models.hf_config import ArchSpec
-from opsd_megatron.models.layer_specs import gpt_layer_spec
+from opsd_megatron.models.layer_specs import gpt_block_spec
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,22 @@ def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: tor
 
 
 def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *, recompute: bool = False,
-                    transformer_engine: bool | None = None, initialize: bool = True):
+                    sequence_parallel: bool = False, transformer_engine: bool | None = None, initialize: bool = True):
     """This rank's stage of the model, on the current device (CPU under the CPU backend).
 
     ``initialize=False`` skips random initialisation, for weights that are loaded right after.
+    ``sequence_parallel`` applies only with TP > 1 (as in Megatron-LM); inputs must then be padded
+    to a multiple of TP (``forward.pad_for_sequence_parallel``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    layout = ParallelLayout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                            sequence_parallel=False)
+    tp = ps.get_tensor_model_parallel_world_size()
+    layout = ParallelLayout(tp, ps.get_pipeline_model_parallel_world_size(), sequence_parallel=sequence_parallel and tp > 1)
     config = transformer_config(arch, layout, params_dtype, recompute, initialize)
     model = GPTModel(
         config,
-        gpt_layer_spec(arch, transformer_engine),
+        gpt_block_spec(arch, config, transformer_engine),
         vocab_size=arch.padded_vocab_size(layout.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

@@ -6,7 +6,39 @@ pipeline stage the result is ``[B, T, V/tp]`` logits, elsewhere ``None``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+SP_ATTRIBUTES = ("sequence_parallel", "reduce_scatter_embeddings")  # what megatron caches per module
+
+
+def pad_for_sequence_parallel(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor):
+    """Right-pad to a multiple of TP when the model runs sequence parallel (each rank takes T/tp
+    positions). The model is causal, so logits at the real positions do not see the padding."""
+    cfg = model.config
+    extra = (-tokens_BT.shape[1]) % cfg.tensor_model_parallel_size if cfg.sequence_parallel else 0
+    if not extra:
+        return tokens_BT, position_ids_BT
+    b, t = tokens_BT.shape
+    more = torch.arange(t, t + extra, device=position_ids_BT.device).expand(b, extra)
+    return (torch.cat([tokens_BT, tokens_BT.new_zeros(b, extra)], dim=1),
+            torch.cat([position_ids_BT, more.to(position_ids_BT.dtype)], dim=1))
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model):
+    """Run ``model`` without sequence parallelism inside the block (KV-cache decoding feeds one
+    token at a time). Megatron caches the flag per module, so every copy is switched and restored."""
+    saved = [(m, a, getattr(m, a)) for m in [model.config, *model.modules()] for a in SP_ATTRIBUTES
+             if isinstance(getattr(m, a, None), bool)]
+    for m, a, _ in saved:
+        setattr(m, a, False)
+    try:
+        yield
+    finally:
+        for m, a, value in saved:
+            setattr(m, a, value)
 
 
 def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
@@ -25,6 +57,10 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
         raise ValueError(f"batch {batch} is not divisible by micro_batch_size {micro}")
     if position_ids_BT is None:
         position_ids_BT = torch.arange(seq, device=tokens_BT.device).expand(batch, seq)
+    real = seq
+    if inference_context is None:
+        tokens_BT, position_ids_BT = pad_for_sequence_parallel(model, tokens_BT, position_ids_BT)
+        seq = tokens_BT.shape[1]
     chunks = iter([(tokens_BT[i:i + micro], position_ids_BT[i:i + micro]) for i in range(0, batch, micro)])
 
     def step(data_iterator, m):
@@ -45,4 +81,4 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
             seq_length=seq, micro_batch_size=micro, forward_only=True, collect_non_loss_data=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return torch.cat(outputs, dim=0)
+    return torch.cat(outputs, dim=0)[:, :real]

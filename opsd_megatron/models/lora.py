@@ -22,6 +22,7 @@ so megatron's distributed checkpointing sees them as their own TP-sharded tensor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -79,6 +80,9 @@ class LoRAAdapter(torch.nn.Module):
         tp = base.tp_size if hasattr(base, "tp_size") else dist.get_world_size(base.tp_group)
         if cfg.rank % tp:
             raise ValueError(f"lora.rank={cfg.rank} must be divisible by tensor_model_parallel_size={tp}")
+        self.sequence_parallel = config.sequence_parallel
+        if config.sequence_parallel:  # the adapter moves between sequence shards itself (delta)
+            config = dataclasses.replace(config, sequence_parallel=False)
         common = dict(config=config, bias=False, skip_bias_add=True, is_expert=False)
         if row_parallel:
             self.lora_A = mtp.RowParallelLinear(in_size, cfg.rank, init_method=_kaiming, input_is_parallel=True,
@@ -111,9 +115,19 @@ class LoRAAdapter(torch.nn.Module):
         self.lora_B.weight.zero_()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B·A·x. Under sequence parallelism a column-parallel base sees a sequence shard (the
+        adapter gathers it; A's own TP region already sums its input gradient, so the gather's
+        backward only splits) and a row-parallel base returns one (the adapter scatters to it)."""
+        from megatron.core import tensor_parallel as mtp
+
+        if self.sequence_parallel and not self.row_parallel:
+            x = mtp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         h, _ = self.lora_A(self.dropout(x))
         y, _ = self.lora_B(h)
-        return y * self.scale
+        y = y * self.scale
+        if self.sequence_parallel and self.row_parallel:
+            y = mtp.scatter_to_sequence_parallel_region(y)
+        return y
 
     def hook(self, module, inputs, output):
         if not self.enabled:
@@ -171,6 +185,16 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, p in model.named_parameters():
         p.requires_grad_(SUFFIX + "." in name)
     return adapted
+
+
+def enable_input_grads(model: torch.nn.Module) -> None:
+    """Make the (frozen) embedding's output require grad. Megatron's activation recompute is a
+    reentrant autograd Function: with no input requiring grad it is skipped in backward, and
+    the adapters inside the recomputed layers would get no gradient."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        embedding.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True)
+                                        if torch.is_grad_enabled() and not output.requires_grad else output)
 
 
 def adapters(model: torch.nn.Module) -> Iterator[LoRAAdapter]:

@@ -52,6 +52,12 @@ class MegatronSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        from opsd_megatron.models.forward import sequence_parallel_disabled
+
+        with sequence_parallel_disabled(self.model):  # decoding feeds one position at a time
+            return self._generate(prompts, max_new_tokens)
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
         """Prefill the shortest prompt's length, then one position per step with the KV cache;
         rows whose prompt is longer take their own prompt token until it is consumed."""
         gen = self._generator()

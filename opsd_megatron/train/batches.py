@@ -48,6 +48,8 @@ def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> t
 
 def micro_batches(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]] | None,
                   micro: int, pad_id: int) -> list[MicroBatch]:
+    """Micro-batches of one step, all padded to one width: the pipeline schedule sends fixed shapes."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     out = []
     for s in range(0, len(prompts), micro):
         resp = responses[s:s + micro]
@@ -60,5 +62,6 @@ def micro_batches(prompts: list[list[int]], responses: list[list[int]], logprobs
             tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             if logprobs is not None:
                 lps[i, :len(r)] = torch.tensor(logprobs[s + i])
-        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id), mask, tokens, lps, logprobs is not None))
+        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id, pad_to=width), mask, tokens, lps,
+                              logprobs is not None))
     return out

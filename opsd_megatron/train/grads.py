@@ -3,8 +3,9 @@
 * Data parallel: every DP rank's loss is a partial sum of the global mean, so gradients are
   SUMMED over the DP group (not averaged).
 * Tensor parallel: parameters duplicated on TP ranks whose gradients differ per rank (Qwen3's
-  q/k layernorm acts on each rank's own heads) are summed over the TP group; other duplicated
-  params (pre-norms) already receive identical gradients through megatron's TP regions.
+  q/k layernorm acts on each rank's own heads; with sequence parallelism every norm sees only its
+  rank's sequence shard: marked ``sequence_parallel``) are summed over the TP group; without
+  sequence parallelism the pre-norms already receive identical gradients through megatron's TP regions.
 * Tied embeddings split across pipeline stages: the two copies' gradients are summed over the
   embedding group so both copies take the same update.
 * Clipping uses the global norm over all model-parallel ranks, each TP-duplicated parameter counted
@@ -38,7 +39,7 @@ def reduce_gradients(model) -> None:
             dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
     if ps.get_tensor_model_parallel_world_size() > 1:
         for n, p in params:
-            if any(k in n for k in TP_SUMMED):
+            if any(k in n for k in TP_SUMMED) or getattr(p, "sequence_parallel", False):
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group():
         shared = getattr(model, "shared_embedding_or_output_weight", lambda: None)()

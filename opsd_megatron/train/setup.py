@@ -57,7 +57,8 @@ def build_model(cfg: OPSDConfig, arch, dtype):
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.models.random_init import RandomHFWeights
 
-    model = build_gpt_model(arch, dtype, initialize=False)
+    model = build_gpt_model(arch, dtype, initialize=False, recompute=cfg.model.recompute,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
     if not (cfg.model.hf_dir or cfg.model.megatron_dir):
         with RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std) as reader:  # same weights at any TP/PP
             load_hf_weights(model, reader, arch)
@@ -75,7 +76,7 @@ def build_components(cfg: OPSDConfig) -> Components:
 
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.tokenizer import load_tokenizer, stop_token_ids
-    from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.models.lora import apply_lora, enable_input_grads
     from opsd_megatron.models.teacher import Teacher
     from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
@@ -90,6 +91,8 @@ def build_components(cfg: OPSDConfig) -> Components:
     model = build_model(cfg, arch, dtype)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
+        if cfg.model.recompute:
+            enable_input_grads(model)
     teacher = Teacher(model, cfg.teacher.model, build_model=lambda: build_model(cfg, arch, dtype),
                       update=cfg.teacher.kind, ema_rate=cfg.teacher.ema_rate)
     trainable = [p for p in model.parameters() if p.requires_grad]

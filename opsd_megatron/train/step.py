@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel_token_logprobs
 from opsd_megatron.losses.reduction import masked_mean
+from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.train.batches import response_rows
 from opsd_megatron.train.grads import clip_and_check, reduce_gradients
 
@@ -31,6 +32,13 @@ def _sampler_logprob_error(c, student_BRV, mb, group) -> torch.Tensor:
     return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
 
+def _schedule_seq_length(model, micro_batches) -> int:
+    """The step's common width (``micro_batches`` pads all alike), padded as the forward pads it."""
+    width = micro_batches[0].student.tokens_BT.shape[1]
+    tp = model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1
+    return width + (-width) % tp
+
+
 def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
     """Forward + backward of every micro-batch through megatron's schedule; returns summed stats."""
     from megatron.core import parallel_state as ps
@@ -41,7 +49,8 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
-        logits = model(mb.student.tokens_BT, mb.student.position_ids_BT, attention_mask=None)
+        tokens, positions = pad_for_sequence_parallel(model, mb.student.tokens_BT, mb.student.position_ids_BT)
+        logits = model(tokens, positions, attention_mask=None)
 
         def loss_fn(logits_BTV):
             student = response_rows(logits_BTV, mb.student, mb.response_mask_BR.shape[1])
@@ -57,7 +66,7 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
 
     results = get_forward_backward_func()(
         forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[c.model],
-        num_microbatches=len(micro_batches), seq_length=max(mb.student.tokens_BT.shape[1] for mb in micro_batches),
+        num_microbatches=len(micro_batches), seq_length=_schedule_seq_length(c.model, micro_batches),
         micro_batch_size=c.cfg.trainer.micro_batch_size, forward_only=False)
     summed = {}
     for r in results or []:

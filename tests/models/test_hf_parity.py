@@ -17,7 +17,7 @@ def hf_dirs(tmp_path_factory):
     return {fam: make_hf_checkpoint(root / fam, fam) for fam in FAMILIES}
 
 
-def megatron_logits(tp, pp, hf_dirs):
+def megatron_logits(tp, pp, hf_dirs, sp=False, seq=12):
     from megatron.core import parallel_state as ps
 
     from opsd_megatron.models import build_gpt_model, read_hf_config
@@ -30,19 +30,21 @@ def megatron_logits(tp, pp, hf_dirs):
     out = {}
     for fam, path in hf_dirs.items():
         arch, _ = read_hf_config(path)
-        model = build_gpt_model(arch).eval()
+        model = build_gpt_model(arch, sequence_parallel=sp).eval()
         with HFCheckpointReader(path) as reader:
             load_hf_weights(model, reader, arch)
-        logits = forward_logits(model, sample_tokens())
+        logits = forward_logits(model, sample_tokens(seq=seq))
         out[fam] = None if logits is None else (ps.get_tensor_model_parallel_rank(), logits)
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_megatron_matches_hf(tp, pp, hf_dirs):
-    per_rank = run_distributed(megatron_logits, tp * pp, tp, pp, hf_dirs)
+@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True),
+                                      (2, 2, True)], ids=["tp1", "tp2", "pp2", "tp2pp2", "tp2-sp", "tp2pp2-sp"])
+def test_megatron_matches_hf(tp, pp, sp, hf_dirs):
+    seq = 13 if sp else 12  # sequence parallel: an odd length exercises the padding to a multiple of TP
+    per_rank = run_distributed(megatron_logits, tp * pp, tp, pp, hf_dirs, sp, seq)
     for fam, path in hf_dirs.items():
-        want = hf_logits(path, sample_tokens())
+        want = hf_logits(path, sample_tokens(seq=seq))
         shards = sorted(r[fam] for r in per_rank if r[fam] is not None)
         assert [s[0] for s in shards] == list(range(tp))
         full = torch.cat([s[1] for s in shards], dim=-1)
