@@ -22,6 +22,8 @@ ClusterName=opsdci
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# short job credentials: a requeued job is held until its old credential expires (default 120 s)
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
