@@ -126,3 +126,11 @@ def test_cli_dry_run_prints_config_and_layout():
 def test_cli_bad_override_exits_2_with_message():
     out = _cli(str(TINY), "trainer.max_stesp=1", "--dry-run")
     assert out.returncode == 2 and "did you mean 'trainer.max_steps'" in out.stderr
+
+
+def test_demo_cli_reports_bad_input(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: {sft: {}}\n")
+    for recipe, message in ((tmp_path / "missing.yaml", "missing.yaml"), (bad, "arms.opsd is required")):
+        out = subprocess.run([sys.executable, "-m", "opsd_megatron.demo", str(recipe)], capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
