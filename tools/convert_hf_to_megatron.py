@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF model directory: config.json, *.safetensors (+ index), tokenizer files")
     p.add_argument("--out", required=True, help="output directory for the megatron checkpoint (must not exist)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train at (must divide heads and KV heads)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size to train at (must divide heads and KV heads)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train at (must divide the layers)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the stored weights; auto keeps config.json's torch_dtype")

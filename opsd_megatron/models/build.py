@@ -79,7 +79,8 @@ def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
-    layout = ParallelLayout(tp, ps.get_pipeline_model_parallel_world_size(), sequence_parallel=sequence_parallel and tp > 1)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    layout = ParallelLayout(tp, pp, sequence_parallel=sequence_parallel and tp > 1)
     config = transformer_config(arch, layout, params_dtype, recompute, initialize)
     model = GPTModel(
         config,

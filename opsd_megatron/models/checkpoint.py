@@ -40,12 +40,18 @@ def save_model_checkpoint(model, ckpt_dir: str | Path, arch: ArchSpec, hf_config
     ckpt_dir = Path(ckpt_dir)
     dist_checkpointing.save(_sharded(model, adapters_only, base_only), str(ckpt_dir))
     if dist.get_rank() == 0:
-        meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": adapters_only,
-                "written_at": {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-                               "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()},
-                **(extra or {})}
-        (ckpt_dir / METADATA).write_text(json.dumps(meta, indent=2))
+        layout = {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+                  "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+        write_metadata(ckpt_dir, arch, hf_config, layout, adapters_only, extra)
     dist.barrier()
+
+
+def write_metadata(ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None, written_at: dict,
+                   adapters_only: bool = False, extra: dict | None = None) -> None:
+    """``opsd_model.json``: the architecture and original HF config, so a checkpoint rebuilds its model."""
+    meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": adapters_only, "written_at": written_at,
+            **(extra or {})}
+    (Path(ckpt_dir) / METADATA).write_text(json.dumps(meta, indent=2))
 
 
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> tuple[ArchSpec, dict]:

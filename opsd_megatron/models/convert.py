@@ -53,14 +53,16 @@ def _hf_to_megatron_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: str) ->
 
 def _hf_to_megatron_streamed(hf_dir: str, out: str, dtype: str) -> dict:
     from opsd_megatron.models import read_hf_config
-    from opsd_megatron.models.streaming_convert import stream_hf_to_megatron, write_metadata
+    from opsd_megatron.models.checkpoint import write_metadata
+    from opsd_megatron.models.streaming_convert import stream_hf_to_megatron
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(1, 1)
     before = _peak_rss_bytes()
     arch, raw = read_hf_config(hf_dir)
     chunks = stream_hf_to_megatron(hf_dir, out, _dtype(dtype, arch.torch_dtype))
-    write_metadata(Path(out), arch, raw)
+    write_metadata(out, arch, raw, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                                    "streamed": True})
     (Path(out) / TOKENIZER_SUBDIR).mkdir()
     copy_tokenizer_files(Path(hf_dir), Path(out) / TOKENIZER_SUBDIR)
     return {"tensors": chunks, "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": before}

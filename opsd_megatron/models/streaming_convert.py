@@ -14,7 +14,6 @@ weight) plus the file buffers, whatever the model size.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import torch
@@ -136,11 +135,3 @@ def stream_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.
     torch.save({}, Path(out_dir) / "common.pt")
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_dir))
     return len(planner.items)
-
-
-def write_metadata(out_dir: Path, arch: ArchSpec, hf_config: dict) -> None:
-    from opsd_megatron.models.checkpoint import METADATA
-
-    meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": False,
-            "written_at": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "streamed": True}}
-    (Path(out_dir) / METADATA).write_text(json.dumps(meta, indent=2))
