@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     args = p.parse_args(argv)
     try:
-        summary = run_demo(load_demo(args.recipe, args.overrides))
+        demo = load_demo(args.recipe, args.overrides)
+        summary = run_demo(demo)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
             for name, a in summary["arms"].items()]
     print(f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
           f"with the reference\n" + "\n".join(rows) + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "
-          f"{Path(load_demo(args.recipe, args.overrides).output_dir) / 'summary.json'}, accuracy.png")
+          f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png")
     return 0
 
 
