@@ -95,10 +95,26 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | constant
+    # megatron's distributed optimizer: fp32 master weights and moments sharded over DP (reduce-
+    # scatter of grads, all-gather of weights). None: on (at DP1 it holds what the plain one does,
+    # and its checkpoints resume at any DP size); false: megatron's non-distributed optimizer.
+    distributed: Optional[bool] = None
+    # fp32: master weights and AdamW moments in fp32 whenever the parameters are bf16 (default);
+    # bf16: step the bf16 parameters themselves (no master copy; loses small updates, for comparison).
+    precision: str = "fp32"
+    overlap_grad_reduce: bool = True  # reduce gradient buckets during the backward (GPUs: CUDA streams)
+    bucket_mb: Optional[int] = None  # DDP gradient bucket size in MiB of fp32 grads (None: megatron's)
 
     def __post_init__(self):
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.schedule not in ("cosine", "constant"):
             raise ConfigError("optimizer: need lr > 0, 0 <= warmup_ratio < 1, schedule cosine|constant")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"optimizer.precision must be fp32|bf16, got {self.precision!r}")
+        if self.precision == "bf16" and self.distributed:
+            raise ConfigError("optimizer.precision=bf16 (no fp32 master weights) needs optimizer.distributed=false: "
+                              "megatron's distributed optimizer always keeps fp32 master weights")
+        if self.bucket_mb is not None and self.bucket_mb < 1:
+            raise ConfigError(f"optimizer.bucket_mb must be >= 1, got {self.bucket_mb}")
 
 
 @dataclass
@@ -134,6 +150,14 @@ class TrainerConfig:
     seed: int = 42
     output_dir: str = "runs/opsd"
     save_rollouts: bool = False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
+    # CPU ranks started by opsd-train itself: intra-op threads per rank. None: the machine's cores
+    # shared out; a fixed number makes float reductions — and so sampled runs — the same on
+    # machines with different core counts (the CPU demo sets 2).
+    threads_per_rank: Optional[int] = None
+
+    def __post_init__(self):
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise ConfigError(f"trainer.threads_per_rank must be >= 1, got {self.threads_per_rank}")
 
 
 @dataclass

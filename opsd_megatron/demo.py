@@ -8,9 +8,15 @@ same number of problems per step, evaluating as they go; (4) write ``summary.jso
 reference tokens it trained on).
 
 The recipe has ``output_dir``, ``common`` (a recipe every stage starts from), ``base`` and ``arms``
-(name -> recipe overrides, ``opsd`` required); each stage is written as ``OUT/<stage>/recipe.yaml``
-and run by ``opsd-train``, so any stage can be rerun or inspected alone. Overrides address the
-demo recipe: ``arms.opsd.trainer.max_steps=50``, ``common.model.init_seed=3``, ``arms.grpo=null``.
+(name -> recipe overrides, ``opsd`` required) and ``seeds`` (seed triples [model init, trainer,
+rollout]); each stage is written as ``OUT/<stage>/recipe.yaml`` and run by ``opsd-train``, so any
+stage can be rerun or inspected alone. Overrides address the demo recipe:
+``arms.opsd.trainer.max_steps=50``, ``common.model.init_seed=3``, ``arms.grpo=null``.
+
+``--seeds N`` runs the whole demonstration (its own base, then every arm) for the first N seed
+triples, each in ``OUT/seed_<init>_<trainer>_<rollout>/``, and writes the spread over seeds —
+per arm and evaluation step the mean, min and max accuracy — to ``OUT/summary.json`` and
+``OUT/accuracy.png`` (mean with a min-max band), so a single lucky curve cannot pass for a result.
 """
 
 from __future__ import annotations
@@ -34,18 +40,38 @@ class DemoConfig:
     common: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
     arms: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=list)  # [[model init, trainer, rollout], ...] for --seeds
+
+    def seed_triples(self, n: int) -> list[tuple[int, int, int]]:
+        """The first n triples of ``seeds``; beyond the list, (k, k, k) for k = 1, 2, ..."""
+        out = [tuple(int(x) for x in t) for t in self.seeds[:n]]
+        k = 0
+        while len(out) < n:
+            k += 1
+            if (k, k, k) not in out:
+                out.append((k, k, k))
+        return out
+
+    def with_seeds(self, triple, output_dir: str) -> "DemoConfig":
+        init, trainer, rollout = triple
+        common = OmegaConf.merge(OmegaConf.create(self.common), {
+            "model": {"init_seed": init}, "trainer": {"seed": trainer}, "rollout": {"seed": rollout}})
+        return DemoConfig(output_dir, OmegaConf.to_container(common), self.base, self.arms, self.seeds)
 
 
 def load_demo(path: str, overrides: list[str]) -> DemoConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(raw) - {"output_dir", "common", "base", "arms"}
+    unknown = set(raw) - {"output_dir", "common", "base", "arms", "seeds"}
     if unknown:
-        raise ConfigError(f"{path}: unknown demo keys {sorted(unknown)} (expected output_dir, common, base, arms)")
+        raise ConfigError(f"{path}: unknown demo keys {sorted(unknown)} (expected output_dir, common, base, arms, "
+                          f"seeds)")
     merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
     d = DemoConfig(**OmegaConf.to_container(merged))
     d.arms = {k: v for k, v in (d.arms or {}).items() if v is not None}
     if "opsd" not in d.arms:
         raise ConfigError(f"{path}: arms.opsd is required")
+    if any(not isinstance(t, (list, tuple)) or len(t) != 3 for t in d.seeds or []):
+        raise ConfigError(f"{path}: seeds must be a list of [model init, trainer, rollout] triples")
     return d
 
 
@@ -137,14 +163,85 @@ def run_demo(d: DemoConfig) -> dict:
     return summary
 
 
+def _spread(runs: list[dict]) -> dict:
+    """Per arm: accuracy at each evaluation step over seeds (mean, min, max) and the lift's spread."""
+    out = {}
+    for name in runs[0]["arms"]:
+        curves = [r["arms"][name]["curve"] for r in runs]
+        n = min(len(c) for c in curves)
+        points = []
+        for i in range(n):
+            accs = [c[i][1] for c in curves]
+            points.append({"tokens": sum(c[i][0] for c in curves) / len(curves), "mean": sum(accs) / len(accs),
+                           "min": min(accs), "max": max(accs)})
+        lifts = [r["arms"][name]["final_accuracy"] - r["base_accuracy"] for r in runs]
+        out[name] = {"points": points, "lift_mean": sum(lifts) / len(lifts), "lift_min": min(lifts),
+                     "lift_max": max(lifts)}
+    return out
+
+
+def _plot_spread(spread: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, arm in spread.items():
+        x = [p["tokens"] for p in arm["points"]]
+        line, = ax.plot(x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)")
+        ax.fill_between(x, [100 * p["min"] for p in arm["points"]], [100 * p["max"] for p in arm["points"]],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("tokens sampled during training (SFT: reference tokens trained on)")
+    ax.set_ylabel("held-out accuracy (%), band: min-max over seeds")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def run_seeds(d: DemoConfig, n: int) -> dict:
+    """The demonstration for each of n seed triples, then the spread (``OUT/summary.json``)."""
+    t0 = time.perf_counter()
+    runs = []
+    for triple in d.seed_triples(n):
+        sub = Path(d.output_dir) / ("seed_" + "_".join(str(s) for s in triple))
+        summary = run_demo(d.with_seeds(triple, str(sub)))
+        runs.append({"seeds": list(triple), **{k: summary[k] for k in ("base_accuracy", "base_teacher_accuracy",
+                                                                      "final_accuracy", "lift", "arms")}})
+    spread = _spread(runs)
+    summary = {"seeds": [r["seeds"] for r in runs], "runs": runs, "spread": spread,
+               "lift": {k: spread["opsd"][k] for k in ("lift_mean", "lift_min", "lift_max")},
+               "wall_time_s": time.perf_counter() - t0}
+    (Path(d.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_spread(spread, Path(d.output_dir) / "accuracy.png")
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="opsd-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default="recipes/demo_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
-    args = p.parse_args(argv)
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run the demonstration for the recipe's first N seed triples and report the spread")
+    args = p.parse_intermixed_args(argv)
     try:
         demo = load_demo(args.recipe, args.overrides)
+        if args.seeds is not None and args.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.seeds:
+            summary = run_seeds(demo, args.seeds)
+            for r in summary["runs"]:
+                print(f"[demo] seeds {r['seeds']}: base {100 * r['base_accuracy']:.0f}% -> OPSD "
+                      f"{100 * r['final_accuracy']:.0f}% ({100 * r['lift']:+.0f} points)")
+            lift = summary["lift"]
+            print(f"[demo] OPSD lift over {args.seeds} seeds: mean {100 * lift['lift_mean']:+.1f}, min "
+                  f"{100 * lift['lift_min']:+.1f}, max {100 * lift['lift_max']:+.1f} points; "
+                  f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png")
+            return 0
         summary = run_demo(demo)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

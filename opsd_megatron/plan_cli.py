@@ -9,6 +9,7 @@ import sys
 
 from opsd_megatron.config import ConfigError, load_config, validate_layout
 from opsd_megatron.planner import GIB, PlanInput, plan, smallest_fitting_layout
+from opsd_megatron.train.optimizer import use_distributed_optimizer
 
 
 def plan_input(cfg, layout) -> PlanInput:
@@ -22,7 +23,9 @@ def plan_input(cfg, layout) -> PlanInput:
                      frozen_teacher_copy=cfg.lora is None and not cfg.teacher.model.offload,
                      vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
                      rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp, recompute=cfg.model.recompute,
-                     sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1)
+                     sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
+                     distributed_optimizer=use_distributed_optimizer(cfg, layout.dp),
+                     master_fp32=cfg.optimizer.precision == "fp32")
 
 
 def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:

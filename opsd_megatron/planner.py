@@ -1,8 +1,11 @@
 """Per-GPU memory plan for a recipe and layout: what the trainer will hold, term by term.
 
 Weights, gradients and optimizer states are exact counts of this trainer's tensors (megatron's
-vocab padding, TP/PP sharding, our LoRA sharding; AdamW keeps two states per trainable parameter
-in the parameter dtype; ``distributed_optimizer`` divides states by DP). Activations are the
+vocab padding, TP/PP sharding, our LoRA sharding). Gradients live in megatron DDP's fp32 main-grad
+buffer (``grad_bytes``, 4 with fp32 master weights); megatron's optimizer keeps, per trainable
+parameter, two fp32 AdamW moments plus an fp32 master copy when the parameters are 16-bit, all
+divided by DP with ``distributed_optimizer`` (``master_fp32=False`` is the no-master-copy
+``optimizer.precision=bf16`` mode: moments in the parameter dtype). Activations are the
 tensors each layer saves for its backward, counted per implementation (``activation_bytes_per_layer``):
 ``te`` (GPU: transformer-engine norms, flash attention) or ``local`` (megatron-core's local spec,
 what runs on CPU: fp32 torch norms, unfused attention with an fp32 softmax); full recompute keeps
@@ -41,7 +44,8 @@ class PlanInput:
     recompute: bool = False
     sequence_parallel: bool = False
     impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool | None = False  # None: on when dp > 1 (the trainer's default)
+    master_fp32: bool = True  # optimizer.precision=fp32: fp32 master weights and moments
     frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
     vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
     rollouts_per_rank: int = 4
@@ -133,8 +137,13 @@ def plan(p: PlanInput) -> dict[str, float]:
         weights += trainable * p.bytes_per_param
     else:
         trainable = per_stage[worst]
-    grads = trainable * p.bytes_per_param
-    optimizer = 2 * trainable * p.bytes_per_param / (p.dp if p.distributed_optimizer else 1)
+    grads = trainable * (4 if p.master_fp32 else p.bytes_per_param)  # DDP's main-grad buffer
+    if p.master_fp32:
+        per_param = 8 + (4 if p.bytes_per_param < 4 else 0)  # moments (+ master copy of 16-bit params)
+    else:
+        per_param = 2 * p.bytes_per_param
+    sharded = p.dp > 1 if p.distributed_optimizer is None else p.distributed_optimizer
+    optimizer = per_param * trainable / (p.dp if sharded else 1)
     layers_here = a.num_layers // p.pp
     s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
     if p.recompute:

@@ -7,14 +7,19 @@ megatron-core assumes CUDA in three kinds of places (measured on 0.16.1, see
     pipeline's p2p shape tensors, and ``torch.cuda.synchronize()`` follows batched p2p;
 (b) the model-parallel RNG tracker snapshots ``torch.cuda`` RNG states (dropout forks it);
 (c) a few helpers allocate with a hard-coded ``device="cuda"`` (``get_default_causal_mask``, the
-    schedules' token counters) or move tensors with ``.cuda()`` (tied embeddings across pipeline
-    stages).
+    schedules' token counters, the optimizers' found-inf / scale flags, the grad-norm buffers of
+    ``clip_grads``) or move tensors with ``.cuda()`` (tied embeddings across pipeline stages);
+(d) the mixed-precision and distributed optimizers sort parameters by ``tensor.type()`` strings
+    (``'torch.cuda.BFloat16Tensor'``, ``clip_grads`` asserts ``'torch.cuda.FloatTensor'``), so a
+    CPU bf16 parameter would be refused as "not a supported type".
 
 ``activate()`` mends exactly these: (a) resolves the current device to CPU and makes synchronize a
 no-op, (b) swaps the tracker class for :class:`CpuRNGStatesTracker` (same API, CPU generator
 states), (c) gives the listed megatron modules a view of ``torch`` whose factory functions map
-``device="cuda"`` to CPU, and makes ``Tensor.cuda()`` a no-op (it could only fail without CUDA). It never does anything when a CUDA device is present, and it is
-idempotent. Everything else in megatron-core is left untouched.
+``device="cuda"`` to CPU, and makes ``Tensor.cuda()`` a no-op (it could only fail without CUDA),
+(d) makes the no-argument ``Tensor.type()`` name a CPU tensor's CUDA counterpart (the role CPU
+tensors play here; ``type(dtype)`` conversions are untouched). It never does anything when a CUDA
+device is present, and it is idempotent. Everything else in megatron-core is left untouched.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.transformer.utils",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm, apex's fallback on CPU
 )
 _FACTORIES = frozenset(
     {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "empty_like", "zeros_like",
@@ -152,6 +162,20 @@ def _install_rng_tracker() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
+def _install_type_names() -> None:
+    """``t.type()`` -> ``'torch.cuda.FloatTensor'`` for a CPU float tensor (see (d) above)."""
+    original = torch.Tensor.type
+
+    @functools.wraps(original)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
 def activate() -> bool:
     """Install the CPU backend if no CUDA device is present. Returns whether it is active."""
     global _active
@@ -162,6 +186,8 @@ def activate() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.empty_cache = lambda: None
+    _install_type_names()
     _install_rng_tracker()
     view = _CpuTorchView()
     for name in CUDA_LITERAL_MODULES:

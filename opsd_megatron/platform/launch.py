@@ -13,7 +13,7 @@ def launched_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
-def run_ranks(entry, world: int, *args):
+def run_ranks(entry, world: int, *args, threads_per_rank: int | None = None):
     if launched_world_size() is not None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -24,5 +24,5 @@ def run_ranks(entry, world: int, *args):
             dist.destroy_process_group()
     from opsd_megatron.platform.local_processes import run_distributed
 
-    threads = max(1, (os.cpu_count() or 1) // world)  # share the machine's cores between the ranks
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world)  # share the cores between ranks
     return run_distributed(entry, world, *args, timeout=7 * 24 * 3600, threads_per_rank=threads)

@@ -3,7 +3,8 @@ half-written checkpoint that resume would pick; the last K are kept.
 
 Layout of ``OUT/checkpoints/step_000050/``:
   model/               megatron dist checkpoint (adapters only with LoRA; any TP/PP can read it)
-  optimizer/           AdamW moments as a megatron dist checkpoint (any TP/PP can read it)
+  optimizer/           megatron optimizer state (fp32 master weights, AdamW moments) as a dist
+                       checkpoint (any TP/PP/DP can read it)
   rank00000.pt ...     per-rank LR schedule, RNG and sampler state (restored exactly at the same
                        layout; at another layout the run continues with fresh RNG streams)
   trainer_state.json   step, counters, layout — written last: its presence marks completeness
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import to_dict, to_yaml
 from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
-from opsd_megatron.train.optimizer_state import has_state, load_optimizer, save_optimizer
+from opsd_megatron.train.optimizer_state import FORMAT, load_optimizer, optimizer_kind, save_optimizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -58,17 +59,17 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
     hf_config = dict(c.cfg.model.architecture) if c.cfg.model.architecture else None
     save_model_checkpoint(c.model, tmp / "model", c.arch, hf_config, adapters_only=c.cfg.lora is not None,
                           extra=extra)
-    if has_state(c.optimizer):
-        if dist.get_rank() == 0:
-            (tmp / "optimizer").mkdir()
-        dist.barrier()
-        save_optimizer(c.model, c.optimizer, tmp / "optimizer")
+    if dist.get_rank() == 0:
+        (tmp / "optimizer").mkdir()
+    dist.barrier()
+    save_optimizer(c.model, c.optimizer, tmp / "optimizer")
     torch.save({"scheduler": c.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "sampler_calls": c.sampler.calls}, tmp / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(to_yaml(c.cfg))
-        state = {"step": step, "counters": counters, "layout": _layout(c)}
+        state = {"step": step, "counters": counters, "layout": _layout(c), "optimizer_format": FORMAT,
+                 "optimizer_kind": optimizer_kind(c.optimizer)}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -89,8 +90,8 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     load_model_checkpoint(c.model, ckpt / "model", adapters_only=c.cfg.lora is not None)
     if (ckpt / "optimizer").is_dir():
-        applied = state["step"] - int(state["counters"].get("skipped_steps", 0))
-        load_optimizer(c.model, c.optimizer, ckpt / "optimizer", applied)
+        load_optimizer(c.model, c.optimizer, ckpt / "optimizer", state.get("optimizer_format"),
+                       state.get("optimizer_kind"))
     same_layout = state["layout"] == _layout(c)
     rank_state = torch.load(ckpt / f"rank{dist.get_rank() if same_layout else 0:05d}.pt", weights_only=True)
     c.scheduler.load_state_dict(rank_state["scheduler"])

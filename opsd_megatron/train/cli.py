@@ -28,7 +28,12 @@ def _gpu_gib() -> float:
 
 
 def _rank_entry(recipe, overrides):
+    import torch
+
     from opsd_megatron.train.loop import run
+
+    if not torch.cuda.is_available():  # free on CPU; part of what makes a CPU run repeatable
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     return run(load_config(recipe, overrides))
 
@@ -60,7 +65,8 @@ def main(argv=None) -> int:
     if launched_world_size() is None:  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
         flag = Path(cfg.trainer.output_dir) / FLAG_FILE
         signal.signal(signal.SIGUSR1, lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()))
-    results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides)
+    results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides,
+                        threads_per_rank=cfg.trainer.threads_per_rank)
     if any(isinstance(r, dict) and r.get("preempted") for r in results):
         return PREEMPTED_EXIT_CODE  # launch/common.sh requeues the job on this code
     return 0

@@ -1,7 +1,11 @@
-"""AdamW state as a megatron distributed checkpoint: each moment tensor is stored as a sharded tensor
-mirroring its parameter (megatron's ``optim_state_to_sharding_state``), so optimizer state, like the
-weights, loads at any TP/PP. AdamW's per-parameter ``step`` counters are all equal to the number of
-applied updates; they are kept in the trainer state instead of as tensors."""
+"""Optimizer state (fp32 master weights, AdamW moments, step counts) as a megatron distributed
+checkpoint, through megatron's own ``optimizer.sharded_state_dict``: every state tensor is stored
+against its parameter's global shape, so it loads at another TP/PP and, with the distributed
+optimizer (``fully_reshardable`` format), at another DP size.
+
+``FORMAT`` is written into ``trainer_state.json``; checkpoints from the plain-AdamW trainer (no
+marker) are refused with one line rather than loaded into the wrong structure.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +13,86 @@ from pathlib import Path
 
 import torch
 
-
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]  # the optimizer's parameter order
-
-
-def _sharded(model, optimizer) -> dict:
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
-
-    id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), _trainable(model))
-    state = optimizer.state_dict()
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    return {"optimizer": state}
+FORMAT = "megatron-optimizer-v1"
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def has_state(optimizer) -> bool:
-    return bool(optimizer.state)
+class OldOptimizerFormat(ValueError):
+    pass
+
+
+def _sharded(model, optimizer, is_loading: bool) -> dict:
+    return {"optimizer": optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=is_loading,
+                                                      metadata=SHARDING)}
+
+
+def _init_adam_state(optimizer) -> None:
+    """Give every parameter AdamW state (zeros, step 0) before a load fills it in place: megatron's
+    distributed optimizer reads the (common) step count from existing state while building the
+    sharded dict, and torch creates AdamW state only at the first step."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = inner.optimizer
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                if not torch_opt.state[p]:
+                    torch_opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                          "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _keep_step_on_load(optimizer) -> None:
+    """megatron-core 0.16.1, torch-AdamW fallback (no apex/TE): ``load_parameter_state_from_
+    fully_reshardable`` drops ``step`` from the loaded tensors, then copies every key of the live
+    state (which has ``step``) -> KeyError. Hand it the live step, which megatron's
+    ``load_state_dict`` has just set from the checkpoint's param groups."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(original, "_keeps_step", False):
+            continue
+
+        def set_states(model_param, tensors, inner=inner, original=original):
+            group, order = inner.model_param_group_index_map[model_param]
+            live = inner.optimizer.state[inner.optimizer.param_groups[group]["params"][order]]
+            if "step" in live and "step" not in tensors:
+                tensors = {**tensors, "step": live["step"].clone()}
+            original(model_param, tensors)
+
+        set_states._keeps_step = True
+        inner._set_main_param_and_optimizer_states = set_states
 
 
 def save_optimizer(model, optimizer, directory: Path) -> None:
     """Collective; ``directory`` must exist."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_sharded(model, optimizer), str(directory))
+    dist_checkpointing.save(_sharded(model, optimizer, False), str(directory))
 
 
-def load_optimizer(model, optimizer, directory: Path, applied_updates: int) -> None:
-    """Collective: zero-initialise AdamW's moments, fill them from ``directory``, set ``step``."""
+def optimizer_kind(optimizer) -> str:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if isinstance(inner[0], DistributedOptimizer) else "local"
+
+
+def load_optimizer(model, optimizer, directory: Path, fmt: str | None, kind: str | None) -> None:
+    """Collective. ``fmt``/``kind``: the checkpoint's ``optimizer_format``/``optimizer_kind``
+    (absent in checkpoints of the plain-AdamW trainer)."""
     from megatron.core import dist_checkpointing
 
-    for p in _trainable(model):
-        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
-    loaded = dist_checkpointing.load(_sharded(model, optimizer), str(directory))["optimizer"]
-    for param_state in loaded["state"].values():
-        param_state["step"] = torch.tensor(float(applied_updates))
+    if fmt != FORMAT:
+        raise OldOptimizerFormat(f"{directory}: optimizer state is from an older format ({fmt or 'plain AdamW'}); "
+                                 f"resume with checkpoint.resume=false or load only the weights")
+    if kind != optimizer_kind(optimizer):
+        raise OldOptimizerFormat(f"{directory}: optimizer state was written by the {kind} optimizer, this run uses "
+                                 f"the {optimizer_kind(optimizer)} one: set optimizer.distributed="
+                                 f"{str(kind == 'distributed').lower()} to resume")
+    _init_adam_state(optimizer)
+    _keep_step_on_load(optimizer)
+    loaded = dist_checkpointing.load(_sharded(model, optimizer, True), str(directory))["optimizer"]
     optimizer.load_state_dict(loaded)
+    # megatron (0.16.1, torch-AdamW fallback) gives every parameter the *same* step tensor, which
+    # torch's AdamW then increments in place once per parameter: unshare it.
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()

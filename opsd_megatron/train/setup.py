@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from opsd_megatron.config import Layout, OPSDConfig, validate_layout
+from opsd_megatron.train.optimizer import LRSchedule, wrap_and_build
 
 
 @dataclass
@@ -18,9 +19,10 @@ class Components:
     layout: Layout
     arch: Any
     tokenizer: Any
-    model: torch.nn.Module
+    model: torch.nn.Module  # the megatron module (sampler, teacher, evaluation, checkpoints)
+    ddp: torch.nn.Module  # the same module wrapped in megatron's DDP: what the training schedule runs
     teacher: Any
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # megatron's MegatronOptimizer (fp32 master weights for 16-bit parameters)
     scheduler: Any
     sampler: Any
     problems: list[dict]
@@ -95,10 +97,10 @@ def build_components(cfg: OPSDConfig) -> Components:
             enable_input_grads(model)
     teacher = Teacher(model, cfg.teacher.model, build_model=lambda: build_model(cfg, arch, dtype),
                       update=cfg.teacher.kind, ema_rate=cfg.teacher.ema_rate)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ddp, optimizer = wrap_and_build(cfg, model, dtype, layout.dp)
+    if ddp.ddp_config.overlap_grad_reduce:  # the schedule syncs grads on the last micro-batch only
+        model.config.no_sync_func = ddp.no_sync
+    scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
     r = cfg.rollout
     if r.engine == "vllm":  # needs the optional extra; fails with a clear ImportError otherwise
         from opsd_megatron.rollout.vllm_engine import VLLMEngine
@@ -109,4 +111,5 @@ def build_components(cfg: OPSDConfig) -> Components:
                                   stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                                   vocab_size=arch.vocab_size, seed=r.seed)
     problems = load_problems(cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))).rows
-    return Components(cfg, layout, arch, tokenizer, model, teacher, optimizer, scheduler, sampler, problems, dtype)
+    return Components(cfg, layout, arch, tokenizer, model, ddp, teacher, optimizer, scheduler, sampler, problems,
+                      dtype)

@@ -4,7 +4,8 @@
     adapters off / frozen copy, forward-only schedule, vocab-sharded logits)      [algorithm.prepare]
     -> student forward and backward through megatron's pipeline schedule with the vocab-parallel
     loss on response tokens                                                       [student_pass]
-    -> gradient reduction (DP, and TP for duplicated params) -> clipping -> optimizer + LR step.
+    -> gradient reduction (megatron DDP + finalize_model_grads: DP, TP-duplicated params, tied
+    embeddings) -> global-norm clipping -> megatron optimizer (fp32 master weights) + LR step.
 
 Legend: B micro-batch rows, T sequence length, R response length, V local vocab shard.
 """
@@ -20,7 +21,7 @@ from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel
 from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.train.batches import response_rows
-from opsd_megatron.train.grads import clip_and_check, reduce_gradients
+from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
 
 
 def _sampler_logprob_error(c, student_BRV, mb, group) -> torch.Tensor:
@@ -65,7 +66,7 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
         return logits, loss_fn
 
     results = get_forward_backward_func()(
-        forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[c.model],
+        forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[c.ddp],
         num_microbatches=len(micro_batches), seq_length=_schedule_seq_length(c.model, micro_batches),
         micro_batch_size=c.cfg.trainer.micro_batch_size, forward_only=False)
     summed = {}
@@ -96,13 +97,12 @@ def train_step(c, algorithm, step: int) -> dict:
     t1 = time.perf_counter()
     normalizer = global_normalizer([mb.response_mask_BR for mb in micro_batches], c.cfg.loss.reduction,
                                    ps.get_data_parallel_group())
-    c.optimizer.zero_grad(set_to_none=True)
+    zero_grads(c.ddp, c.optimizer)
     c.model.train()
     stats = student_pass(c, algorithm, micro_batches, normalizer)
-    reduce_gradients(c.model)
-    grad_norm, finite = clip_and_check(c.model, c.cfg.optimizer.grad_clip)
-    if finite:  # a NaN/Inf gradient never reaches the weights
-        c.optimizer.step()
+    finish_gradients(c.ddp)
+    grad_norm, finite = optimizer_step(c.optimizer, c.cfg.optimizer.grad_clip)  # NaN/Inf: skipped
+    if finite:
         c.teacher.after_optimizer_step()
     c.scheduler.step()
     t2 = time.perf_counter()

@@ -1,0 +1,121 @@
+"""Gradients and the optimizer through megatron-core: ``DistributedDataParallel`` (bucketed gradient
+reduction into fp32 main-grad buffers) and ``get_megatron_optimizer`` (fp32 master weights and
+AdamW moments for 16-bit parameters; with ``optimizer.distributed`` the master weights and moments
+are sharded over DP: reduce-scatter of grads, all-gather of updated weights).
+
+Why not a plain ``torch.optim.AdamW``: on bf16 parameters an update of lr·1 = 2e-5 to a weight of
+0.1 is below bf16's resolution and is rounded away; the fp32 master copy keeps it.
+
+What megatron does for us (``finalize_model_grads``): the DP reduction (a SUM: our loss is already
+globally normalised, so the model config sets ``calculate_per_token_loss`` and megatron neither
+averages over DP nor divides by a token count — we pass ``num_tokens=None``), the TP sum of
+TP-duplicated parameters with per-rank gradients (q/k layernorm, sequence-parallel norms and our
+sequence-parallel LoRA adapters, which carry ``sequence_parallel``), and the sum of the tied
+embedding's two copies across pipeline stages. Clipping uses megatron's global norm (TP-duplicated
+and tied copies counted once).
+
+What we keep: the step with a non-finite gradient norm is skipped (megatron only detects inf/NaN
+with an fp16 loss scaler; for bf16/fp32 it would clip by NaN and write NaN weights), and the LR
+schedule (:class:`LRSchedule`, one place, applied to megatron's param groups).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def use_distributed_optimizer(cfg, dp: int) -> bool:
+    """Default (None): on whenever there are fp32 master weights, at any DP size — at DP1 it holds
+    what the non-distributed optimizer holds, and one checkpoint format then resumes at any DP."""
+    d = cfg.optimizer.distributed
+    if d is None:
+        return cfg.optimizer.precision == "fp32"
+    return bool(d)
+
+
+def wrap_and_build(cfg, model: torch.nn.Module, dtype: torch.dtype, dp: int):
+    """(DDP-wrapped model for the schedule, megatron optimizer). ``model`` keeps its identity: the
+    sampler, teacher, evaluation and checkpoints use it directly."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optimizer
+    distributed = use_distributed_optimizer(cfg, dp)
+    half = dtype in (torch.bfloat16, torch.float16)
+    master_fp32 = half and o.precision == "fp32"
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=master_fp32 or dtype == torch.float32,
+        # Overlapping the reduction with the backward needs CUDA streams; on CPU it runs at the end.
+        overlap_grad_reduce=torch.cuda.is_available() and o.overlap_grad_reduce,
+        use_distributed_optimizer=distributed,
+        bucket_size=o.bucket_mb * 2**20 // 4 if o.bucket_mb else None,
+    )
+    ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+    opt_cfg = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip if o.grad_clip > 0 else 0.0,
+        bf16=master_fp32 and dtype == torch.bfloat16, fp16=master_fp32 and dtype == torch.float16,
+        params_dtype=dtype, use_distributed_optimizer=distributed,
+    )
+    if dtype == torch.float16 and master_fp32:
+        raise ValueError("fp16 parameters need a loss scaler; train in bf16 (model.dtype=bfloat16)")
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp])
+    return ddp, optimizer
+
+
+def zero_grads(ddp, optimizer) -> None:
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def finish_gradients(ddp) -> None:
+    """After the last micro-batch's backward: DP reduction, TP sums, tied-embedding sum."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads([ddp], num_tokens=None)
+
+
+def optimizer_step(optimizer, max_norm: float) -> tuple[float, bool]:
+    """Clip to ``max_norm`` by the global norm and step; a non-finite norm skips the update and
+    leaves the weights untouched. Returns (grad norm before clipping, applied)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()  # model grads -> fp32 main grads
+    norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(norm):
+        return float("nan"), False
+    if max_norm > 0:
+        params = [p for p in optimizer.get_parameters()]
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=norm)
+    return norm, bool(optimizer.step_with_ready_grads())
+
+
+class LRSchedule:
+    """``lr = base_lr · fn(step)`` on every param group of a megatron optimizer (torch's
+    ``LambdaLR`` accepts only a ``torch.optim.Optimizer``). Same interface as torch's schedulers."""
+
+    def __init__(self, optimizer, base_lr: float, fn):
+        self.optimizer, self.base_lr, self.fn, self.last_step = optimizer, base_lr, fn, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = self.base_lr * self.fn(self.last_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self.base_lr * self.fn(self.last_step)]
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+        self._apply()
