@@ -26,6 +26,11 @@ from opsd_megatron.models.lora import LoRAConfig
 from opsd_megatron.models.teacher import TeacherConfig
 
 
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     hf_dir: Optional[str] = None  # HF checkpoint to start from (config.json + safetensors)
@@ -106,8 +111,19 @@ class OptimizerConfig:
     bucket_mb: Optional[int] = None  # DDP gradient bucket size in MiB of fp32 grads (None: megatron's)
 
     def __post_init__(self):
-        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.schedule not in ("cosine", "constant"):
-            raise ConfigError("optimizer: need lr > 0, 0 <= warmup_ratio < 1, schedule cosine|constant")
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optimizer.schedule must be cosine|constant, got {self.schedule!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer.min_lr must be in [0, optimizer.lr], got {self.min_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"optimizer: need eps > 0, weight_decay >= 0, grad_clip >= 0 (got eps={self.eps}, "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip})")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"optimizer.precision must be fp32|bf16, got {self.precision!r}")
         if self.precision == "bf16" and self.distributed:
@@ -156,8 +172,10 @@ class TrainerConfig:
     threads_per_rank: Optional[int] = None
 
     def __post_init__(self):
-        if self.threads_per_rank is not None and self.threads_per_rank < 1:
-            raise ConfigError(f"trainer.threads_per_rank must be >= 1, got {self.threads_per_rank}")
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            _at_least(f"trainer.{key}", getattr(self, key), 1)
+        if self.threads_per_rank is not None:
+            _at_least("trainer.threads_per_rank", self.threads_per_rank, 1)
 
 
 @dataclass
@@ -165,6 +183,10 @@ class CheckpointConfig:
     save_interval: int = 50
     keep_last: int = 2
     resume: bool = True
+
+    def __post_init__(self):
+        _at_least("checkpoint.save_interval", self.save_interval, 1)
+        _at_least("checkpoint.keep_last", self.keep_last, 1)
 
 
 @dataclass

@@ -41,8 +41,15 @@ class RolloutConfig:
     def __post_init__(self):
         if self.engine not in ("megatron", "vllm"):
             raise ConfigError(f"rollout.engine must be megatron|vllm, got {self.engine!r}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise ConfigError("rollout: need temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_new_tokens < 1 or self.num_rollouts < 1:
+            raise ConfigError(f"rollout: need max_new_tokens >= 1 and num_rollouts >= 1, got "
+                              f"{self.max_new_tokens} and {self.num_rollouts}")
 
 
 @dataclass
@@ -54,6 +61,10 @@ class LossConfig:
     reduction: str = "sequence_mean"  # sequence_mean (paper eq. 6/8) | token_mean
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.term_clip is not None and self.term_clip <= 0:
+            raise ConfigError(f"loss.term_clip must be > 0 or null, got {self.term_clip}")
         if self.kind not in ("jsd", "sampled_token"):
             raise ConfigError(f"loss.kind must be jsd|sampled_token, got {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:
@@ -110,4 +121,8 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
-            raise ConfigError("eval: need n_samples >= 1, ks >= 1, batch_size >= 1")
+            raise ConfigError(f"eval: need n_samples >= 1, ks >= 1, batch_size >= 1 (got n_samples={self.n_samples}, "
+                              f"ks={self.ks}, batch_size={self.batch_size})")
+        if self.interval < 0 or self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval: need interval >= 0, max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1 "
+                              f"(got {self.interval}, {self.max_new_tokens}, {self.temperature}, {self.top_p})")

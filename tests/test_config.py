@@ -134,3 +134,23 @@ def test_demo_cli_reports_bad_input(tmp_path):
     for recipe, message in ((tmp_path / "missing.yaml", "missing.yaml"), (bad, "arms.opsd is required")):
         out = subprocess.run([sys.executable, "-m", "opsd_megatron.demo", str(recipe)], capture_output=True, text=True)
         assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size must be >= 1, got 0"),
+    ("trainer.global_batch_size=0", "trainer.global_batch_size must be >= 1, got 0"),
+    ("checkpoint.save_interval=0", "checkpoint.save_interval must be >= 1, got 0"),
+    ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0, got 0.0"),
+    ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1], got 1.5"),
+    ("loss.temperature=0", "loss.temperature must be > 0, got 0.0"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0, got 0.0"),
+    ("optimizer.precision=fp8", "optimizer.precision must be fp32|bf16"),
+    ("lora.rank=0", "lora.rank must be >= 1, got 0"),
+])
+def test_bad_numbers_are_one_line_naming_key_and_value(override, message, capsys):
+    from opsd_megatron.train.cli import main
+
+    assert main([str(ROOT / "recipes" / "tiny_cpu.yaml"), override, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,8 +1,13 @@
-"""The learning demonstration (recipes/demo_cpu.yaml), reduced for CI: the same base (400 SFT
-steps), shorter arms, the same model, task and seeds. The base must use the reference (teacher ≥
-90%) while solving few problems alone; OPSD must lift held-out accuracy by ≥ 40 points within 30
-steps (measured here: 15% -> 78% at step 30, 90% at step 100; README's demo section); rerunning the
-OPSD arm reproduces it exactly."""
+"""The learning demonstration (recipes/demo_cpu.yaml), reduced for CI: the shipped base (400 SFT
+steps, seeds [1234, 42, 0]), then 30 OPSD steps from it under two different (trainer, rollout)
+seed pairs. The base must use the reference (teacher >= 90%) while solving few problems alone;
+each OPSD run must lift held-out accuracy by at least LIFT_AT_30 points; rerunning an arm
+reproduces it exactly on the same machine.
+
+LIFT_AT_30 is 10 points below the worst step-30 lift measured over the README's five seed
+triples (each its own base; README "The learning demonstration"), so last-bit differences between
+machines, which sampling amplifies, cannot flip it.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +15,35 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REDUCED = ["arms.opsd.trainer.max_steps=30",
-           "arms.sft.trainer.max_steps=10", "arms.grpo.trainer.max_steps=10", "common.logging.tensorboard=false",
-           "common.logging.progress_bar=false", "common.eval.interval=10"]
+LIFT_AT_30 = 0.15
+REDUCED = ["arms.opsd.trainer.max_steps=30", "arms.sft=null", "arms.grpo=null", "common.logging.tensorboard=false",
+           "common.logging.progress_bar=false", "common.eval.interval=30"]
 
 
-def test_demo_lifts_held_out_accuracy_deterministically(tmp_path):
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "opsd" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     from opsd_megatron.demo import _run, _stage_recipe, load_demo, run_demo
 
     d = load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), REDUCED + [f"output_dir={tmp_path / 'demo'}"])
     summary = run_demo(d)
-    assert set(summary) >= {"base_accuracy", "final_accuracy", "steps", "generated_tokens"}
     assert summary["base_teacher_accuracy"] >= 0.9, "the base solves problems when shown the reference"
     assert summary["base_accuracy"] <= 0.5, "…and only part of them alone"
     assert summary["steps"] == 30 and summary["generated_tokens"] > 30 * 16 * 10
-    assert summary["lift"] >= 0.40, summary
-    assert set(summary["arms"]) == {"opsd", "sft", "grpo"}
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
-    again = tmp_path / "again"
-    d.output_dir = str(again)
+    lifts = {(42, 0): summary["lift"]}
     base_model = str(tmp_path / "demo" / "base" / "checkpoints" / "step_000400" / "model")
-    _run(_stage_recipe(d, "opsd", {**d.arms["opsd"], "trainer": {"max_steps": 10}}, base_model))
-    runs = [[json.loads(line) for line in (root / "opsd" / "metrics.jsonl").read_text().splitlines()[:10]]
-            for root in (tmp_path / "demo", again)]
-    for key in ("loss", "generated_tokens", "eval/avg@1"):
-        assert [m.get(key) for m in runs[0]] == [m.get(key) for m in runs[1]], f"same seed, different {key}"
+    other = {**d.arms["opsd"], "trainer": {"max_steps": 30, "seed": 7}, "rollout": {"temperature": 0.7, "seed": 7}}
+    d.output_dir = str(tmp_path / "seed7")
+    _run(_stage_recipe(d, "opsd", other, base_model))
+    final = [m["eval/avg@1"] for m in _metrics(tmp_path / "seed7") if "eval/avg@1" in m][-1]
+    lifts[(7, 7)] = final - summary["base_accuracy"]
+    assert all(lift >= LIFT_AT_30 for lift in lifts.values()), lifts
+
+    d.output_dir = str(tmp_path / "again")  # the first seed pair again, 5 steps: the same numbers
+    _run(_stage_recipe(d, "opsd", {**d.arms["opsd"], "trainer": {"max_steps": 5}}, base_model))
+    first, again = _metrics(tmp_path / "demo")[:5], _metrics(tmp_path / "again")
+    for key in ("loss", "generated_tokens", "grad_norm"):
+        assert [m[key] for m in first] == [m[key] for m in again], f"same seed, different {key}"

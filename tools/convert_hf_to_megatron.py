@@ -4,7 +4,7 @@ distributed checkpoint, which loads at any tensor/pipeline-parallel layout (mega
 dist_checkpointing reshards on load).
 
 By default one process streams it tensor by tensor: peak host memory is one parameter plus a
-fixed ~0.1 GB, whatever the model size (a 70B converts on a small node); --tp/--pp are checked
+fixed ≈0.4 GB (imports and buffers), whatever the model size (a 70B converts on a small node); --tp/--pp are checked
 as the layout you will train at. --ranks instead runs TP*PP ranks (local CPU processes, or under
 `torchrun --nproc-per-node TP*PP`) that each build and save their shard: the whole model in
 memory across the ranks. The output directory appears only when the conversion succeeded.

@@ -8,7 +8,7 @@ streamed one tensor at a time (gathered over TP, written by each pipeline stage)
 
 Example:
     python tools/convert_megatron_to_hf.py --megatron-dir ckpt/qwen3-8b-tp2 --out qwen3-8b-opsd \\
-        --adapters runs/opsd/checkpoints/step_100/adapters
+        --adapters runs/opsd/checkpoints/step_000100/model
 """
 
 from __future__ import annotations

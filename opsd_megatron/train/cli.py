@@ -65,8 +65,12 @@ def main(argv=None) -> int:
     if launched_world_size() is None:  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
         flag = Path(cfg.trainer.output_dir) / FLAG_FILE
         signal.signal(signal.SIGUSR1, lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()))
-    results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides,
-                        threads_per_rank=cfg.trainer.threads_per_rank)
+    try:
+        results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides,
+                            threads_per_rank=cfg.trainer.threads_per_rank)
+    except KeyboardInterrupt:  # the ranks are stopped by then; the last complete checkpoint stands
+        print("opsd-train: interrupted", file=sys.stderr)
+        return 130
     if any(isinstance(r, dict) and r.get("preempted") for r in results):
         return PREEMPTED_EXIT_CODE  # launch/common.sh requeues the job on this code
     return 0

@@ -36,3 +36,20 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path):
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     assert not (out / "PREEMPTED").exists()
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+
+
+def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
+    import signal as sig
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
+        time.sleep(0.1)
+    os.killpg(proc.pid, sig.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "opsd-train: interrupted"
+    assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
