@@ -111,25 +111,33 @@ def _curve(metrics: Path, start_acc: float) -> list[tuple[float, float]]:
     return points
 
 
-def _plot(curves: dict, base: dict, out_png: Path) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in curves.items():
-        label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
-    ax.axhline(100 * base["teacher_accuracy"], color="gray", ls=":", label="base with the reference (teacher)")
-    ax.set_xlabel("tokens sampled during training")
-    ax.set_ylabel("held-out accuracy (%)")
+    return plt, *plt.subplots(figsize=(7, 4.5))
+
+
+def _save(plt, fig, ax, out_png: Path, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def _plot(curves: dict, base: dict, out_png: Path) -> None:
+    plt, fig, ax = _figure()
+    for name, pts in curves.items():
+        label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.axhline(100 * base["teacher_accuracy"], color="gray", ls=":", label="base with the reference (teacher)")
+    _save(plt, fig, ax, out_png, "tokens sampled during training", "held-out accuracy (%)")
 
 
 def run_demo(d: DemoConfig) -> dict:
@@ -181,25 +189,14 @@ def _spread(runs: list[dict]) -> dict:
 
 
 def _plot_spread(spread: dict, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure()
     for name, arm in spread.items():
         x = [p["tokens"] for p in arm["points"]]
         line, = ax.plot(x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)")
         ax.fill_between(x, [100 * p["min"] for p in arm["points"]], [100 * p["max"] for p in arm["points"]],
                         color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("tokens sampled during training (SFT: reference tokens trained on)")
-    ax.set_ylabel("held-out accuracy (%), band: min-max over seeds")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, ax, out_png, "tokens sampled during training (SFT: reference tokens trained on)",
+          "held-out accuracy (%), band: min-max over seeds")
 
 
 def run_seeds(d: DemoConfig, n: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -52,9 +51,8 @@ def test_pathological_outputs(grader):
     assert last_boxed("\\boxed{\\frac{a}{\\sqrt{b}}}") == "\\frac{a}{\\sqrt{b}}"
     assert last_boxed("\\boxed{unbalanced") is None and last_boxed("\\boxed 7 apples") == "7"
     assert grader.grade("x" * 100_000 + " \\boxed{7}", "7").correct
-    start = time.monotonic()
-    hang = grader.grade("\\boxed{9^{9^{9^{9^{9}}}}}", "1")
-    assert hang.correct is False and hang.method == "timeout" and time.monotonic() - start < 30
+    hang = grader.grade("\\boxed{9^{9^{9^{9^{9}}}}}", "1")  # the worker's hard timeout fires
+    assert hang.correct is False and hang.method == "timeout"
     assert grader.grade("\\boxed{2}", "2").correct, "the grader recovers after killing a hung worker"
 
 

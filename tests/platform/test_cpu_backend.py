@@ -59,6 +59,7 @@ def test_gpt_tp2_equals_tp1():
     assert out[0][0].shape[-1] == VOCAB // 2, "logits must stay vocab-sharded"
     full = torch.cat([o[0] for o in out], dim=-1)
     assert (full - ref_logits).abs().max() < 1e-5
+    assert all(o[2] for o in out), "train-mode dropout must draw from the CPU generator (the step ran dropout)"
 
 
 def _layer_key(key, offset):
