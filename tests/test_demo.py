@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LIFT_AT_30 = 0.15
 REDUCED = ["arms.opsd.trainer.max_steps=30", "arms.sft=null", "arms.grpo=null", "common.logging.tensorboard=false",
@@ -24,6 +26,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "opsd" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.timeout(1800)  # ≈7 min on 2 idle cores (400 base steps + 65 OPSD steps); more when shared
 def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     from opsd_megatron.demo import _run, _stage_recipe, load_demo, run_demo
 
