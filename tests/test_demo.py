@@ -4,9 +4,10 @@ seed pairs. The base must use the reference (teacher >= 90%) while solving few p
 each OPSD run must lift held-out accuracy by at least LIFT_AT_30 points; rerunning an arm
 reproduces it exactly on the same machine.
 
-LIFT_AT_30 is 10 points below the worst step-30 lift measured over the README's five seed
-triples (each its own base; README "The learning demonstration"), so last-bit differences between
-machines, which sampling amplifies, cannot flip it.
+Measured here: this test's two runs +73 and +74 points (14 % -> 87 % / 88 %); over the README's
+seed triples (each its own base) the step-30 lift ranged from +47 to +73 where OPSD lifts at all
+(one triple's 1 % base stays flat: README). LIFT_AT_30 sits 12 points below +47, so last-bit
+differences between machines, which sampling amplifies, cannot flip it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIFT_AT_30 = 0.15
+LIFT_AT_30 = 0.35
 REDUCED = ["arms.opsd.trainer.max_steps=30", "arms.sft=null", "arms.grpo=null", "common.logging.tensorboard=false",
            "common.logging.progress_bar=false", "common.eval.interval=30"]
 
