@@ -46,7 +46,7 @@ def _bench(steps: int, distributed: bool):
 
     cfg = OPSDConfig()
     cfg.optimizer.distributed = distributed
-    ddp, opt = wrap_and_build(cfg, model, torch.float32, dp=dist.get_world_size())
+    ddp, opt = wrap_and_build(cfg, model, torch.float32)
     for p in params:
         p.main_grad.normal_()
     dist.barrier()

@@ -24,7 +24,7 @@ def plan_input(cfg, layout) -> PlanInput:
                      vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
                      rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp, recompute=cfg.model.recompute,
                      sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
-                     distributed_optimizer=use_distributed_optimizer(cfg, layout.dp),
+                     distributed_optimizer=use_distributed_optimizer(cfg),
                      master_fp32=cfg.optimizer.precision == "fp32")
 
 

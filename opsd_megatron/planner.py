@@ -44,7 +44,7 @@ class PlanInput:
     recompute: bool = False
     sequence_parallel: bool = False
     impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
-    distributed_optimizer: bool | None = False  # None: on when dp > 1 (the trainer's default)
+    distributed_optimizer: bool = False
     master_fp32: bool = True  # optimizer.precision=fp32: fp32 master weights and moments
     frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
     vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
@@ -142,8 +142,7 @@ def plan(p: PlanInput) -> dict[str, float]:
         per_param = 8 + (4 if p.bytes_per_param < 4 else 0)  # moments (+ master copy of 16-bit params)
     else:
         per_param = 2 * p.bytes_per_param
-    sharded = p.dp > 1 if p.distributed_optimizer is None else p.distributed_optimizer
-    optimizer = per_param * trainable / (p.dp if sharded else 1)
+    optimizer = per_param * trainable / (p.dp if p.distributed_optimizer else 1)
     layers_here = a.num_layers // p.pp
     s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
     if p.recompute:

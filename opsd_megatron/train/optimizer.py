@@ -26,7 +26,7 @@ import math
 import torch
 
 
-def use_distributed_optimizer(cfg, dp: int) -> bool:
+def use_distributed_optimizer(cfg) -> bool:
     """Default (None): on whenever there are fp32 master weights, at any DP size — at DP1 it holds
     what the non-distributed optimizer holds, and one checkpoint format then resumes at any DP."""
     d = cfg.optimizer.distributed
@@ -35,16 +35,17 @@ def use_distributed_optimizer(cfg, dp: int) -> bool:
     return bool(d)
 
 
-def wrap_and_build(cfg, model: torch.nn.Module, dtype: torch.dtype, dp: int):
+def wrap_and_build(cfg, model: torch.nn.Module, dtype: torch.dtype):
     """(DDP-wrapped model for the schedule, megatron optimizer). ``model`` keeps its identity: the
     sampler, teacher, evaluation and checkpoints use it directly."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
-    distributed = use_distributed_optimizer(cfg, dp)
-    half = dtype in (torch.bfloat16, torch.float16)
-    master_fp32 = half and o.precision == "fp32"
+    distributed = use_distributed_optimizer(cfg)
+    master_fp32 = dtype in (torch.bfloat16, torch.float16) and o.precision == "fp32"
+    if dtype == torch.float16 and master_fp32:
+        raise ValueError("fp16 parameters need a loss scaler; train in bf16 (model.dtype=bfloat16)")
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=master_fp32 or dtype == torch.float32,
         # Overlapping the reduction with the backward needs CUDA streams; on CPU it runs at the end.
@@ -59,8 +60,6 @@ def wrap_and_build(cfg, model: torch.nn.Module, dtype: torch.dtype, dp: int):
         bf16=master_fp32 and dtype == torch.bfloat16, fp16=master_fp32 and dtype == torch.float16,
         params_dtype=dtype, use_distributed_optimizer=distributed,
     )
-    if dtype == torch.float16 and master_fp32:
-        raise ValueError("fp16 parameters need a loss scaler; train in bf16 (model.dtype=bfloat16)")
     optimizer = get_megatron_optimizer(opt_cfg, [ddp])
     return ddp, optimizer
 
@@ -86,10 +85,9 @@ def optimizer_step(optimizer, max_norm: float) -> tuple[float, bool]:
     norm = float(optimizer.get_grad_norm())
     if found_inf or not math.isfinite(norm):
         return float("nan"), False
-    if max_norm > 0:
-        params = [p for p in optimizer.get_parameters()]
-        if params:
-            clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=norm)
+    params = optimizer.get_parameters()
+    if max_norm > 0 and params:
+        clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=norm)
     return norm, bool(optimizer.step_with_ready_grads())
 
 

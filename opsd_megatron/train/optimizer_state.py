@@ -26,11 +26,16 @@ def _sharded(model, optimizer, is_loading: bool) -> dict:
                                                       metadata=SHARDING)}
 
 
+def _inner(optimizer) -> list:
+    """The megatron optimizers inside a ``ChainedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _init_adam_state(optimizer) -> None:
     """Give every parameter AdamW state (zeros, step 0) before a load fills it in place: megatron's
     distributed optimizer reads the (common) step count from existing state while building the
     sharded dict, and torch creates AdamW state only at the first step."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner(optimizer):
         torch_opt = inner.optimizer
         for group in torch_opt.param_groups:
             for p in group["params"]:
@@ -44,7 +49,7 @@ def _keep_step_on_load(optimizer) -> None:
     fully_reshardable`` drops ``step`` from the loaded tensors, then copies every key of the live
     state (which has ``step``) -> KeyError. Hand it the live step, which megatron's
     ``load_state_dict`` has just set from the checkpoint's param groups."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner(optimizer):
         original = getattr(inner, "_set_main_param_and_optimizer_states", None)
         if original is None or getattr(original, "_keeps_step", False):
             continue
@@ -70,8 +75,7 @@ def save_optimizer(model, optimizer, directory: Path) -> None:
 def optimizer_kind(optimizer) -> str:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if isinstance(inner[0], DistributedOptimizer) else "local"
+    return "distributed" if isinstance(_inner(optimizer)[0], DistributedOptimizer) else "local"
 
 
 def load_optimizer(model, optimizer, directory: Path, fmt: str | None, kind: str | None) -> None:
@@ -92,7 +96,7 @@ def load_optimizer(model, optimizer, directory: Path, fmt: str | None, kind: str
     optimizer.load_state_dict(loaded)
     # megatron (0.16.1, torch-AdamW fallback) gives every parameter the *same* step tensor, which
     # torch's AdamW then increments in place once per parameter: unshare it.
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner(optimizer):
         for state in inner.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()

@@ -97,7 +97,7 @@ def build_components(cfg: OPSDConfig) -> Components:
             enable_input_grads(model)
     teacher = Teacher(model, cfg.teacher.model, build_model=lambda: build_model(cfg, arch, dtype),
                       update=cfg.teacher.kind, ema_rate=cfg.teacher.ema_rate)
-    ddp, optimizer = wrap_and_build(cfg, model, dtype, layout.dp)
+    ddp, optimizer = wrap_and_build(cfg, model, dtype)
     if ddp.ddp_config.overlap_grad_reduce:  # the schedule syncs grads on the last micro-batch only
         model.config.no_sync_func = ddp.no_sync
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))

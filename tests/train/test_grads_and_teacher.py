@@ -34,7 +34,7 @@ def _grad_probe(tp):
 
     model = _tiny_lora_model(tp)
     cfg = load_config(RECIPE, ["optimizer.lr=0.1", "optimizer.grad_clip=1.0"])
-    ddp, opt = wrap_and_build(cfg, model, torch.float32, dp=1)
+    ddp, opt = wrap_and_build(cfg, model, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in params)  # local; the global count is total * tp (all sharded)
 

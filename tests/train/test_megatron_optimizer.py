@@ -53,7 +53,7 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
                     p.fill_(0.05)
     model.config.calculate_per_token_loss = True
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    ddp, opt = wrap_and_build(cfg, model, dtype, dp=1)
+    ddp, opt = wrap_and_build(cfg, model, dtype)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (4, 24), generator=gen)
     for _ in range(steps):
