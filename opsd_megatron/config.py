@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,9 +183,15 @@ class TrainerConfig:
 class CheckpointConfig:
     save_interval: int = 50
     keep_last: int = 2
-    resume: bool = True
+    # true: resume the newest verified checkpoint if the run's config matches (train/resume.py);
+    # false: start fresh (an earlier run's files move to OUT/previous/); force: resume regardless.
+    resume: Any = True
 
     def __post_init__(self):
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
+            self.resume = self.resume.lower() == "true"
+        if not (isinstance(self.resume, bool) or self.resume == "force"):
+            raise ConfigError(f"checkpoint.resume must be true|false|force, got {self.resume!r}")
         _at_least("checkpoint.save_interval", self.save_interval, 1)
         _at_least("checkpoint.keep_last", self.keep_last, 1)
 
@@ -279,16 +286,60 @@ def _recipe_chain(recipe: str | Path | None, seen: tuple = ()) -> list[tuple[Pat
     return chain + [(path, data)]
 
 
+def _line_of(path: Path, key: str) -> int | None:
+    """1-based line where the dotted ``key`` is set in a YAML file, if it is."""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        hit = next(((k, v) for k, v in node.value if k.value == part), None)
+        if hit is None:
+            return None
+        line, node = hit[0].start_mark.line + 1, hit[1]
+    return line
+
+
+def _origin(chain: list[tuple[Path, dict]], overrides: list[str], key: str) -> str | None:
+    """Where ``key`` got its value: the last override setting it, else ``recipe:line``."""
+    for item in reversed(overrides):
+        if item.split("=", 1)[0].strip() == key:
+            return f"override '{item}'"
+    for path, _ in reversed(chain):
+        line = _line_of(path, key)
+        if line is not None:
+            return f"{path}:{line}"
+    return None
+
+
+KEY_IN_MESSAGE = re.compile(r"\b([a-z_]+(?:\.[a-z_0-9]+)+)\b")
+
+
+def _located(err: Exception, chain, overrides) -> ConfigError:
+    """A validation error prefixed with where its key was set (``recipe.yaml:12: trainer...``)."""
+    match = KEY_IN_MESSAGE.search(str(err))
+    where = _origin(chain, overrides, match.group(1)) if match else None
+    return ConfigError(f"{where}: {err}" if where else str(err))
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> OPSDConfig:
-    """Recipe YAML (safe_load) merged over the defaults, then ``key=value`` overrides; validated."""
+    """Recipe YAML (safe_load) merged over the defaults, then ``key=value`` overrides; validated.
+    Errors name where the offending key was set: ``recipe.yaml:LINE`` or the override."""
     schema = OmegaConf.structured(OPSDConfig)
     cfg = schema
-    for path, data in _recipe_chain(recipe):
+    chain = _recipe_chain(recipe)
+    overrides = list(overrides or [])
+    for path, data in chain:
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:
-            raise _explain(err, schema, str(path)) from err
-    for item in overrides or []:
+            key = getattr(err, "full_key", None) or ""
+            line = _line_of(path, key) if key else None
+            raise _explain(err, schema, f"{path}:{line}" if line else str(path)) from err
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must be key=value")
         try:
@@ -298,9 +349,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     try:
         result = OmegaConf.to_object(cfg)
     except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(str(err)) from err
+        raise _located(err, chain, overrides) from err
     except OmegaConfBaseException as err:
         raise _explain(err, schema, str(recipe or "config")) from err
     if not result.model.sources():

@@ -21,7 +21,7 @@ def plan_input(cfg, layout) -> PlanInput:
                      micro_batch_size=cfg.trainer.micro_batch_size, micro_batches_per_rank=layout.grad_accumulation,
                      student_seq_len=student, response_len=r.max_new_tokens,
                      frozen_teacher_copy=cfg.lora is None and not cfg.teacher.model.offload,
-                     vllm_gpu_fraction=0.0 if r.engine == "megatron" else 0.3,
+                     vllm_gpu_fraction=0.0 if r.engine == "megatron" else r.vllm.gpu_memory_utilization,
                      rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp, recompute=cfg.model.recompute,
                      sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
                      distributed_optimizer=use_distributed_optimizer(cfg),

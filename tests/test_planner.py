@@ -73,7 +73,9 @@ def test_cli_finds_a_fitting_layout_for_full_parameter_8b():
 
 
 def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "qwen3_8b.yaml"), "lora=null",
+    here = ["model.megatron_dir=null", "model.tokenizer=builtin:arith", "data.source=synthetic:arith",
+            "data.problem_field=problem", "data.solution_field=solution"]  # the recipe's paths exist on a cluster
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "qwen3_8b.yaml"), *here, "lora=null",
            "teacher.model.kind=frozen_copy", "--dry-run", "--gpu-gib", "80"]
     refused = subprocess.run(cmd, capture_output=True, text=True)
     assert refused.returncode == 2
@@ -81,7 +83,7 @@ def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
     assert "--force" in refused.stderr
     forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
     assert forced.returncode == 0, forced.stderr
-    fits = subprocess.run(cmd[:4] + ["--dry-run", "--gpu-gib", "80"], capture_output=True, text=True)
+    fits = subprocess.run(cmd[:4 + len(here)] + ["--dry-run", "--gpu-gib", "80"], capture_output=True, text=True)
     assert fits.returncode == 0, fits.stderr  # the paper's LoRA layout fits one A100-80GB per rank
 
 

@@ -1,22 +1,21 @@
 """Load (problem, reference solution) pairs: the synthetic task, local JSONL/Parquet files, or an HF
 dataset name, with field mapping, length filtering, deduplication and a seeded shuffle.
 
-A malformed row (not a mapping, a missing or non-text field) raises an error naming the file and
-row, or, with ``skip_malformed``, is skipped and counted.
+A malformed row (not UTF-8, not JSON, not a mapping, a missing or empty field) raises an error
+naming the file and its 1-based line, or, with ``skip_malformed``, is skipped and counted. Local
+paths are read locally, never looked up on the Hub (``data/sources.py``).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opsd_megatron.data.sources import DataError, read_jsonl, resolve
 from opsd_megatron.data.synthetic import addition_problems
 
-
-class DataError(ValueError):
-    pass
+__all__ = ["DataError", "ProblemSet", "load_problems"]
 
 
 @dataclass
@@ -28,60 +27,56 @@ class ProblemSet:
     sources: list[str] = field(default_factory=list)
 
 
-def _read_local(path: Path) -> list:
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    """(where, row) with where = ``file:line`` (1-based) for JSONL, ``file row N`` for Parquet."""
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open() as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    rows.append(DataError(f"{path}: row {i}: not valid JSON ({err.msg})"))
-        return rows
-    if path.suffix == ".parquet":
+        rows = [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
+    elif path.suffix == ".parquet":
         from datasets import load_dataset
 
-        return list(load_dataset("parquet", data_files=str(path), split="train"))
-    raise DataError(f"{path}: unsupported data file type (use .jsonl or .parquet)")
+        rows = [(f"{path} row {i}", r) for i, r in
+                enumerate(load_dataset("parquet", data_files=str(path), split="train"), 1)]
+    else:
+        raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .parquet)")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
 
 
-def _raw_rows(cfg) -> list[tuple[str, int, object]]:
+def _raw_rows(cfg) -> list[tuple[str, object]]:
     if cfg.source.startswith("synthetic:"):
         if cfg.source != "synthetic:arith":
             raise DataError(f"data.source={cfg.source!r}: the only synthetic task is synthetic:arith")
         rows = addition_problems(cfg.num_synthetic, seed=cfg.shuffle_seed)
-        return [("synthetic:arith", i, r) for i, r in enumerate(rows)]
+        return [(f"synthetic:arith row {i}", r) for i, r in enumerate(rows, 1)]
     out = []
-    paths = [Path(p) for p in cfg.source.split(",")]
-    if all(p.suffix in (".jsonl", ".parquet") for p in paths):
-        for p in paths:
-            if not p.is_file():
-                raise DataError(f"{p}: data file not found")
-            out += [(str(p), i, r) for i, r in enumerate(_read_local(p))]
-        return out
-    from datasets import load_dataset  # an HF dataset name (needs network or a local cache)
+    for spec in (s.strip() for s in cfg.source.split(",")):
+        kind, where = resolve("data.source", spec, "dataset")
+        if kind == "file":
+            out += _read_file(where)
+            continue
+        from datasets import load_dataset  # a saved dataset directory or a Hub name
 
-    ds = load_dataset(cfg.source, split=cfg.split)
-    return [(cfg.source, i, r) for i, r in enumerate(ds)]
+        ds = load_dataset(str(where), split=cfg.split)
+        out += [(f"{spec} row {i}", r) for i, r in enumerate(ds, 1)]
+    return out
 
 
 def load_problems(cfg, count_tokens=None) -> ProblemSet:
     """``cfg``: a DataConfig. ``count_tokens(text) -> int`` enables the length filters."""
     result = ProblemSet(rows=[])
     seen = set()
-    for where, i, row in _raw_rows(cfg):
+    for where, row in _raw_rows(cfg):
         try:
             if isinstance(row, Exception):
                 raise row
             if not isinstance(row, dict):
-                raise DataError(f"{where}: row {i}: not a JSON object")
+                raise DataError(f"{where}: not a JSON object")
             fields = {}
             for key in (cfg.problem_field, cfg.solution_field):
                 value = row.get(key)
                 if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{where}: row {i}: field '{key}' is missing or not non-empty text")
+                    raise DataError(f"{where}: field '{key}' is missing or not non-empty text")
                 fields[key] = value
         except DataError:
             if cfg.skip_malformed:
@@ -98,7 +93,7 @@ def load_problems(cfg, count_tokens=None) -> ProblemSet:
                              or count_tokens(solution) > cfg.max_solution_tokens):
             result.dropped_too_long += 1
             continue
-        result.rows.append({"id": str(row.get("id", f"{where}:{i}")), "problem": problem, "solution": solution,
+        result.rows.append({"id": str(row.get("id", where)), "problem": problem, "solution": solution,
                             "answer": row.get("answer")})
     if not result.rows:
         raise DataError(f"data.source={cfg.source!r}: no usable rows")

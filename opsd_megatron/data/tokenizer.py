@@ -36,7 +36,10 @@ def load_tokenizer(spec: str):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+    from opsd_megatron.data.sources import resolve
+
+    kind, where = resolve("model.tokenizer", spec)  # a local path is never looked up on the Hub
+    return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

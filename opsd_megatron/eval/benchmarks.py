@@ -3,12 +3,25 @@ with a field mapping, or held-out synthetic addition problems."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from opsd_megatron.data.sources import DataError, read_jsonl, resolve
 from opsd_megatron.data.synthetic import addition_problems
 
 HELD_OUT_SEED = 987654  # synthetic eval problems come from their own stream
+
+
+def _row(where: str, r, cfg) -> dict:
+    """One benchmark row; the answer must be non-empty text or a number (never graded against "None")."""
+    if isinstance(r, Exception):
+        raise r
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: not a JSON object")
+    problem, answer = r.get(cfg.problem_field), r.get(cfg.answer_field)
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataError(f"{where}: field '{cfg.problem_field}' is missing or not non-empty text")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise DataError(f"{where}: field '{cfg.answer_field}' is missing, null or empty (got {answer!r})")
+    return {"id": str(r.get("id", where)), "problem": problem, "answer": str(answer),
+            "answer_type": r.get("answer_type"), "solution": r.get(cfg.solution_field)}
 
 
 def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
@@ -18,27 +31,18 @@ def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
         rows = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"], "solution": r["solution"]}
                 for r in addition_problems(n, seed=HELD_OUT_SEED)]
         return "synthetic_arith", rows
-    path = Path(spec)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: benchmark file not found")
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rows.append({"id": str(r.get("id", i)), "problem": r[cfg.problem_field],
-                             "answer": str(r[cfg.answer_field]), "answer_type": r.get("answer_type"),
-                             "solution": r.get(cfg.solution_field)})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}: row {i}: needs '{cfg.problem_field}' and '{cfg.answer_field}' ({err})") from err
-        name = path.stem
+    kind, where = resolve("eval.benchmarks", spec, "dataset")
+    if kind == "file":
+        if where.suffix != ".jsonl":
+            raise DataError(f"{where}: unsupported benchmark file type '{where.suffix}' (use .jsonl)")
+        raw = [(f"{where}:{n}", r) for n, r in read_jsonl(where)]
+        if not raw:
+            raise DataError(f"{where}: no rows (the file is empty)")
+        name = where.stem
     else:
         from datasets import load_dataset
 
-        ds = load_dataset(spec, split=cfg.split)
-        rows = [{"id": str(r.get("id", i)), "problem": r[cfg.problem_field], "answer": str(r[cfg.answer_field]),
-                 "answer_type": r.get("answer_type"), "solution": r.get(cfg.solution_field)} for i, r in enumerate(ds)]
+        raw = [(f"{spec} row {i}", r) for i, r in enumerate(load_dataset(str(where), split=cfg.split), 1)]
         name = spec.replace("/", "_")
+    rows = [_row(at, r, cfg) for at, r in raw]
     return name, rows[: cfg.max_problems] if cfg.max_problems else rows

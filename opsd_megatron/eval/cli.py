@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, validate_layout
+from opsd_megatron.errors import UserError, guarded
+from opsd_megatron.errors import report as report_error
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
+from opsd_megatron.preflight import check_eval_run
 
 
 def _rank_entry(recipe, overrides, checkpoint, tag):
@@ -45,16 +48,25 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n_samples=4")
     p.add_argument("--checkpoint", default=None, help="a training checkpoint directory (OUT/checkpoints/step_N)")
     p.add_argument("--tag", default="eval", help="name of the report files under OUT/eval/")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe, paths and benchmark files, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
     args = p.parse_args(argv)
-    try:
+    try:  # paths, benchmark files and the checkpoint are checked before any rank starts
         cfg = load_config(args.recipe, args.overrides)
-        layout = validate_layout(cfg, launched_world_size())
         if not cfg.eval.benchmarks:
             raise ConfigError("eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]")
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag)[0]
+        check_eval_run(cfg, args.checkpoint)
+        layout = validate_layout(cfg, launched_world_size())
+    except UserError as err:
+        return report_error("opsd-eval", err, args.debug)
+    if args.dry_run:
+        print(f"[opsd] eval: {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True)
+        return 0
+    code, reports = guarded("opsd-eval", args.debug, lambda: run_ranks(
+        _rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag))
+    if code is not None:
+        return code
+    report = reports[0]
     if report is not None:
         print(json.dumps(report, indent=2))
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from opsd_megatron.errors import PathError
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.lora import SUFFIX
 
@@ -57,7 +58,7 @@ def write_metadata(ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None,
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> tuple[ArchSpec, dict]:
     path = Path(ckpt_dir) / METADATA
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not an opsd-megatron checkpoint (no {METADATA})")
+        raise PathError(f"{path}: not an opsd-megatron checkpoint (no {METADATA})")
     meta = json.loads(path.read_text())
     return ArchSpec(**meta["arch"]), meta
 

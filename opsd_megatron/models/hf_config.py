@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from opsd_megatron.errors import PathError, UserError
+
 FAMILIES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}
 VOCAB_PAD_MULTIPLE = 128  # Megatron pads the vocabulary to a multiple of 128 * tp
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError):
     """The HF config describes an architecture or feature this project does not build."""
 
 
@@ -140,7 +142,7 @@ def read_hf_config(hf_dir: str | Path) -> tuple[ArchSpec, dict]:
     """Parse ``hf_dir/config.json``; returns the spec and the raw dict (kept for export)."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the Hugging Face directory")
+        raise PathError(f"{path}: no config.json in the Hugging Face directory")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -33,7 +33,12 @@ _PRELOAD = ["torch", "torch.distributed", "megatron.core", "opsd_megatron"]
 
 
 class DistributedRunError(RuntimeError):
-    """A rank failed, died or timed out; the message holds each failing rank's report."""
+    """A rank failed, died or timed out; the message holds each failing rank's report.
+    ``user_error``: the first rank's message when it failed on a user error (bad input), else None."""
+
+    def __init__(self, message: str, user_error: str | None = None):
+        super().__init__(message)
+        self.user_error = user_error
 
 
 def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
@@ -51,8 +56,10 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
         # Plain pickle copies tensor data by value; torch's shared-memory reducers would hand the
         # parent file descriptors that vanish when this process exits.
         results.put((rank, "ok", pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001 - everything must reach the parent
-        results.put((rank, "error", traceback.format_exc()))
+    except BaseException as err:  # noqa: BLE001 - everything must reach the parent
+        from opsd_megatron.errors import user_error_of
+
+        results.put((rank, "error", (traceback.format_exc(), user_error_of(err))))
     finally:
         try:
             from megatron.core import parallel_state
@@ -108,7 +115,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 break
             if now > deadline:
                 for r in range(world_size):
-                    reports.setdefault(r, ("error", f"still running after {timeout:.0f} s (hang?)"))
+                    reports.setdefault(r, ("error", (f"still running after {timeout:.0f} s (hang?)", None)))
                 break
             try:
                 rank, status, payload = results.get(timeout=0.2)
@@ -121,9 +128,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 grace_end = time.monotonic() + 2.0
         for r, p in enumerate(procs):
             if r not in reports and p.exitcode not in (None, 0):
-                reports[r] = ("error", f"process exited with code {p.exitcode}")
+                reports[r] = ("error", (f"process exited with code {p.exitcode}", None))
         for r in range(world_size):
-            reports.setdefault(r, ("error", "did not report (stopped after another rank failed)"))
+            reports.setdefault(r, ("error", ("did not report (stopped after another rank failed)", None)))
     finally:
         for p in procs:
             p.join(timeout=5 if all(st == "ok" for st, _ in reports.values()) else 0.5)
@@ -133,6 +140,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         del master
     failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}
     if failed:
-        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failed.items())
-        raise DistributedRunError(f"{len(failed)} of {world_size} ranks failed:\n{text}")
+        text = "\n".join(f"--- rank {r} ---\n{msg}" for r, (msg, _) in failed.items())
+        user = next((u for _, u in failed.values() if u), None)
+        raise DistributedRunError(f"{len(failed)} of {world_size} ranks failed:\n{text}", user_error=user)
     return [pickle.loads(reports[r][1]) for r in range(world_size)]

@@ -7,8 +7,10 @@ Layout of ``OUT/checkpoints/step_000050/``:
                        checkpoint (any TP/PP/DP can read it)
   rank00000.pt ...     per-rank LR schedule, RNG and sampler state (restored exactly at the same
                        layout; at another layout the run continues with fresh RNG streams)
-  trainer_state.json   step, counters, layout — written last: its presence marks completeness
-  config.yaml          the resolved config
+  trainer_state.json   step, counters, layout
+  config.yaml          the resolved config (resume compares it with the new run's: train/resume.py)
+  manifest.json        every file's size and SHA-256 (train/manifest.py), verified before resume:
+                       a checkpoint that fails is reported by path and the next older one is used
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import to_dict, to_yaml
 from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from opsd_megatron.train import manifest
 from opsd_megatron.train.optimizer_state import FORMAT, load_optimizer, optimizer_kind, save_optimizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -33,12 +36,62 @@ def checkpoint_root(cfg) -> Path:
     return Path(cfg.trainer.output_dir) / "checkpoints"
 
 
-def latest_checkpoint(cfg) -> Path | None:
+def candidates(cfg) -> list[Path]:
+    """Renamed (so fully written) checkpoint directories, newest first."""
     root = checkpoint_root(cfg)
     if not root.is_dir():
-        return None
-    done = [d for d in root.iterdir() if STEP_DIR.match(d.name) and (d / "trainer_state.json").is_file()]
-    return max(done, key=lambda d: int(STEP_DIR.match(d.name).group(1))) if done else None
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and STEP_DIR.match(d.name)]
+    return sorted(found, key=lambda d: int(STEP_DIR.match(d.name).group(1)), reverse=True)
+
+
+def read_state(ckpt: Path) -> dict:
+    """``trainer_state.json``; ValueError naming the file when it is missing or unreadable."""
+    path = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is missing or unreadable") from None
+
+
+def problems_with(ckpt: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with ``ckpt`` ([] if it verifies); with ``share=(rank, world)`` only that
+    rank's slice of the files is hashed (every rank checks the state and the manifest)."""
+    try:
+        state = read_state(ckpt)
+        if not state.get("manifest"):  # written before manifests existed: nothing to check against
+            return []
+        recorded = manifest.read_manifest(ckpt)
+    except ValueError as err:
+        return [str(err)]
+    names = sorted(recorded)[share[0]::share[1]]
+    return manifest.check_files(ckpt, recorded, names, checksums=checksums)
+
+
+def latest_checkpoint(cfg, checksums: bool = False) -> Path | None:
+    """The newest checkpoint that verifies (sizes only by default; ``select_checkpoint`` hashes)."""
+    return next((d for d in candidates(cfg) if not problems_with(d, checksums)), None)
+
+
+def select_checkpoint(cfg) -> Path | None:
+    """Collective: the newest checkpoint whose every file matches its manifest (hashing split
+    over the ranks); each one skipped is reported by path on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    listed = [[str(d) for d in candidates(cfg)]]
+    dist.broadcast_object_list(listed, src=0)  # one decision even if a rank lists late
+    for ckpt in map(Path, listed[0]):
+        found = [None] * world
+        dist.all_gather_object(found, problems_with(ckpt, share=(rank, world)))
+        problems = sorted({p for per_rank in found for p in per_rank})
+        if not problems:
+            return ckpt
+        if rank == 0:
+            print(f"[opsd] skipping checkpoint {ckpt}: {problems[0]}"
+                  + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                  + "; trying the previous one", flush=True)
+    return None
 
 
 def _layout(c) -> dict:
@@ -69,8 +122,15 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(to_yaml(c.cfg))
         state = {"step": step, "counters": counters, "layout": _layout(c), "optimizer_format": FORMAT,
-                 "optimizer_kind": optimizer_kind(c.optimizer)}
+                 "optimizer_kind": optimizer_kind(c.optimizer), "manifest": manifest.MANIFEST}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    dist.barrier()
+    names = [manifest.files_of(tmp)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(names, src=0)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, manifest.describe(tmp, names[0][dist.get_rank()::dist.get_world_size()]))
+    if dist.get_rank() == 0:
+        manifest.write_manifest(tmp, {k: v for share in shares for k, v in share.items()})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -87,7 +147,7 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     """Restore model/adapters, optimizer, schedule, RNG; returns (step, counters)."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = read_state(ckpt)
     load_model_checkpoint(c.model, ckpt / "model", adapters_only=c.cfg.lora is not None)
     if (ckpt / "optimizer").is_dir():
         load_optimizer(c.model, c.optimizer, ckpt / "optimizer", state.get("optimizer_format"),

@@ -2,7 +2,10 @@
 
 Under torchrun (WORLD_SIZE set) this process is one rank (NCCL on GPUs, gloo on CPU). Otherwise
 it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhere.
-``--dry-run`` loads and validates the recipe, prints the resolved config and the layout, and exits.
+Before any rank starts, the recipe, every path, the data files and the resume decision are
+checked (``train/resume.py``: an output directory holding another run's checkpoint is refused);
+an input error is one line, ``opsd-train: error: <where>: <what>`` (exit 2; ``--debug`` adds the
+traceback). ``--dry-run`` does all of that, prints the resolved config and the layout, and exits.
 A layout the memory planner (``opsd-plan``) says cannot fit the GPU is refused unless ``--force``.
 """
 
@@ -14,9 +17,12 @@ import sys
 from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
+from opsd_megatron.errors import UserError, guarded, report
 from opsd_megatron.plan_cli import refuse_unfit_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
+from opsd_megatron.preflight import check_training_run
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
+from opsd_megatron.train.resume import plan_resume
 
 
 def _gpu_gib() -> float:
@@ -43,34 +49,43 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10 loss.beta=0")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the config and layout, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe, paths, data and resume decision, print the config and layout, exit")
     p.add_argument("--force", action="store_true", help="start even if opsd-plan says the layout does not fit")
     p.add_argument("--gpu-gib", type=float, default=None,
                    help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
     args = p.parse_args(argv)
-    try:
+    try:  # everything a user can get wrong is found here, before any rank or model exists
         cfg = load_config(args.recipe, args.overrides)
-        world = launched_world_size()
-        layout = validate_layout(cfg, world)
-        refusal = None if args.force else refuse_unfit_layout(cfg, layout, args.gpu_gib or _gpu_gib())
+        check_training_run(cfg)
+        layout = validate_layout(cfg, launched_world_size())
+        plan = plan_resume(cfg)
+        refusal = None if args.force or plan.action == "finished" else refuse_unfit_layout(
+            cfg, layout, args.gpu_gib or _gpu_gib())
         if refusal:
             raise ConfigError(refusal)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report("opsd-train", err, args.debug)
+    for note in plan.notes:
+        print(f"[opsd] {note}", flush=True)
+    if plan.action == "finished":  # nothing is rewritten
+        print(f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); nothing to do "
+              f"(to train further: trainer.max_steps=<more>)", flush=True)
+        return 0
     print(to_yaml(cfg))
     print(f"[opsd] layout: {layout.describe()}", flush=True)
+    if plan.action == "resume":
+        print(f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest verifies", flush=True)
     if args.dry_run:
         return 0
     if launched_world_size() is None:  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
         flag = Path(cfg.trainer.output_dir) / FLAG_FILE
         signal.signal(signal.SIGUSR1, lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()))
-    try:
-        results = run_ranks(_rank_entry, layout.world_size, args.recipe, args.overrides,
-                            threads_per_rank=cfg.trainer.threads_per_rank)
-    except KeyboardInterrupt:  # the ranks are stopped by then; the last complete checkpoint stands
-        print("opsd-train: interrupted", file=sys.stderr)
-        return 130
+    code, results = guarded("opsd-train", args.debug, lambda: run_ranks(
+        _rank_entry, layout.world_size, args.recipe, args.overrides, threads_per_rank=cfg.trainer.threads_per_rank))
+    if code is not None:  # Ctrl-C: the last complete checkpoint stands
+        return code
     if any(isinstance(r, dict) and r.get("preempted") for r in results):
         return PREEMPTED_EXIT_CODE  # launch/common.sh requeues the job on this code
     return 0

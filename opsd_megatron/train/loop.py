@@ -13,8 +13,10 @@ from opsd_megatron.algorithms import build_algorithm
 from opsd_megatron.config import OPSDConfig, to_yaml
 from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train import preemption
-from opsd_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint
+from opsd_megatron.train.checkpointing import (latest_checkpoint, load_checkpoint, read_state, save_base_model,
+                                               save_checkpoint, select_checkpoint)
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
+from opsd_megatron.train.resume import archive_previous_run
 from opsd_megatron.train.setup import build_components
 from opsd_megatron.train.step import train_step
 
@@ -22,9 +24,19 @@ from opsd_megatron.train.step import train_step
 def run(cfg: OPSDConfig) -> dict:
     rank0 = dist.get_rank() == 0
     preemption.install()
+    out = Path(cfg.trainer.output_dir)
+    ckpt = select_checkpoint(cfg) if cfg.checkpoint.resume is not False else None  # verified against its manifest
+    if ckpt is not None and read_state(ckpt)["step"] >= cfg.trainer.max_steps:
+        if rank0:
+            print(f"[opsd] {out}: finished at step {read_state(ckpt)['step']} ({ckpt}); nothing to do", flush=True)
+        return {"steps": read_state(ckpt)["step"], "finished": True}
+    if ckpt is None and rank0:  # a fresh start never overwrites an earlier run's files
+        moved = archive_previous_run(out, time.strftime("%Y%m%d-%H%M%S"))
+        if moved:
+            print(f"[opsd] starting fresh; the earlier run's files are in {moved}", flush=True)
+    dist.barrier()
     c = build_components(cfg)
     algorithm = build_algorithm(cfg)
-    out = Path(cfg.trainer.output_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -32,7 +44,6 @@ def run(cfg: OPSDConfig) -> dict:
         print(f"[opsd] {c.layout.describe()}; {len(c.problems)} problems", flush=True)
     start, counters = 0, {"generated_tokens": 0.0, "skipped_steps": 0}
     save_base_model(c)
-    ckpt = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if ckpt is not None:
         start, counters = load_checkpoint(c, ckpt)
         if rank0:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from opsd_megatron.errors import UserError
+
 FORMAT = "megatron-optimizer-v1"
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class OldOptimizerFormat(ValueError):
+class OldOptimizerFormat(UserError):
     pass
 
 

@@ -11,6 +11,7 @@ import pytest
 from opsd_megatron.config import DataConfig
 from opsd_megatron.data.dataset import DataError, load_problems
 from opsd_megatron.data.synthetic import addition_problems
+from opsd_megatron.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -36,12 +37,12 @@ def _write(path: Path, rows):
 
 def test_malformed_rows_error_or_skip(tmp_path):
     f = _write(tmp_path / "d.jsonl", [{"q": "1+1", "a": "2"}, {"q": "2+2"}, "{not json", [1, 2], {"q": "1+1", "a": "x"}])
-    with pytest.raises(DataError, match=r"d.jsonl: row 1: field 'a' is missing"):
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'a' is missing"):
         load_problems(DataConfig(source=str(f), problem_field="q", solution_field="a"))
     ps = load_problems(DataConfig(source=str(f), problem_field="q", solution_field="a", skip_malformed=True))
     assert (len(ps.rows), ps.skipped_malformed, ps.dropped_duplicates) == (1, 3, 1)
     bad_json = _write(tmp_path / "e.jsonl", [{"q": "a", "a": "b"}, {"q": "c", "a": "d"}, "{bad"])
-    with pytest.raises(DataError, match=r"e.jsonl: row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"e.jsonl:3: not valid JSON"):
         load_problems(DataConfig(source=str(bad_json), problem_field="q", solution_field="a"))
 
 
@@ -49,7 +50,7 @@ def test_length_filter_and_missing_file(tmp_path):
     f = _write(tmp_path / "d.jsonl", [{"problem": "short", "solution": "s"}, {"problem": "x" * 50, "solution": "s"}])
     ps = load_problems(DataConfig(source=str(f), max_problem_tokens=10), count_tokens=len)
     assert len(ps.rows) == 1 and ps.dropped_too_long == 1
-    with pytest.raises(DataError, match="data file not found"):
+    with pytest.raises(UserError, match="nope.jsonl'?: no such file or directory"):
         load_problems(DataConfig(source=str(tmp_path / "nope.jsonl")))
 
 
