@@ -82,3 +82,25 @@ def test_maj_at_n():
     assert maj_at_n(["3", "4", "3", None], [True, False, True, False])
     assert not maj_at_n(["4", "4", "3"], [False, False, True])
     assert not maj_at_n([None, None], [False, False])
+
+
+# (model's boxed answer, reference): equal only up to mathematics, so exact or normalised string
+# comparison cannot accept them; measured here: all 13 accepted by math-verify.
+NEEDS_MATH_VERIFY = [("\\dfrac{1}{2}", "0.5"), ("\\frac12", "\\frac{1}{2}"), ("x=3", "3"),
+                     ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"), ("5\\text{ cm}", "5"), ("\\text{(B)}", "B"),
+                     ("50\\%", "50"), ("\\frac{3}{6}", "\\frac{1}{2}"), ("1,2,3", "3,2,1"), ("10^{3}", "1000"),
+                     ("-\\frac{1}{4}", "-0.25"), ("\\frac{2}{4}", "0.5"), ("(x+1)^2", "x^2+2x+1")]
+# Close as strings (a bracket, a sign, a digit order, a truncation), different as mathematics.
+NOT_EQUAL = [("[1,2]", "[1,2)"), ("\\frac{1}{3}", "0.33"), ("12", "21"), ("(1,2)", "[1,2]"), ("x=4", "3"),
+             ("\\sqrt{3}", "\\sqrt{2}"), ("-0.5", "0.5"), ("2\\pi", "\\pi"), ("1,2", "1,2,3")]
+
+
+def test_equivalences_that_need_math_verify_and_near_misses(grader):
+    accepted = [(o, a) for o, a in NEEDS_MATH_VERIFY if grader.grade(f"so \\boxed{{{o}}}", a).correct]
+    methods = {grader.grade(f"\\boxed{{{o}}}", a).method for o, a in NEEDS_MATH_VERIFY}
+    rejected = [(o, a) for o, a in NOT_EQUAL if grader.grade(f"so \\boxed{{{o}}}", a).correct is False]
+    print(f"math-verify equivalences accepted {len(accepted)}/{len(NEEDS_MATH_VERIFY)}, "
+          f"near misses rejected {len(rejected)}/{len(NOT_EQUAL)}")
+    assert len(accepted) == len(NEEDS_MATH_VERIFY), set(NEEDS_MATH_VERIFY) - set(accepted)
+    assert methods == {"math_verify"}, methods
+    assert len(rejected) == len(NOT_EQUAL), set(NOT_EQUAL) - set(rejected)
