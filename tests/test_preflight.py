@@ -14,7 +14,6 @@ from opsd_megatron.train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_cpu.yaml")
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
 
 
 def _one_line(capsys, prog="opsd-train"):
@@ -120,5 +119,5 @@ def test_opsd_eval_checks_benchmarks_first(case, message, tmp_path, capsys):
 
 
 def test_opsd_eval_refuses_a_checkpoint_that_is_not_one(tmp_path, capsys):
-    assert eval_main([TINY, f"eval.benchmarks=[{GSM8K}]", "--checkpoint", str(tmp_path)]) == 2
+    assert eval_main([TINY, "eval.benchmarks=[synthetic:arith:10]", "--checkpoint", str(tmp_path)]) == 2
     assert "not a training checkpoint" in _one_line(capsys, "opsd-eval")

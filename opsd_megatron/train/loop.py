@@ -83,7 +83,10 @@ def run(cfg: OPSDConfig) -> dict:
     summary = {"steps": cfg.trainer.max_steps, "start_step": start, "final_loss": last.get("loss"),
                "generated_tokens": counters["generated_tokens"], "skipped_steps": counters["skipped_steps"],
                "wall_time_s": time.perf_counter() - t0, "layout": c.layout.describe(),
-               "checkpoint": str(latest_checkpoint(cfg))}
+               "checkpoint": str(latest_checkpoint(cfg)),
+               # what the built model really ran with (not just what the config asked for)
+               "features": {"sequence_parallel": bool(c.model.config.sequence_parallel),
+                            "recompute": c.model.config.recompute_granularity == "full"}}
     if rank0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if (out / "metrics.jsonl").exists():

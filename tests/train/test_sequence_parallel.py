@@ -1,9 +1,13 @@
-"""Sequence parallelism (and full activation recompute) change where activations live, not the
-math: 3-step TP=2 runs with and without them sample the same rollouts and log the same losses and
-gradient norms, for LoRA (adapters move between sequence shards themselves) and full-parameter
-training (norm weights see sequence shards: their gradients are summed over TP)."""
+"""Sequence parallelism and full activation recompute change where activations live, not the
+math: 3-step TP=2 runs with each one alone (LoRA) and both together (full-parameter training, where
+norm-weight gradients see sequence shards and are summed over TP) sample the same rollouts and log
+the same losses and gradient norms as plain TP=2. Each run records what the built model actually
+ran with (``summary.json`` ``features``), and the test asserts it, so a switch that silently did
+nothing cannot pass."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -11,22 +15,33 @@ from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
 from tests.train.tiny import RECIPE, metrics, overrides, rollouts
 
+FULL = ["lora=null", "teacher.model.kind=frozen_copy"]
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_sequence_parallel_and_recompute_train_exactly_like_plain_tp2(tmp_path, mode):
-    extra = [] if mode == "lora" else ["lora=null", "teacher.model.kind=frozen_copy"]
-    runs = {}
-    for sp in (False, True):
-        out = tmp_path / f"sp_{sp}"
-        flags = [f"parallel.sequence_parallel={str(sp).lower()}", f"model.recompute={str(sp).lower()}"]
-        run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), timeout=300)
-        runs[sp] = out
-    plain, sp = metrics(runs[False]), metrics(runs[True])
-    assert [m["step"] for m in sp] == [1, 2, 3]
-    for a, b in zip(plain, sp):
+
+def _run(out, extra, sp, recompute):
+    flags = [f"parallel.sequence_parallel={str(sp).lower()}", f"model.recompute={str(recompute).lower()}"]
+    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), timeout=300)
+    features = json.loads((out / "summary.json").read_text())["features"]
+    assert features == {"sequence_parallel": sp, "recompute": recompute}, features
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plain")
+    return {"lora": _run(root / "lora", [], False, False), "full": _run(root / "full", FULL, False, False)}
+
+
+@pytest.mark.parametrize("mode,sp,recompute", [("lora", True, False), ("lora", False, True), ("full", True, True)],
+                         ids=["lora-sp", "lora-recompute", "full-sp+recompute"])
+def test_sequence_parallel_and_recompute_train_exactly_like_plain_tp2(tmp_path, plain, mode, sp, recompute):
+    run = _run(tmp_path / "run", FULL if mode == "full" else [], sp, recompute)
+    ref, got = metrics(plain[mode]), metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
         assert b["sampler_logprob_error"] <= 1e-4
     for step in (1, 2, 3):
-        assert [r["response_ids"] for r in rollouts(runs[False], step)] == \
-            [r["response_ids"] for r in rollouts(runs[True], step)]
+        assert [r["response_ids"] for r in rollouts(plain[mode], step)] == \
+            [r["response_ids"] for r in rollouts(run, step)]
