@@ -35,10 +35,24 @@ def _strip(rows):
 def straight(tmp_path_factory):
     """An uninterrupted 3-step run, a checkpoint after every step."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    res = subprocess.run([sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *_ov(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *_ov(out),
+                          "logging.tensorboard=true"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+def test_tensorboard_holds_the_logged_scalars(straight):
+    """Read the event files back with TensorBoard's own reader: every step's loss, grad norm and
+    LR, equal to metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    rows = metrics(straight)
+    for key in ("loss", "grad_norm", "lr"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert [s for s, _ in got] == [r["step"] for r in rows], key
+        assert all(abs(v - r[key]) <= 1e-6 * max(1.0, abs(r[key])) for (_, v), r in zip(got, rows)), (key, got)
 
 
 def _snapshot(out):
