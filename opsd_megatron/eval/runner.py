@@ -70,7 +70,7 @@ def evaluate(model, tokenizer, cfg, arch, tag: str = "eval", with_reference: boo
                 grades = [grader.grade(o, row["answer"], row.get("answer_type")) for o in outs]
                 per_problem.append({"id": row["id"], "correct": [g.correct for g in grades],
                                     "extracted": [g.extracted for g in grades]})
-            report["benchmarks"][name] = summarize(per_problem, cfg.eval.ks)
+            report["benchmarks"][name] = {**summarize(per_problem, cfg.eval.ks), "per_problem": per_problem}
     finally:
         if grader is not None:
             grader.close()
