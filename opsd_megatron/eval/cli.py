@@ -19,6 +19,15 @@ from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.preflight import check_eval_run
 
 
+def _recorded_lora(model_dir: Path):
+    """The LoRAConfig a training checkpoint was written with (None: full-parameter weights)."""
+    from opsd_megatron.models.checkpoint import read_checkpoint_metadata
+    from opsd_megatron.models.lora import LoRAConfig
+
+    block = read_checkpoint_metadata(model_dir)[1].get("lora")
+    return LoRAConfig(**block) if block else None
+
+
 def _rank_entry(recipe, overrides, checkpoint, tag):
     import torch.distributed as dist
 
@@ -34,10 +43,14 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
     layout = validate_layout(cfg, dist.get_world_size(), arch)
     initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
     model = build_model(cfg, arch, params_dtype(cfg))
-    if checkpoint:
-        if cfg.lora is not None:
-            apply_lora(model, cfg.lora)
-        load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=cfg.lora is not None)
+    if checkpoint:  # the adapters the checkpoint recorded, never the recipe's lora section
+        recorded = _recorded_lora(Path(checkpoint) / "model")
+        if recorded is not None:
+            if cfg.lora is not None and recorded != cfg.lora and dist.get_rank() == 0:
+                print(f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says {cfg.lora})",
+                      flush=True)
+            apply_lora(model, recorded)
+        load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=recorded is not None)
     return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, tag)
 
 

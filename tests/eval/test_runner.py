@@ -33,5 +33,10 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     ckpt = str(out / "checkpoints" / "step_000002")
     again = run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=EVAL), ckpt, "from_ckpt")[0]
     assert again["benchmarks"] == periodic["benchmarks"]
+    # another lora section in the recipe (rank and alpha) must not change what is evaluated: the
+    # checkpoint's recorded adapters are used (before: a shape-mismatch crash, or silently a 4x scale)
+    other = run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "lora.rank=2",
+                                                                                "lora.alpha=64"]), ckpt, "other")[0]
+    assert other["benchmarks"] == periodic["benchmarks"]
     # (the random tiny model answers nothing right before or after 2 steps, so this shows the path
     # runs and reproduces, not that a wrong adapter would be caught: test_lora covers the loading)
