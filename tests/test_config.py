@@ -125,6 +125,16 @@ def test_cli_dry_run_prints_config_and_layout():
     assert "world 8 = TP 1 x PP 1 x DP 8" in out.stdout and "beta: 0.5" in out.stdout
 
 
+def test_options_and_overrides_in_any_order(capsys):
+    from opsd_megatron.eval.cli import main as eval_main
+    from opsd_megatron.train.cli import main as train_main
+
+    assert train_main([str(TINY), "--dry-run", "trainer.max_steps=3"]) == 0
+    assert "max_steps: 3" in capsys.readouterr().out
+    assert eval_main([str(TINY), "--tag", "ref", "eval.with_reference=true", "eval.benchmarks=[synthetic:arith:4]",
+                      "--dry-run"]) == 0
+
+
 def test_cli_bad_override_exits_2_with_message():
     out = _cli(str(TINY), "trainer.max_stesp=1", "--dry-run")
     assert out.returncode == 2 and "did you mean 'trainer.max_steps'" in out.stderr

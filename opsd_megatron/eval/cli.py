@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="eval", help="name of the report files under OUT/eval/")
     p.add_argument("--dry-run", action="store_true", help="check the recipe, paths and benchmark files, then exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # paths, benchmark files and the checkpoint are checked before any rank starts
         cfg = load_config(args.recipe, args.overrides)
         if not cfg.eval.benchmarks:

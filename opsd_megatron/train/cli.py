@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-gib", type=float, default=None,
                    help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # everything a user can get wrong is found here, before any rank or model exists
         cfg = load_config(args.recipe, args.overrides)
         check_training_run(cfg)

@@ -97,6 +97,7 @@ def train_step(c, algorithm, step: int) -> dict:
     t1 = time.perf_counter()
     normalizer = global_normalizer([mb.response_mask_BR for mb in micro_batches], c.cfg.loss.reduction,
                                    ps.get_data_parallel_group())
+    lr = c.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
     zero_grads(c.ddp, c.optimizer)
     c.model.train()
     stats = student_pass(c, algorithm, micro_batches, normalizer)
@@ -113,7 +114,7 @@ def train_step(c, algorithm, step: int) -> dict:
         out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
     tokens = counts.pop("generated_tokens")
     out.update(counts)
-    out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=c.scheduler.get_last_lr()[0],
+    out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=lr,
                response_length=tokens / c.cfg.trainer.global_batch_size, generated_tokens=tokens,
                rollout_time=t1 - t0, train_time=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
     if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time

@@ -5,6 +5,7 @@ checkpoint is reported and skipped for the previous one, landing on an uninterru
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -49,6 +50,9 @@ def test_tensorboard_holds_the_logged_scalars(straight):
     events = EventAccumulator(str(straight / "tensorboard"))
     events.Reload()
     rows = metrics(straight)
+    # lr is the rate each step used: 0.05 * cosine over 3 steps without warmup (tiny.overrides)
+    assert [r["lr"] for r in rows] == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * s / STEPS))
+                                                     for s in range(STEPS)], rel=1e-12)
     for key in ("loss", "grad_norm", "lr"):
         got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
         assert [s for s, _ in got] == [r["step"] for r in rows], key
