@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit (A100-80GB by default)")
     ap.add_argument("--world", type=int, default=None, help="GPUs in the job (default: the recipe's layout)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = load_config(args.recipe, args.overrides)
         layout = validate_layout(cfg, args.world)
