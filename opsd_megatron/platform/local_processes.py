@@ -131,12 +131,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 reports[r] = ("error", (f"process exited with code {p.exitcode}", None))
         for r in range(world_size):
             reports.setdefault(r, ("error", ("did not report (stopped after another rank failed)", None)))
-    finally:
+    finally:  # after success the ranks exit by themselves; after a failure or Ctrl-C they are killed
+        clean = len(reports) == world_size and all(st == "ok" for st, _ in reports.values())
         for p in procs:
-            p.join(timeout=5 if all(st == "ok" for st, _ in reports.values()) else 0.5)
+            p.join(timeout=5 if clean else 0.5)
             if p.is_alive():
                 _kill_tree(p.pid)
-                p.join()
+                p.join(timeout=30)
         del master
     failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}
     if failed:

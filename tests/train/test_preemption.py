@@ -49,7 +49,12 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
         time.sleep(0.1)
     os.killpg(proc.pid, sig.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # never leave the ranks behind; say where it stood
+        os.killpg(proc.pid, sig.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"still running 120 s after Ctrl-C; its stderr ended with: {err[-3000:]}") from None
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "opsd-train: interrupted"
     assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()

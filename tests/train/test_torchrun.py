@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,9 +24,17 @@ def test_torchrun_two_ranks_train_and_match_the_fp64_reference(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     under = tmp_path / "torchrun"
-    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "opsd_megatron.train.cli",
-                          RECIPE, *overrides(under, tp=2, steps=2)], capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "opsd_megatron.train.cli",
+           RECIPE, *overrides(under, tp=2, steps=2)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: a hang kills the ranks too
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
     rows = metrics(under)
     assert [m["step"] for m in rows] == [1, 2] and all(m["skipped"] == 0 for m in rows)
     want = reference_first_step_loss(under)  # fp64 HF transformers on the run's own rollouts
