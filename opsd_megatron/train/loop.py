@@ -26,10 +26,11 @@ def run(cfg: OPSDConfig) -> dict:
     preemption.install()
     out = Path(cfg.trainer.output_dir)
     ckpt = select_checkpoint(cfg) if cfg.checkpoint.resume is not False else None  # verified against its manifest
-    if ckpt is not None and read_state(ckpt)["step"] >= cfg.trainer.max_steps:
+    saved_step = read_state(ckpt)["step"] if ckpt is not None else 0
+    if saved_step >= cfg.trainer.max_steps:
         if rank0:
-            print(f"[opsd] {out}: finished at step {read_state(ckpt)['step']} ({ckpt}); nothing to do", flush=True)
-        return {"steps": read_state(ckpt)["step"], "finished": True}
+            print(f"[opsd] {out}: finished at step {saved_step} ({ckpt}); nothing to do", flush=True)
+        return {"steps": saved_step, "finished": True}
     if ckpt is None and rank0:  # a fresh start never overwrites an earlier run's files
         moved = archive_previous_run(out, time.strftime("%Y%m%d-%H%M%S"))
         if moved:

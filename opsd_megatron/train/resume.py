@@ -67,10 +67,9 @@ def config_diff(saved: dict, current: dict) -> list[tuple[str, object, object]]:
 def plan_resume(cfg: OPSDConfig) -> ResumePlan:
     """What the run will do with ``trainer.output_dir``; ResumeMismatch if it must not start."""
     mode = cfg.checkpoint.resume
-    found = [d for d in candidates(cfg) if not problems_with(d, checksums=False)]
-    if not found:
+    newest = next((d for d in candidates(cfg) if not problems_with(d, checksums=False)), None)
+    if newest is None:
         return ResumePlan("fresh")
-    newest = found[0]
     if mode is False:
         return ResumePlan("fresh", notes=[f"checkpoint.resume=false: the previous run's files in "
                                           f"{cfg.trainer.output_dir} move to {cfg.trainer.output_dir}/previous/"])
