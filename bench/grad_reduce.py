@@ -25,7 +25,8 @@ def _bench(steps: int, distributed: bool):
 
     from opsd_megatron.config import OPSDConfig
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.train.optimizer import finish_gradients, wrap_and_build, zero_grads
 

@@ -28,10 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
-from opsd_megatron.config import ConfigError, load_config
+from opsd_megatron.config import ConfigError, load_config, load_structured
 
 
 @dataclass
@@ -60,13 +59,9 @@ class DemoConfig:
 
 
 def load_demo(path: str, overrides: list[str]) -> DemoConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(raw) - {"output_dir", "common", "base", "arms", "seeds"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown demo keys {sorted(unknown)} (expected output_dir, common, base, arms, "
-                          f"seeds)")
-    merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
-    d = DemoConfig(**OmegaConf.to_container(merged))
+    """The demo recipe through the same loader as a run's (unknown keys, types and ``defaults_from``
+    handled alike); each stage's recipe is then validated as a run's config."""
+    d = load_structured(DemoConfig, path, overrides)
     d.arms = {k: v for k, v in (d.arms or {}).items() if v is not None}
     if "opsd" not in d.arms:
         raise ConfigError(f"{path}: arms.opsd is required")
@@ -218,6 +213,8 @@ def run_seeds(d: DemoConfig, n: int) -> dict:
 
 
 def main(argv=None) -> int:
+    """``opsd-demo``: base by SFT, then every arm from it, evaluated on held-out problems; with
+    ``--seeds N`` the same for N seed triples and their spread. Returns the exit code."""
     p = argparse.ArgumentParser(prog="opsd-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default="recipes/demo_cpu.yaml")

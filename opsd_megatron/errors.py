@@ -12,6 +12,10 @@ class UserError(ValueError):
     """Something the user can fix; the message names the file/line or key and the value."""
 
 
+class ConfigError(UserError):
+    """A recipe or override is invalid; the message names the key and where it was set."""
+
+
 class PathError(UserError):
     """A configured path does not exist, has the wrong form, or a Hub name cannot be fetched."""
 

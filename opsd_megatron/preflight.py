@@ -62,7 +62,7 @@ def check_data(cfg) -> None:
 
 
 def check_benchmarks(cfg) -> None:
-    from opsd_megatron.eval.benchmarks import load_benchmark
+    from opsd_megatron.data.benchmarks import load_benchmark
 
     for spec in cfg.eval.benchmarks:
         spec = str(spec)

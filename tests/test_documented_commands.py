@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from opsd_megatron.config import load_config, validate_layout
+from opsd_megatron.models.from_config import arch_of
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = re.compile(r"\s\[(?:--|key=|DIR)[^\]]*\]")  # "[--gpu-gib 80]", "[key=value ...]": placeholders
@@ -56,7 +57,7 @@ def _opsd(prog: str, argv: list[str], capsys) -> None:
     recipe, overrides, flags = _recipe_and_overrides(argv)
     assert (ROOT / recipe).is_file(), recipe
     cfg = load_config(ROOT / recipe, overrides)
-    validate_layout(cfg)
+    validate_layout(cfg, arch=arch_of(cfg.model))
     if prog == "opsd-plan":
         assert plan_main([str(ROOT / recipe), *overrides, *flags]) == 0
         return
@@ -90,7 +91,8 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
         assert script.is_file() and subprocess.run(["bash", "-n", str(script)]).returncode == 0
         if "=" in command:  # overrides go to the script's recipe
             recipe = re.search(r"RECIPE:-([^}]+)}", script.read_text()).group(1)
-            validate_layout(load_config(ROOT / recipe, [a for a in argv[2:] if "=" in a]))
+            cfg = load_config(ROOT / recipe, [a for a in argv[2:] if "=" in a])
+            validate_layout(cfg, arch=arch_of(cfg.model))
     elif prog in ("python", "python3"):
         tool = ROOT / argv[1]
         assert tool.is_file(), tool

@@ -27,7 +27,8 @@ def _count(tp, pp, cfg):
     from megatron.core import parallel_state as ps
 
     from opsd_megatron.models import build_gpt_model
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, pp)
@@ -66,7 +67,7 @@ def test_plan_terms_and_distributed_optimizer():
 
 def test_cli_finds_a_fitting_layout_for_full_parameter_8b():
     out = subprocess.run([sys.executable, "-m", "opsd_megatron.plan_cli", str(ROOT / "recipes" / "qwen3_8b.yaml"),
-                          "lora=null", "teacher.model.kind=frozen_copy"], capture_output=True, text=True)
+                          "lora=null", "teacher.weights=frozen_copy"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "fits a 80 GiB GPU: no" in out.stdout and "smallest layout that fits" in out.stdout
     assert "torchrun --nproc-per-node 8" in out.stdout
@@ -76,7 +77,7 @@ def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
     here = ["model.megatron_dir=null", "model.tokenizer=builtin:arith", "data.source=synthetic:arith",
             "data.problem_field=problem", "data.solution_field=solution"]  # the recipe's paths exist on a cluster
     cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "qwen3_8b.yaml"), *here, "lora=null",
-           "teacher.model.kind=frozen_copy", "--dry-run", "--gpu-gib", "80"]
+           "teacher.weights=frozen_copy", "--dry-run", "--gpu-gib", "80"]
     refused = subprocess.run(cmd, capture_output=True, text=True)
     assert refused.returncode == 2
     assert "more than the 80 GiB GPU" in refused.stderr and "smallest layout that fits is TP" in refused.stderr

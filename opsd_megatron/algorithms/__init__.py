@@ -1,15 +1,27 @@
-"""Training algorithms sharing data, rollouts, model, checkpoints and logging: each one prepares
-the step's micro-batches and defines the per-response-token loss. ``algorithm: opsd|sft|grpo``."""
+"""Training algorithms sharing data, rollouts, model, checkpoints and logging: each implements
+the phases of ``base.Algorithm`` (rollout, score, per-token loss). ``algorithm: opsd|sft|grpo``."""
 
 from __future__ import annotations
 
+from opsd_megatron.algorithms.base import Algorithm, Rollouts, Scored
+from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.config import OPSDConfig
+from opsd_megatron.models.teacher import Teacher
 
-def build_algorithm(cfg):
+__all__ = ["Algorithm", "RolloutSource", "Rollouts", "Scored", "build_algorithm"]
+
+
+def build_algorithm(cfg: OPSDConfig, source: RolloutSource, teacher: Teacher, vocab_size: int) -> Algorithm:
+    """The configured algorithm, built from the config sections it needs."""
     from opsd_megatron.algorithms.grpo import GRPO
     from opsd_megatron.algorithms.opsd import OPSD
     from opsd_megatron.algorithms.sft import SFT
+    from opsd_megatron.data.grading import Grader
 
-    algorithms = {"opsd": OPSD, "sft": SFT, "grpo": GRPO}
-    if cfg.algorithm not in algorithms:
-        raise ValueError(f"algorithm must be one of {sorted(algorithms)}, got {cfg.algorithm!r}")
-    return algorithms[cfg.algorithm]()
+    if cfg.algorithm == "opsd":
+        return OPSD(source, cfg.loss, cfg.data, teacher, vocab_size, cfg.rollout.num_rollouts)
+    if cfg.algorithm == "sft":
+        return SFT(source, cfg.sft, vocab_size)
+    if cfg.algorithm == "grpo":
+        return GRPO(source, cfg.grpo, cfg.rollout.temperature, teacher, Grader(cfg.eval.grade_timeout), vocab_size)
+    raise ValueError(f"algorithm must be opsd|sft|grpo, got {cfg.algorithm!r}")

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from opsd_megatron.algorithms.rollouts import student_rollouts
-from opsd_megatron.eval.grading import Grader, last_boxed
+from opsd_megatron.algorithms.base import Rollouts, Scored
+from opsd_megatron.algorithms.batches import MicroBatch, response_rows
+from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.config import GRPOConfig
+from opsd_megatron.data.grading import Grader, last_boxed
 from opsd_megatron.losses import vocab_parallel_token_logprobs
 from opsd_megatron.models.forward import forward_logits
-from opsd_megatron.train.batches import micro_batches, problems_for_step, response_rows
+from opsd_megatron.models.teacher import Teacher
+from opsd_megatron.platform.parallel import ParallelGroups
 
 
 def group_advantages(rewards_G: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,62 +31,60 @@ def group_advantages(rewards_G: torch.Tensor, eps: float = 1e-6) -> tuple[torch.
 
 
 class GRPO:
-    @staticmethod
-    def stat_names(cfg) -> list[str]:
-        return ["kl"] if cfg.grpo.kl_coef > 0 else []
+    def __init__(self, source: RolloutSource, grpo: GRPOConfig, temperature: float, reference: Teacher | None,
+                 grader: Grader | None, vocab_size: int):
+        """``temperature``: the sampler's, at which the ratio's log-probs are taken; ``reference``:
+        the initial policy for the KL term (the teacher's module); ``grader``: the reward."""
+        self.source, self.grpo, self.temperature = source, grpo, temperature
+        self.reference, self.grader, self.vocab_size = reference, grader, vocab_size
+        self.stat_names = ("kl",) if grpo.kl_coef > 0 else ()
 
-    def __init__(self):
-        self.grader = None
+    def rollout(self, step: int) -> Rollouts:
+        """``grpo.group_size`` samples per problem, on one DP rank."""
+        return self.source.sample(step, self.grpo.group_size)
 
-    def prepare(self, c, step: int):
-        cfg, tok = c.cfg, c.tokenizer
-        g = cfg.grpo.group_size
-        problems = problems_for_step(c, step, g)
-        prompts, rollout = student_rollouts(c, problems, step)
-        self.grader = self.grader or Grader(cfg.eval.grade_timeout)
+    def score(self, rollouts: Rollouts) -> Scored:
+        """Binary rewards from the grader, group-normalised advantages; groups with no reward
+        variance are masked out of the loss; reference log-probs for the KL term."""
+        tok, g, micro = self.source.tokenizer, self.grpo.group_size, self.source.micro_batch_size
         rewards = torch.tensor([
             float(bool(self.grader.grade(tok.decode(r, skip_special_tokens=True),
                                          p.get("answer") or last_boxed(p["solution"]) or "").correct))
-            for p, r in zip(problems, rollout.responses)])
+            for p, r in zip(rollouts.problems, rollouts.responses)])
         adv, informative = group_advantages(rewards.view(-1, g))
         adv, keep = adv.reshape(-1), informative.repeat_interleave(g)
-        mbs = micro_batches(prompts, rollout.responses, rollout.logprobs, cfg.trainer.micro_batch_size,
-                            tok.pad_token_id)
-        micro = cfg.trainer.micro_batch_size
+        mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
         for k, mb in enumerate(mbs):
             rows = slice(k * micro, (k + 1) * micro)
             mb.response_mask_BR &= keep[rows, None]
             mb.extras["advantage_B"] = adv[rows]
-            if cfg.grpo.kl_coef > 0:
-                self._reference_logprobs(c, mb)
-        info = {"generated_tokens": float(rollout.num_tokens), "reward_sum": float(rewards.sum()),
-                "rollouts": float(len(rewards)), "skipped_groups": float((~informative).sum())}
-        return mbs, info
+            if self.grpo.kl_coef > 0:
+                self._reference_logprobs(mb)
+        counts = {"generated_tokens": float(rollouts.generated_tokens), "reward_sum": float(rewards.sum()),
+                  "rollouts": float(len(rewards)), "skipped_groups": float((~informative).sum())}
+        return Scored(mbs, counts)
 
-    def _reference_logprobs(self, c, mb) -> None:
-        from megatron.core import parallel_state as ps
-
-        with c.teacher.active() as ref:  # the initial policy: adapters off / frozen copy
+    def _reference_logprobs(self, mb: MicroBatch) -> None:
+        with self.reference.active() as ref:  # the initial policy: adapters off / frozen copy
             logits = forward_logits(ref, mb.student.tokens_BT, mb.student.position_ids_BT)
         if logits is not None:
             rows = response_rows(logits, mb.student, mb.response_mask_BR.shape[1])
             mb.extras["ref_logprobs_BR"] = vocab_parallel_token_logprobs(
-                rows, mb.response_tokens_BR, temperature=c.cfg.rollout.temperature, vocab_size=c.arch.vocab_size,
-                group=ps.get_tensor_model_parallel_group())
+                rows, mb.response_tokens_BR, temperature=self.temperature, vocab_size=self.vocab_size,
+                group=self.source.groups.tp)
 
-    def per_token_loss(self, c, student_BRV, mb, group):
-        cfg = c.cfg
-        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR,
-                                                 temperature=cfg.rollout.temperature, vocab_size=c.arch.vocab_size,
-                                                 group=group)
+    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups | None):
+        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=self.temperature,
+                                                 vocab_size=self.vocab_size,
+                                                 group=groups.tp if groups is not None else None)
         ratio = torch.exp(logprobs - mb.sampler_logprobs_BR.to(logprobs.dtype))
         adv = mb.extras["advantage_B"][:, None].to(logprobs.dtype)
-        eps = cfg.grpo.clip_eps
+        eps = self.grpo.clip_eps
         loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
         diag = {}
-        if cfg.grpo.kl_coef > 0:
+        if self.grpo.kl_coef > 0:
             delta = mb.extras["ref_logprobs_BR"].to(logprobs.dtype) - logprobs
             kl = torch.exp(delta) - delta - 1
-            loss = loss + cfg.grpo.kl_coef * kl
+            loss = loss + self.grpo.kl_coef * kl
             diag["kl"] = kl
         return loss, diag

@@ -1,43 +1,56 @@
-"""On-Policy Self-Distillation: the student samples ŷ from the problem alone; the teacher (frozen
-initial policy, or EMA/current) scores ŷ after reading the problem and the reference solution; the
-loss is the vocab-parallel JSD_β (or the sampled-token objective) on ŷ's tokens."""
+r"""On-Policy Self-Distillation: the student samples ŷ from the problem alone; the teacher (frozen
+initial policy, or EMA/current) scores ŷ after reading the problem and the reference solution in
+one forward pass; the loss on each of ŷ's tokens is the vocab-parallel generalized JSD_β between
+the teacher's and the student's next-token distributions (``loss.kind=jsd``), or the sampled-token
+objective −sg[log p_T(ŷ_n) − log p_S(ŷ_n)]·log p_S(ŷ_n) (``loss.kind=sampled_token``)."""
 
 from __future__ import annotations
 
-from opsd_megatron.algorithms.rollouts import student_rollouts
+import torch
+
+from opsd_megatron.algorithms.base import Rollouts, Scored
+from opsd_megatron.algorithms.batches import MicroBatch, response_rows
+from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
 from opsd_megatron.losses import vocab_parallel_jsd_with_entropy, vocab_parallel_sampled_token_loss
-from opsd_megatron.train.batches import micro_batches, problems_for_step, response_rows
+from opsd_megatron.models.teacher import Teacher
+from opsd_megatron.platform.parallel import ParallelGroups
 
 
 class OPSD:
-    @staticmethod
-    def stat_names(cfg) -> list[str]:
-        return ["student_entropy", "teacher_entropy"] if cfg.loss.kind == "jsd" else ["advantage"]
+    def __init__(self, source: RolloutSource, loss: LossConfig, data: DataConfig, teacher: Teacher,
+                 vocab_size: int, num_rollouts: int = 1):
+        self.source, self.loss, self.data, self.teacher = source, loss, data, teacher
+        self.vocab_size, self.num_rollouts = vocab_size, num_rollouts
+        self.stat_names = ("student_entropy", "teacher_entropy") if loss.kind == "jsd" else ("advantage",)
 
-    def prepare(self, c, step: int):
-        cfg, tok = c.cfg, c.tokenizer
-        problems = problems_for_step(c, step, cfg.rollout.num_rollouts)
-        prompts, rollout = student_rollouts(c, problems, step)
-        mbs = micro_batches(prompts, rollout.responses, rollout.logprobs, cfg.trainer.micro_batch_size,
-                            tok.pad_token_id)
-        micro = cfg.trainer.micro_batch_size
-        for k, mb in enumerate(mbs):  # teacher pass: forward-only, no grad
-            rows = problems[k * micro:(k + 1) * micro]
-            teacher = pack([teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"]) for p in rows],
-                           rollout.responses[k * micro:(k + 1) * micro], tok.pad_token_id)
-            logits = c.teacher.logits(teacher.tokens_BT, teacher.position_ids_BT)
-            if logits is not None:  # last pipeline stage
+    def rollout(self, step: int) -> Rollouts:
+        """``rollout.num_rollouts`` samples per problem, from the student prompt."""
+        return self.source.sample(step, self.num_rollouts)
+
+    def score(self, rollouts: Rollouts) -> Scored:
+        """The teacher pass: each micro-batch's responses after the teacher prompt (problem +
+        reference solution), forward-only; its vocab-sharded logits at the response positions go
+        to ``extras["teacher_logits_BRV"]`` on the last pipeline stage."""
+        tok, micro = self.source.tokenizer, self.source.micro_batch_size
+        mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
+        for k, mb in enumerate(mbs):
+            rows = slice(k * micro, (k + 1) * micro)
+            prompts = [teacher_prompt_ids(tok, self.data, p["problem"], p["solution"])
+                       for p in rollouts.problems[rows]]
+            teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)
+            logits = self.teacher.logits(teacher.tokens_BT, teacher.position_ids_BT)
+            if logits is not None:
                 mb.extras["teacher_logits_BRV"] = response_rows(logits, teacher, mb.response_mask_BR.shape[1])
-        return mbs, {"generated_tokens": float(rollout.num_tokens)}
+        return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens)})
 
-    def per_token_loss(self, c, student_BRV, mb, group):
-        cfg = c.cfg
-        kw = dict(temperature=cfg.loss.temperature, vocab_size=c.arch.vocab_size, group=group)
+    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+        kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
         teacher = mb.extras["teacher_logits_BRV"]
-        if cfg.loss.kind == "jsd":
-            out = vocab_parallel_jsd_with_entropy(student_BRV, teacher, beta=cfg.loss.beta,
-                                                  term_clip=cfg.loss.term_clip, **kw)
+        if self.loss.kind == "jsd":
+            out = vocab_parallel_jsd_with_entropy(student_BRV, teacher, beta=self.loss.beta,
+                                                  term_clip=self.loss.term_clip, **kw)
             return out.loss, {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
         out = vocab_parallel_sampled_token_loss(student_BRV, teacher, mb.response_tokens_BR, **kw)
         return out.loss, {"advantage": out.advantage}

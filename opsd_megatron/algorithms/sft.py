@@ -6,28 +6,41 @@ from __future__ import annotations
 
 import zlib
 
-from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
+import torch
+
+from opsd_megatron.algorithms.base import Rollouts, Scored
+from opsd_megatron.algorithms.batches import MicroBatch
+from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.config import SFTConfig
+from opsd_megatron.data.prompts import teacher_prompt_ids
 from opsd_megatron.losses import vocab_parallel_token_logprobs
-from opsd_megatron.train.batches import micro_batches, problems_for_step
+from opsd_megatron.platform.parallel import ParallelGroups
 
 
 class SFT:
-    @staticmethod
-    def stat_names(cfg) -> list[str]:
-        return []
+    stat_names: tuple[str, ...] = ()
 
-    def prepare(self, c, step: int):
-        cfg, tok = c.cfg, c.tokenizer
-        problems = problems_for_step(c, step)
-        frac = cfg.sft.teacher_prompt_fraction
-        prompts = [teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"])
-                   if (zlib.crc32(f"{step}:{i}".encode()) % 1000) < frac * 1000
-                   else student_prompt_ids(tok, cfg.data, p["problem"]) for i, p in enumerate(problems)]
+    def __init__(self, source: RolloutSource, sft: SFTConfig, vocab_size: int):
+        self.source, self.sft, self.vocab_size = source, sft, vocab_size
+
+    def rollout(self, step: int) -> Rollouts:
+        """No sampling: the "responses" are the reference solutions, each after its prompt."""
+        src, tok = self.source, self.source.tokenizer
+        problems = src.problems_for_step(step)
+        student = src.student_prompts(problems)
+        frac = self.sft.teacher_prompt_fraction
+        prompts = [teacher_prompt_ids(tok, src.data, p["problem"], p["solution"])
+                   if (zlib.crc32(f"{step}:{i}".encode()) % 1000) < frac * 1000 else student[i]
+                   for i, p in enumerate(problems)]
         targets = [tok.encode(p["solution"], add_special_tokens=False) + [tok.eos_token_id] for p in problems]
-        return micro_batches(prompts, targets, None, cfg.trainer.micro_batch_size, tok.pad_token_id), \
-            {"generated_tokens": 0.0, "reference_tokens": float(sum(len(t) for t in targets))}
+        return Rollouts(step, problems, prompts, targets, None, 0)
 
-    def per_token_loss(self, c, student_BRV, mb, group):
-        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, vocab_size=c.arch.vocab_size,
-                                                 group=group)
+    def score(self, rollouts: Rollouts) -> Scored:
+        mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, None)
+        return Scored(mbs, {"generated_tokens": 0.0,
+                            "reference_tokens": float(sum(len(t) for t in rollouts.responses))})
+
+    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, vocab_size=self.vocab_size,
+                                                 group=groups.tp if groups is not None else None)
         return -logprobs, {}

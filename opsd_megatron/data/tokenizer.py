@@ -4,6 +4,7 @@ character tokenizer with a Qwen3-style chat template, so the tiny recipes need n
 from __future__ import annotations
 
 import string
+from typing import Protocol
 
 BUILTIN = "builtin:arith"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -31,7 +32,22 @@ def builtin_tokenizer():
     return fast
 
 
-def load_tokenizer(spec: str):
+class Tokenizer(Protocol):
+    """What the library uses of a tokenizer (an HF ``PreTrainedTokenizerBase`` has it all)."""
+
+    pad_token_id: int
+    eos_token_id: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict], **kwargs): ...
+
+    def __len__(self) -> int: ...
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
     if spec == BUILTIN:
         return builtin_tokenizer()
     from transformers import AutoTokenizer
@@ -42,7 +58,7 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
     """Token ids that end a response: EOS and Qwen's <|im_end|> / <|endoftext|> where present."""
     ids = {tokenizer.eos_token_id}
     for t in ("<|im_end|>", "<|endoftext|>"):

@@ -15,6 +15,7 @@ from pathlib import Path
 from opsd_megatron.config import ConfigError, load_config, validate_layout
 from opsd_megatron.errors import UserError, guarded
 from opsd_megatron.errors import report as report_error
+from opsd_megatron.models.from_config import arch_of
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.preflight import check_eval_run
 
@@ -22,7 +23,7 @@ from opsd_megatron.preflight import check_eval_run
 def _recorded_lora(model_dir: Path):
     """The LoRAConfig a training checkpoint was written with (None: full-parameter weights)."""
     from opsd_megatron.models.checkpoint import read_checkpoint_metadata
-    from opsd_megatron.models.lora import LoRAConfig
+    from opsd_megatron.config import LoRAConfig
 
     block = read_checkpoint_metadata(model_dir)[1].get("lora")
     return LoRAConfig(**block) if block else None
@@ -35,14 +36,14 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
     from opsd_megatron.eval.runner import evaluate
     from opsd_megatron.models.checkpoint import load_model_checkpoint
     from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.models.from_config import arch_of, build_model, params_dtype
     from opsd_megatron.platform import initialize_model_parallel
-    from opsd_megatron.train.setup import build_model, params_dtype
 
     cfg = load_config(recipe, overrides)
-    arch = cfg.model.arch()
-    layout = validate_layout(cfg, dist.get_world_size(), arch)
-    initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
-    model = build_model(cfg, arch, params_dtype(cfg))
+    arch = arch_of(cfg.model)
+    layout = validate_layout(cfg, dist.get_world_size(), arch=arch)
+    groups = initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
+    model = build_model(cfg, arch, params_dtype(cfg.model))
     if checkpoint:  # the adapters the checkpoint recorded, never the recipe's lora section
         recorded = _recorded_lora(Path(checkpoint) / "model")
         if recorded is not None:
@@ -51,10 +52,12 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
                       flush=True)
             apply_lora(model, recorded)
         load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=recorded is not None)
-    return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, tag)
+    return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, groups, tag)
 
 
 def main(argv=None) -> int:
+    """``opsd-eval``: check the recipe, benchmarks and checkpoint, then evaluate on every rank and
+    print the report; returns the exit code."""
     p = argparse.ArgumentParser(prog="opsd-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
         if not cfg.eval.benchmarks:
             raise ConfigError("eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]")
         check_eval_run(cfg, args.checkpoint)
-        layout = validate_layout(cfg, launched_world_size())
+        layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
     except UserError as err:
         return report_error("opsd-eval", err, args.debug)
     if args.dry_run:

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from opsd_megatron.config import OPSDConfig
+from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import chat_prompt_ids
-from opsd_megatron.eval.benchmarks import load_benchmark
-from opsd_megatron.eval.grading import Grader
+from opsd_megatron.data.tokenizer import Tokenizer, stop_token_ids
+from opsd_megatron.data.benchmarks import load_benchmark
 from opsd_megatron.eval.metrics import summarize
+from opsd_megatron.models.hf_config import ArchSpec
+from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
 
@@ -27,13 +31,11 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
     return cfg.data.teacher_template.format(problem=row["problem"], solution=row["solution"])
 
 
-def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference) -> list[list[str]]:
-    from megatron.core import parallel_state as ps
-
+def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference, groups) -> list[list[str]]:
     e = cfg.eval
     sampler = MegatronSampler(model, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, stop_ids=stop_ids,
-                              pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, seed=e.seed)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+                              pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, seed=e.seed, groups=groups)
+    dp, rank = groups.dp_size, groups.dp_rank
     jobs = [(i, s) for i in range(len(rows)) for s in range(e.n_samples)][rank::dp]
     texts = {}
     for start in range(0, len(jobs), e.batch_size):
@@ -48,13 +50,13 @@ def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference)
     return [[merged[(i, s)] for s in range(e.n_samples)] for i in range(len(rows))]
 
 
-def evaluate(model, tokenizer, cfg, arch, tag: str = "eval", with_reference: bool | None = None) -> dict | None:
+def evaluate(model, tokenizer: Tokenizer, cfg: OPSDConfig, arch: ArchSpec, groups: ParallelGroups, tag: str = "eval",
+             with_reference: bool | None = None) -> dict | None:
     """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere).
 
     ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template, which
     measures what OPSD relies on: how much better the model solves a problem when shown its solution."""
     with_reference = cfg.eval.with_reference if with_reference is None else with_reference
-    from opsd_megatron.data.tokenizer import stop_token_ids
 
     report = {"benchmarks": {}}
     grader = Grader(cfg.eval.grade_timeout) if dist.get_rank() == 0 else None
@@ -62,7 +64,7 @@ def evaluate(model, tokenizer, cfg, arch, tag: str = "eval", with_reference: boo
         for spec in cfg.eval.benchmarks:
             name, rows = load_benchmark(spec, cfg.eval)
             outputs = _generate(model, tokenizer, cfg, rows, stop_token_ids(tokenizer), arch.vocab_size,
-                                with_reference)
+                                with_reference, groups)
             if grader is None:
                 continue
             per_problem = []

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.layer_specs import gpt_block_spec
+from opsd_megatron.platform.parallel import current_groups
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,12 @@ def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *
     ``sequence_parallel`` applies only with TP > 1 (as in Megatron-LM); inputs must then be padded
     to a multiple of TP (``forward.pad_for_sequence_parallel``).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
+    groups = current_groups()
+
+    tp = groups.tp_size
+    pp = groups.pp_size
     layout = ParallelLayout(tp, pp, sequence_parallel=sequence_parallel and tp > 1)
     config = transformer_config(arch, layout, params_dtype, recompute, initialize)
     model = GPTModel(
@@ -87,8 +89,8 @@ def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *
         gpt_block_spec(arch, config, transformer_engine),
         vocab_size=arch.padded_vocab_size(layout.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
@@ -104,10 +106,10 @@ def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *
 
 def stage_layer_offset(arch: ArchSpec) -> int:
     """Global index of this pipeline stage's first decoder layer."""
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
-    per_stage = arch.num_layers // ps.get_pipeline_model_parallel_world_size()
-    return ps.get_pipeline_model_parallel_rank() * per_stage
+    per_stage = arch.num_layers // groups.pp_size
+    return groups.pp_rank * per_stage
 
 
 def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
@@ -116,8 +118,14 @@ def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
     megatron-core sets them only while initialising; a model built with ``initialize=False`` (its
     weights are loaded right after) would otherwise look TP-duplicated to norm and clipping code.
     """
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+    from megatron.core.tensor_parallel.layers import (
+        set_tensor_model_parallel_attributes,
+    )
 
     for m in module.modules():
         if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from opsd_megatron.errors import PathError
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.lora import SUFFIX
+from opsd_megatron.platform.parallel import current_groups
 
 METADATA = "opsd_model.json"
 
@@ -36,13 +37,13 @@ def save_model_checkpoint(model, ckpt_dir: str | Path, arch: ArchSpec, hf_config
     """Collective: every rank passes its model stage; ``ckpt_dir`` must exist and be empty.
     ``adapters_only``: just the LoRA adapters; ``base_only``: everything but them."""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
     ckpt_dir = Path(ckpt_dir)
     dist_checkpointing.save(_sharded(model, adapters_only, base_only), str(ckpt_dir))
     if dist.get_rank() == 0:
-        layout = {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-                  "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+        layout = {"tensor_model_parallel_size": groups.tp_size,
+                  "pipeline_model_parallel_size": groups.pp_size}
         write_metadata(ckpt_dir, arch, hf_config, layout, adapters_only, extra)
     dist.barrier()
 

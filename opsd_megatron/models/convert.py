@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.models.hf_io import HFCheckpointReader, atomic_output_dir, copy_tokenizer_files
+from opsd_megatron.models.hf_io import (
+    HFCheckpointReader,
+    atomic_output_dir,
+    copy_tokenizer_files,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_SUBDIR = "tokenizer"
@@ -69,10 +73,14 @@ def _hf_to_megatron_streamed(hf_dir: str, out: str, dtype: str) -> dict:
 
 
 def _megatron_to_hf_rank(ckpt_dir: str, out: str, tp: int, pp: int, dtype: str, adapters: str | None) -> dict:
+    from opsd_megatron.config import LoRAConfig
     from opsd_megatron.models import build_gpt_model
-    from opsd_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_metadata
+    from opsd_megatron.models.checkpoint import (
+        load_model_checkpoint,
+        read_checkpoint_metadata,
+    )
     from opsd_megatron.models.hf_weights import export_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, pp)

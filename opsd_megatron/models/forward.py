@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from opsd_megatron.platform.parallel import current_groups
+
 SP_ATTRIBUTES = ("sequence_parallel", "reduce_scatter_embeddings")  # what megatron caches per module
 
 
@@ -48,8 +50,9 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
     With an ``inference_context`` (KV cache, see ``kv_cache.py``) the tokens continue the cached
     prefix; the batch then goes through in one micro-batch.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    groups = current_groups()
 
     batch, seq = tokens_BT.shape
     micro = micro_batch_size or batch
@@ -79,6 +82,6 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
         outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=chunks, model=[model], num_microbatches=batch // micro,
             seq_length=seq, micro_batch_size=micro, forward_only=True, collect_non_loss_data=True)
-    if not ps.is_pipeline_last_stage():
+    if not groups.is_last_stage:
         return None
     return torch.cat(outputs, dim=0)[:, :real]

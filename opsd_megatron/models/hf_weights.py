@@ -17,6 +17,7 @@ from opsd_megatron.models import weight_map as wm
 from opsd_megatron.models.build import stage_layer_offset
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import HFCheckpointReader, HFCheckpointWriter
+from opsd_megatron.platform.parallel import current_groups
 
 
 def _base_parameters(model) -> dict[str, torch.Tensor]:
@@ -29,9 +30,9 @@ def _base_parameters(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
     """Copy this rank's shard of every parameter from the HF checkpoint; returns how many were set."""
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp, tp_rank = groups.tp_size, groups.tp_rank
     offset = stage_layer_offset(arch)
     count = 0
     for local_name, param in _base_parameters(model).items():
@@ -49,13 +50,13 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
 
 
 def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp = groups.tp_size
     if tp == 1:
         return [tensor]
     shards = [torch.empty_like(tensor) for _ in range(tp)]
-    dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(shards, tensor.contiguous(), group=groups.tp)
     return shards
 
 
@@ -81,10 +82,10 @@ def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
 def export_hf_weights(model, arch: ArchSpec, out_dir: Path, dtype: torch.dtype | None = None,
                       max_shard_bytes: int = 2 << 30) -> None:
     """Write the model's full weights as HF safetensors shards + index into ``out_dir`` (collective)."""
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
-    writes = ps.get_tensor_model_parallel_rank() == 0
-    writer = HFCheckpointWriter(Path(out_dir), max_shard_bytes, prefix=f"stage{ps.get_pipeline_model_parallel_rank()}-")
+    writes = groups.tp_rank == 0
+    writer = HFCheckpointWriter(Path(out_dir), max_shard_bytes, prefix=f"stage{groups.pp_rank}-")
     for _, full in iter_stage_hf_tensors(model, arch):
         if writes:
             for hf_name, tensor in full.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 
 
-
 @contextlib.contextmanager
 def sharded_inference_logits(model):
     """Inside the block, ``model(..., inference_context=ctx)`` returns vocab-sharded [B, S, V/tp] logits."""

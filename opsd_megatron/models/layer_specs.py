@@ -44,7 +44,10 @@ def gpt_layer_spec(arch: ArchSpec, transformer_engine: bool | None = None):
 
 def gpt_block_spec(arch: ArchSpec, config, transformer_engine: bool | None = None):
     """This pipeline stage's decoder block: its layers' spec and the final norm."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     layer = gpt_layer_spec(arch, transformer_engine)
     if transformer_engine is None:

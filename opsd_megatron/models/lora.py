@@ -24,44 +24,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.config import LoRAConfig
+from opsd_megatron.platform.parallel import current_groups
+
 # megatron submodule names of the paper's seven targets
-TARGETS = {
-    "q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
-    "gate": "linear_fc1", "up": "linear_fc1", "down": "linear_fc2",
-}
 SUFFIX = "_lora"
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
-    # Megatron fuses q,k,v into linear_qkv and gate,up into linear_fc1, so naming any member adapts
-    # the fused linear (as NeMo and Megatron-Bridge do).
-    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.target_modules) - set(TARGETS))
-        if unknown:
-            raise ValueError(f"lora.target_modules has unknown entries {unknown} (valid: {sorted(TARGETS)})")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def linear_names(self) -> set[str]:
-        return {TARGETS[t] for t in self.target_modules}
 
 
 def _kaiming(weight: torch.Tensor) -> None:
@@ -105,11 +77,11 @@ class LoRAAdapter(torch.nn.Module):
         """A: PEFT's kaiming-uniform on the full [r, in] matrix, then this rank's slice — the same
         default-generator draw on every TP rank, so TP=n starts exactly where TP=1 does. B: zeros.
         Done here, not through megatron's init, so it also happens when the base skips init."""
-        from megatron.core import parallel_state as ps
+        groups = current_groups()
 
         full = torch.empty(rank, in_size, dtype=torch.float32)
         _kaiming(full)
-        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        tp, tp_rank = groups.tp_size, groups.tp_rank
         shard = full.chunk(tp, dim=1 if row_parallel else 0)[tp_rank]
         self.lora_A.weight.copy_(shard.to(self.lora_A.weight.dtype))
         self.lora_B.weight.zero_()
@@ -138,7 +110,9 @@ class LoRAAdapter(torch.nn.Module):
     @torch.no_grad()
     def merged(self, base_weight: torch.Tensor) -> torch.Tensor:
         """This rank's shard of W + s·B·A (a collective over the TP group)."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region as gather_last
+        from megatron.core.tensor_parallel import (
+            gather_from_tensor_model_parallel_region as gather_last,
+        )
 
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.row_parallel:  # B is row-sharded: gather its rows

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.config import LoRAConfig
 from opsd_megatron.models import weight_map as wm
 from opsd_megatron.models.build import stage_layer_offset
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import atomic_output_dir
 from opsd_megatron.models.hf_weights import _gather_tp
-from opsd_megatron.models.lora import SUFFIX, LoRAAdapter, LoRAConfig
+from opsd_megatron.models.lora import SUFFIX, LoRAAdapter
+from opsd_megatron.platform.parallel import current_groups
 
 
 @torch.no_grad()
@@ -49,11 +51,12 @@ def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
 def save_peft_adapter(model, arch: ArchSpec, lora: LoRAConfig, out_dir: str | Path,
                       base_model: str = "", dtype: torch.dtype | None = None) -> Path:
     """Write the model's adapters as a PEFT directory (collective; global rank 0 writes, atomically)."""
-    from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
+    groups = current_groups()
+
     tensors = stage_peft_tensors(model, arch)
-    sends = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    sends = groups.tp_rank == 0 and groups.dp_rank == 0
     mine = {k: v.cpu() for k, v in tensors.items()} if sends else {}
     everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, everyone, dst=0)

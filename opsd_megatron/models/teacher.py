@@ -1,12 +1,14 @@
 """The teacher: by default the frozen initial policy, scoring the student's tokens in one pass.
 
+Where its weights live (``teacher.weights``):
+
 * ``lora_base`` (default, with LoRA): the student model itself with every adapter switched off
   (``adapters_disabled``) — no second copy of the weights; base weights are frozen by LoRA.
 * ``frozen_copy`` (full-parameter training): a separate copy of the initial model that never
   receives gradients; with ``offload=True`` its weights wait in host memory between teacher
   passes and move to the GPU only for them.
 
-What the teacher's weights track over training (``update``):
+What the teacher's weights track over training (``teacher.update``):
 * ``fixed`` — the initial policy (the paper's choice).
 * ``ema`` — an exponential moving average of the student's trainable weights (the adapters with
   LoRA, swapped in for the teacher pass; the frozen copy's weights in full-parameter mode).
@@ -16,46 +18,31 @@ What the teacher's weights track over training (``update``):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from opsd_megatron.config import TeacherConfig
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.lora import adapters, adapters_disabled
-
-KINDS = ("lora_base", "frozen_copy")
-
-
-@dataclass
-class TeacherConfig:
-    kind: str = "lora_base"
-    offload: bool = False  # frozen_copy only: keep the teacher in host memory between passes
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"teacher.kind must be one of {KINDS}, got {self.kind!r}")
 
 
 class Teacher:
     def __init__(self, student: torch.nn.Module, cfg: TeacherConfig,
-                 build_model: Callable[[], torch.nn.Module] | None = None, update: str = "fixed",
-                 ema_rate: float = 0.99):
+                 build_model: Callable[[], torch.nn.Module] | None = None):
         """``build_model`` makes an empty model of the student's architecture (frozen_copy only;
         megatron modules hold process groups, so they are rebuilt rather than deep-copied)."""
-        if update not in ("fixed", "ema", "current"):
-            raise ValueError(f"teacher update must be fixed|ema|current, got {update!r}")
-        self.cfg, self.update, self.ema_rate = cfg, update, ema_rate
+        self.cfg, self.update, self.ema_rate = cfg, cfg.update, cfg.ema_rate
         self.student = student
         self.shadow = None
-        if cfg.kind == "lora_base":
+        if cfg.weights == "lora_base":
             if not any(True for _ in adapters(student)):
-                raise ValueError("teacher.kind='lora_base' needs LoRA adapters on the student "
-                                 "(use teacher.kind='frozen_copy' for full-parameter training)")
+                raise ValueError("teacher.weights='lora_base' needs LoRA adapters on the student "
+                                 "(use teacher.weights='frozen_copy' for full-parameter training)")
             self.model = None
         else:
             if build_model is None:
-                raise ValueError("teacher.kind='frozen_copy' needs build_model to make the copy")
+                raise ValueError("teacher.weights='frozen_copy' needs build_model to make the copy")
             self.model = build_model().eval()
             self.model.load_state_dict(student.state_dict())
             for p in self.model.parameters():
@@ -63,7 +50,7 @@ class Teacher:
             self.device = next(self.model.parameters()).device
             if cfg.offload:
                 self.model.to("cpu")
-        if update == "ema" and self.model is None:
+        if self.update == "ema" and self.model is None:
             self.shadow = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
 
     @torch.no_grad()

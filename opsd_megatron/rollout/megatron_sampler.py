@@ -17,37 +17,36 @@ from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.sampling import sample_next_tokens
+from opsd_megatron.platform.parallel import ParallelGroups, current_groups
 
 
 class MegatronSampler:
     def __init__(self, model, *, temperature: float, top_k: int, top_p: float, stop_ids: list[int], pad_id: int,
-                 vocab_size: int, seed: int = 0):
+                 vocab_size: int, seed: int = 0, groups: ParallelGroups | None = None):
+        """``groups``: where the model sits (default: the initialised layout's)."""
         self.model = model
+        self.groups = groups or current_groups()
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
         self.pad_id, self.vocab_size, self.seed = pad_id, vocab_size, seed
         self.calls = 0
 
     def _generator(self) -> torch.Generator:
-        from megatron.core import parallel_state as ps
-
-        key = (self.seed, self.calls, ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank())
+        key = (self.seed, self.calls, self.groups.dp_rank, self.groups.tp_rank)
         return torch.Generator().manual_seed(hash(key) % (2**63))
 
     def _next(self, logits, b: int, gen):
         """Sample from last-position logits (last stage) and share the tokens with every stage."""
-        from megatron.core import parallel_state as ps
-
+        g = self.groups
         tok, lp = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
         if logits is not None:
             tok, lp = sample_next_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                          generator=gen, vocab_size=self.vocab_size,
-                                         group=ps.get_tensor_model_parallel_group())
+                                         group=g.tp)
             tok, lp = tok.cpu(), lp.cpu()
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            src = ps.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(tok, src, group=ps.get_pipeline_model_parallel_group())
-            dist.broadcast(lp, src, group=ps.get_pipeline_model_parallel_group())
+        if g.pp_size > 1:
+            dist.broadcast(tok, g.pp_last_rank, group=g.pp)
+            dist.broadcast(lp, g.pp_last_rank, group=g.pp)
         return tok, lp
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from opsd_megatron.models import weight_map as wm
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_weights import iter_stage_hf_tensors
 from opsd_megatron.models.random_init import hf_shapes
+from opsd_megatron.platform.parallel import current_groups
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -52,9 +53,9 @@ def _global_param_names(model, arch: ArchSpec) -> list[str]:
 def stream_hf_weights(model, arch: ArchSpec, bucket_bytes: int = 1 << 30, merge_lora: bool = True,
                       dtype: torch.dtype | None = None) -> Iterator[Bucket]:
     """Collective: yield buckets of (hf_name, full tensor) covering the whole model, on every rank."""
-    from megatron.core import parallel_state as ps
+    groups = current_groups()
 
-    pp, my_stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    pp, my_stage = groups.pp_size, groups.pp_rank
     shapes = hf_shapes(arch)
     local = iter_stage_hf_tensors(model, arch, merge_lora)
     bucket: Bucket = []
@@ -69,7 +70,7 @@ def stream_hf_weights(model, arch: ArchSpec, bucket_bytes: int = 1 << 30, merge_
             tensors = {n: torch.empty(shapes[n], dtype=ref.dtype, device=ref.device)
                        for n in wm.rule_for(name, arch).hf_names}
         if pp > 1:
-            group = ps.get_pipeline_model_parallel_group()
+            group = groups.pp
             src = dist.get_global_rank(group, owner)
             for t in tensors.values():
                 dist.broadcast(t, src, group=group)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.refit import stream_hf_weights
+from opsd_megatron.platform.parallel import ParallelGroups
 
 
 def _require_vllm():
@@ -72,19 +73,18 @@ def write_model_dir(cfg, tokenizer, out_dir: Path) -> Path:
 
 
 class VLLMEngine:
-    def __init__(self, model, arch, cfg, tokenizer, stop_ids: list[int]):
+    def __init__(self, model, arch, cfg, tokenizer, stop_ids: list[int], groups: ParallelGroups):
         vllm = _require_vllm()
-        from megatron.core import parallel_state as ps
 
         r, v = cfg.rollout, cfg.rollout.vllm
         self.model, self.arch, self.cfg = model, arch, cfg
         self.adapter_mode = v.lora_mode == "adapter" and cfg.lora is not None
         self.out = Path(cfg.trainer.output_dir) / "vllm"
         model_dir = write_model_dir(cfg, tokenizer, self.out / "model")
-        self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=groups.tp_size,
                             distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                             gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
-                            seed=r.seed + ps.get_data_parallel_rank(), load_format="dummy",
+                            seed=r.seed + groups.dp_rank, load_format="dummy",
                             enforce_eager=v.enforce_eager, logprobs_mode="processed_logprobs",
                             enable_lora=self.adapter_mode, max_lora_rank=cfg.lora.rank if self.adapter_mode else 16,
                             trust_remote_code=False)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
 from opsd_megatron.errors import UserError, guarded, report
-from opsd_megatron.plan_cli import refuse_unfit_layout
+from opsd_megatron.plan_config import refuse_unfit_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.preflight import check_training_run
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
 from opsd_megatron.train.resume import plan_resume
+from opsd_megatron.models.from_config import arch_of
 
 
 def _gpu_gib() -> float:
@@ -45,6 +46,9 @@ def _rank_entry(recipe, overrides):
 
 
 def main(argv=None) -> int:
+    """``opsd-train``: check the recipe, paths, data, layout fit and resume plan before any rank
+    starts (one-line errors, exit 2), then run the ranks (spawned on CPU, or as torchrun's);
+    returns the exit code (130 on Ctrl-C, the preemption code for a requeue)."""
     p = argparse.ArgumentParser(prog="opsd-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     try:  # everything a user can get wrong is found here, before any rank or model exists
         cfg = load_config(args.recipe, args.overrides)
         check_training_run(cfg)
-        layout = validate_layout(cfg, launched_world_size())
+        layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
         plan = plan_resume(cfg)
         refusal = None if args.force or plan.action == "finished" else refuse_unfit_layout(
             cfg, layout, args.gpu_gib or _gpu_gib())

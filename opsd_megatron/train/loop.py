@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from opsd_megatron.algorithms import build_algorithm
 from opsd_megatron.config import OPSDConfig, to_yaml
 from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train import preemption
@@ -22,6 +21,9 @@ from opsd_megatron.train.step import train_step
 
 
 def run(cfg: OPSDConfig) -> dict:
+    """The whole run on this rank: decide fresh/resume (verified checkpoint), build, then step,
+    log, evaluate and checkpoint until ``trainer.max_steps`` or a preemption request; returns the
+    summary (also written to ``OUT/summary.json``). Collective: every rank calls it."""
     rank0 = dist.get_rank() == 0
     preemption.install()
     out = Path(cfg.trainer.output_dir)
@@ -37,7 +39,6 @@ def run(cfg: OPSDConfig) -> dict:
             print(f"[opsd] starting fresh; the earlier run's files are in {moved}", flush=True)
     dist.barrier()
     c = build_components(cfg)
-    algorithm = build_algorithm(cfg)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -54,7 +55,7 @@ def run(cfg: OPSDConfig) -> dict:
     last = {}
     try:
         for step in range(start, cfg.trainer.max_steps):
-            last = train_step(c, algorithm, step)
+            last = train_step(c, c.algorithm, step)
             counters["generated_tokens"] += last["generated_tokens"]
             counters["skipped_steps"] += last["skipped"]
             last.update(total_generated_tokens=counters["generated_tokens"], skipped_steps=counters["skipped_steps"])
@@ -62,11 +63,11 @@ def run(cfg: OPSDConfig) -> dict:
                 print(f"[opsd] step {step + 1}: non-finite loss, update skipped", flush=True)
             done = step + 1
             if cfg.eval.interval and cfg.eval.benchmarks and done % cfg.eval.interval == 0:
-                report = evaluate(c.model, c.tokenizer, cfg, c.arch, tag=f"step_{done:06d}")
+                report = evaluate(c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}")
                 if report is not None:
                     last.update({f"eval/{k}": v for k, v in report["average"].items()})
                 if cfg.eval.teacher_too:
-                    report = evaluate(c.model, c.tokenizer, cfg, c.arch, tag=f"step_{done:06d}_teacher",
+                    report = evaluate(c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}_teacher",
                                       with_reference=True)
                     if report is not None:
                         last.update({f"eval_teacher/{k}": v for k, v in report["average"].items()})

@@ -25,24 +25,17 @@ import math
 
 import torch
 
-
-def use_distributed_optimizer(cfg) -> bool:
-    """Default (None): on whenever there are fp32 master weights, at any DP size — at DP1 it holds
-    what the non-distributed optimizer holds, and one checkpoint format then resumes at any DP."""
-    d = cfg.optimizer.distributed
-    if d is None:
-        return cfg.optimizer.precision == "fp32"
-    return bool(d)
+from opsd_megatron.config import OPSDConfig
 
 
-def wrap_and_build(cfg, model: torch.nn.Module, dtype: torch.dtype):
+def wrap_and_build(cfg: OPSDConfig, model: torch.nn.Module, dtype: torch.dtype):
     """(DDP-wrapped model for the schedule, megatron optimizer). ``model`` keeps its identity: the
     sampler, teacher, evaluation and checkpoints use it directly."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
-    distributed = use_distributed_optimizer(cfg)
+    distributed = o.use_distributed()
     master_fp32 = dtype in (torch.bfloat16, torch.float16) and o.precision == "fp32"
     if dtype == torch.float16 and master_fp32:
         raise ValueError("fp16 parameters need a loss scaler; train in bf16 (model.dtype=bfloat16)")
@@ -89,6 +82,23 @@ def optimizer_step(optimizer, max_norm: float) -> tuple[float, bool]:
     if max_norm > 0 and params:
         clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=norm)
     return norm, bool(optimizer.step_with_ready_grads())
+
+
+def lr_lambda(cfg: OPSDConfig):
+    """Linear warmup over warmup_ratio of max_steps, then cosine (or constant) down to min_lr."""
+    o, steps = cfg.optimizer, cfg.trainer.max_steps
+    warmup = int(round(o.warmup_ratio * steps))
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
 
 
 class LRSchedule:

@@ -22,7 +22,7 @@ from opsd_megatron.train.checkpointing import candidates, problems_with, read_st
 
 COMPARED = ("algorithm", "model.", "lora", "teacher.", "rollout.", "loss.", "grpo.", "sft.", "optimizer.",
             "data.", "trainer.")
-NOT_COMPARED = ("model.recompute", "model.dtype", "teacher.model.offload", "rollout.engine", "rollout.vllm.",
+NOT_COMPARED = ("model.recompute", "model.dtype", "teacher.offload", "rollout.engine", "rollout.vllm.",
                 "optimizer.distributed", "optimizer.overlap_grad_reduce", "optimizer.bucket_mb",
                 "trainer.micro_batch_size", "trainer.output_dir", "trainer.save_rollouts",
                 "trainer.threads_per_rank", "trainer.max_steps")

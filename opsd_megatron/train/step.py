@@ -1,11 +1,15 @@
-"""One training step, top to bottom (OPSD shown; SFT and GRPO differ only in ``prepare`` and the loss):
+"""One training step, top to bottom (OPSD shown; SFT and GRPO differ only in their phases):
 
-    draw prompts -> student rollouts -> student and teacher sequences -> teacher forward (no grad,
-    adapters off / frozen copy, forward-only schedule, vocab-sharded logits)      [algorithm.prepare]
-    -> student forward and backward through megatron's pipeline schedule with the vocab-parallel
-    loss on response tokens                                                       [student_pass]
-    -> gradient reduction (megatron DDP + finalize_model_grads: DP, TP-duplicated params, tied
-    embeddings) -> global-norm clipping -> megatron optimizer (fp32 master weights) + LR step.
+    rollout  the student samples ŷ for this DP rank's problems from the problem alone
+             (``algorithm.rollout``: ``algorithms/rollouts.py`` -> the rollout engine)
+    score    the teacher reads problem + reference solution + ŷ in one forward-only pass; its
+             vocab-sharded logits at ŷ's positions ride along in the micro-batches
+             (``algorithm.score``: ``models/teacher.py``)
+    student  forward and backward of every micro-batch through megatron's pipeline schedule,
+             the vocab-parallel loss on ŷ's tokens (``algorithm.per_token_loss``: ``losses/``)
+    reduce   megatron DDP + ``finalize_model_grads``: DP sum, TP-duplicated params, tied embeddings;
+             global-norm clipping; a non-finite norm skips the update (``train/optimizer.py``)
+    update   megatron's optimizer (fp32 master weights), the LR schedule, the teacher's EMA.
 
 Legend: B micro-batch rows, T sequence length, R response length, V local vocab shard.
 """
@@ -17,36 +21,56 @@ import time
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.algorithms.base import Algorithm
+from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel_token_logprobs
 from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.models.forward import pad_for_sequence_parallel
-from opsd_megatron.train.batches import response_rows
+from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
+from opsd_megatron.train.setup import Components
 
 
-def _sampler_logprob_error(c, student_BRV, mb, group) -> torch.Tensor:
-    """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, at the sampling temperature:
-    ~0 when the rollout engine samples from the weights being trained (catches a stale or wrong
-    vLLM refit). Exact without top-k/top-p, which renormalise the sampler's distribution."""
-    lp = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=c.cfg.rollout.temperature,
-                                       vocab_size=c.arch.vocab_size, group=group)
-    return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
+def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
+    """Run step ``step`` (0-based) on every rank; returns its metrics (the same on every rank).
+    Collective over the whole world."""
+    t0 = time.perf_counter()
+    rollouts = algorithm.rollout(step)
+    scored = algorithm.score(rollouts)
+    t1 = time.perf_counter()
+    mbs = scored.micro_batches
+    normalizer = global_normalizer([mb.response_mask_BR for mb in mbs], c.cfg.loss.reduction, c.groups.dp)
+    lr = c.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
+    zero_grads(c.ddp, c.optimizer)
+    c.model.train()
+    stats = student_pass(c, algorithm, mbs, normalizer)
+    finish_gradients(c.ddp)
+    grad_norm, finite = optimizer_step(c.optimizer, c.cfg.optimizer.grad_clip)  # NaN/Inf: skipped
+    if finite:
+        c.teacher.after_optimizer_step()
+    c.scheduler.step()
+    t2 = time.perf_counter()
+    sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in mbs) else []
+    out = share_stats(stats, ["loss", "divergence", *algorithm.stat_names, *sampled], {"loss"}, c.groups)
+    counts = share_stats(scored.counts, list(scored.counts), set(scored.counts), c.groups)  # summed over DP
+    if "reward_sum" in counts:
+        out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
+    tokens = counts.pop("generated_tokens")
+    out.update(counts)
+    out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=lr,
+               response_length=tokens / c.cfg.trainer.global_batch_size, generated_tokens=tokens,
+               rollout_time=t1 - t0, train_time=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
+    if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
+        out["refit_time"] = c.sampler.last_refit_s
+    return out
 
 
-def _schedule_seq_length(model, micro_batches) -> int:
-    """The step's common width (``micro_batches`` pads all alike), padded as the forward pads it."""
-    width = micro_batches[0].student.tokens_BT.shape[1]
-    tp = model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1
-    return width + (-width) % tp
-
-
-def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
-    """Forward + backward of every micro-batch through megatron's schedule; returns summed stats."""
-    from megatron.core import parallel_state as ps
+def student_pass(c: Components, algorithm: Algorithm, micro_batches: list[MicroBatch], normalizer) -> dict:
+    """Forward + backward of every micro-batch through megatron's schedule; returns summed stats
+    (on the last pipeline stage; empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    group = ps.get_tensor_model_parallel_group()
-    reduction = c.cfg.loss.reduction
+    groups, reduction = c.groups, c.cfg.loss.reduction
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
@@ -55,12 +79,12 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
 
         def loss_fn(logits_BTV):
             student = response_rows(logits_BTV, mb.student, mb.response_mask_BR.shape[1])
-            per_token, diag = algorithm.per_token_loss(c, student, mb, group)
+            per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {"loss": loss.detach().clone(), "divergence": masked_mean(per_token.detach(), mb.response_mask_BR)}
             stats.update({k: masked_mean(v.detach(), mb.response_mask_BR) for k, v in diag.items()})
             if mb.sampled:
-                stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb, group)
+                stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb)
             return loss, torch.ones((), dtype=torch.int), stats  # already globally normalised
 
         return logits, loss_fn
@@ -76,47 +100,27 @@ def student_pass(c, algorithm, micro_batches, normalizer) -> dict:
     return summed
 
 
-def _share(stats: dict, keys: list[str], summed: set[str]) -> dict:
+def share_stats(stats: dict, keys: list[str], summed: set[str], groups: ParallelGroups) -> dict:
     """Loss statistics live on the last pipeline stage: give them to every rank; over DP, keys in
     ``summed`` add up (the loss is a sum of partial losses) and the rest are averaged."""
-    from megatron.core import parallel_state as ps
-
     t = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(t, group=ps.get_data_parallel_group())
-    dp = ps.get_data_parallel_world_size()
-    return {k: v if k in summed else v / dp for k, v in zip(keys, t.tolist())}
+    if groups.pp_size > 1:
+        dist.broadcast(t, groups.pp_last_rank, group=groups.pp)
+    dist.all_reduce(t, group=groups.dp)
+    return {k: v if k in summed else v / groups.dp_size for k, v in zip(keys, t.tolist())}
 
 
-def train_step(c, algorithm, step: int) -> dict:
-    from megatron.core import parallel_state as ps
+def _sampler_logprob_error(c: Components, student_BRV: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, at the sampling temperature:
+    ~0 when the rollout engine samples from the weights being trained (catches a stale or wrong
+    vLLM refit). Exact without top-k/top-p, which renormalise the sampler's distribution."""
+    lp = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=c.cfg.rollout.temperature,
+                                       vocab_size=c.arch.vocab_size, group=c.groups.tp)
+    return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
-    t0 = time.perf_counter()
-    micro_batches, info = algorithm.prepare(c, step)
-    t1 = time.perf_counter()
-    normalizer = global_normalizer([mb.response_mask_BR for mb in micro_batches], c.cfg.loss.reduction,
-                                   ps.get_data_parallel_group())
-    lr = c.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
-    zero_grads(c.ddp, c.optimizer)
-    c.model.train()
-    stats = student_pass(c, algorithm, micro_batches, normalizer)
-    finish_gradients(c.ddp)
-    grad_norm, finite = optimizer_step(c.optimizer, c.cfg.optimizer.grad_clip)  # NaN/Inf: skipped
-    if finite:
-        c.teacher.after_optimizer_step()
-    c.scheduler.step()
-    t2 = time.perf_counter()
-    sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in micro_batches) else []
-    out = _share(stats, ["loss", "divergence", *algorithm.stat_names(c.cfg), *sampled], summed={"loss"})
-    counts = _share(info, list(info), summed=set(info))  # per-rank counts: summed over DP
-    if "reward_sum" in counts:
-        out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
-    tokens = counts.pop("generated_tokens")
-    out.update(counts)
-    out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=lr,
-               response_length=tokens / c.cfg.trainer.global_batch_size, generated_tokens=tokens,
-               rollout_time=t1 - t0, train_time=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
-    if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
-        out["refit_time"] = c.sampler.last_refit_s
-    return out
+
+def _schedule_seq_length(model, micro_batches: list[MicroBatch]) -> int:
+    """The step's common width (``micro_batches`` pads all alike), padded as the forward pads it."""
+    width = micro_batches[0].student.tokens_BT.shape[1]
+    tp = model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1
+    return width + (-width) % tp

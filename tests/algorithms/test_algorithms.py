@@ -11,8 +11,9 @@ from opsd_megatron.algorithms.grpo import GRPO, group_advantages
 from opsd_megatron.config import load_config
 from opsd_megatron.data.prompts import pack
 from opsd_megatron.testing import run_distributed
-from opsd_megatron.train.batches import MicroBatch
+from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.models.from_config import arch_of
 from tests.train.tiny import RECIPE, metrics, overrides
 
 
@@ -22,7 +23,7 @@ def _hf_reference_model(cfg):
     from opsd_megatron.models.random_init import RandomHFWeights
 
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
-    weights = RandomHFWeights(cfg.model.arch(), cfg.model.init_seed, cfg.model.init_std).state_dict()
+    weights = RandomHFWeights(arch_of(cfg.model), cfg.model.init_seed, cfg.model.init_std).state_dict()
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     hf.load_state_dict(weights)
     return hf.double().eval()
@@ -68,11 +69,11 @@ def test_grpo_loss_equals_plain_formula():
         0.4 * torch.randn(2, r, generator=g, dtype=torch.float64)  # off-policy enough for clipping to bind
     ref = torch.log_softmax(torch.randn(2, r, v, generator=g, dtype=torch.float64), -1).gather(-1, tokens[..., None])[..., 0]
     adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
-    cfg = SimpleNamespace(rollout=SimpleNamespace(temperature=0.9), grpo=SimpleNamespace(clip_eps=0.2, kl_coef=0.1))
-    c = SimpleNamespace(cfg=cfg, arch=SimpleNamespace(vocab_size=v))
+    grpo = GRPO(None, SimpleNamespace(clip_eps=0.2, kl_coef=0.1), temperature=0.9, reference=None, grader=None,
+                vocab_size=v)
     mb = MicroBatch(pack([[1]] * 2, [[0] * r] * 2, 0), torch.ones(2, r, dtype=torch.bool), tokens, old, True,
                     {"advantage_B": adv, "ref_logprobs_BR": ref})
-    loss, diag = GRPO().per_token_loss(c, logits, mb, None)
+    loss, diag = grpo.per_token_loss(logits, mb, None)
     loss.sum().backward()
     x = logits.detach().clone().requires_grad_(True)
     lp = torch.log_softmax(x / 0.9, -1).gather(-1, tokens[..., None])[..., 0]
@@ -97,19 +98,26 @@ def test_grpo_run_counts_and_skips_zero_variance_groups(tmp_path):
 
 
 def _sft_prompt_mix():
+    from opsd_megatron.algorithms.rollouts import RolloutSource
     from opsd_megatron.algorithms.sft import SFT
     from opsd_megatron.config import load_config
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.tokenizer import load_tokenizer
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(1, 1)
+    groups = initialize_model_parallel(1, 1)
     cfg = load_config(RECIPE, ["algorithm=sft", "sft.teacher_prompt_fraction=0.5", "trainer.global_batch_size=16",
                                "trainer.micro_batch_size=16"])
     tok = load_tokenizer(cfg.model.tokenizer)
-    c = SimpleNamespace(cfg=cfg, tokenizer=tok, problems=load_problems(cfg.data).rows)
-    texts = [tok.decode(row) for mb in SFT().prepare(c, 0)[0] for row in mb.student.tokens_BT.tolist()]
-    again = [tok.decode(row) for mb in SFT().prepare(c, 0)[0] for row in mb.student.tokens_BT.tolist()]
+    source = RolloutSource(load_problems(cfg.data).rows, 16, 16, tok, cfg.data, sampler=None, max_new_tokens=1,
+                           groups=groups)
+    sft = SFT(source, cfg.sft, vocab_size=128)
+
+    def texts_of_step_0():
+        return [tok.decode(row) for mb in sft.score(sft.rollout(0)).micro_batches
+                for row in mb.student.tokens_BT.tolist()]
+
+    texts, again = texts_of_step_0(), texts_of_step_0()
     return sum("Reference Solution Begin" in t for t in texts), len(texts), texts == again
 
 

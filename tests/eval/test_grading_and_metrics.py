@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.eval.grading import Grader, last_boxed
+from opsd_megatron.data.grading import Grader, last_boxed
 from opsd_megatron.eval.metrics import maj_at_n, pass_at_k, summarize
 
 MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"

@@ -71,7 +71,8 @@ def adapted_model(tp: int, pp: int, hf_dir, seed: int = 1):
     from opsd_megatron.models import build_gpt_model, read_hf_config
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, pp)

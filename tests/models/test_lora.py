@@ -28,8 +28,10 @@ def _train(tp, hf_dir, export_dir=None, adapter_dir=None):
     from opsd_megatron.models.forward import forward_logits
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import export_hf_weights, load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
-    from opsd_megatron.models.teacher import Teacher, TeacherConfig
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.config import TeacherConfig
+    from opsd_megatron.models.teacher import Teacher
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, 1, seed=3)
@@ -97,7 +99,8 @@ def _load_adapters(tp, hf_dir, adapter_dir):
     from opsd_megatron.models.forward import forward_logits
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(tp, 1, seed=99)  # a different seed: A must come from the checkpoint
@@ -124,7 +127,8 @@ def test_adapters_saved_at_tp2_load_alone_at_tp1(hf_dir, tmp_path):
 
 def _full_param_teacher():
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
-    from opsd_megatron.models.teacher import Teacher, TeacherConfig
+    from opsd_megatron.config import TeacherConfig
+    from opsd_megatron.models.teacher import Teacher
     from opsd_megatron.platform import initialize_model_parallel
 
     initialize_model_parallel(1, 1)
@@ -132,8 +136,8 @@ def _full_param_teacher():
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     model = build_gpt_model(arch)
     with pytest.raises(ValueError, match="needs LoRA adapters"):
-        Teacher(model, TeacherConfig(kind="lora_base"))
-    teacher = Teacher(model, TeacherConfig(kind="frozen_copy", offload=True),
+        Teacher(model, TeacherConfig(weights="lora_base"))
+    teacher = Teacher(model, TeacherConfig(weights="frozen_copy", offload=True),
                       build_model=lambda: build_gpt_model(arch, initialize=False))
     tokens = sample_tokens()
     before = teacher.logits(tokens)

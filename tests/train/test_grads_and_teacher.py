@@ -14,7 +14,8 @@ from opsd_megatron.testing import run_distributed
 def _tiny_lora_model(tp):
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.lora import LoRAConfig, apply_lora
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.models.random_init import RandomHFWeights
     from opsd_megatron.platform import initialize_model_parallel
 
@@ -62,13 +63,14 @@ def test_clip_uses_the_global_norm_and_a_nan_step_is_skipped():
 
 def _teacher_probe():
     from opsd_megatron.models.forward import forward_logits
-    from opsd_megatron.models.teacher import Teacher, TeacherConfig
+    from opsd_megatron.config import TeacherConfig
+    from opsd_megatron.models.teacher import Teacher
 
     model = _tiny_lora_model(1)
     tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
-    fixed = Teacher(model, TeacherConfig(), update="fixed")
-    ema = Teacher(model, TeacherConfig(), update="ema", ema_rate=0.5)
-    current = Teacher(model, TeacherConfig(), update="current")
+    fixed = Teacher(model, TeacherConfig(update="fixed"))
+    ema = Teacher(model, TeacherConfig(update="ema", ema_rate=0.5))
+    current = Teacher(model, TeacherConfig(update="current"))
     base = fixed.logits(tokens)
     with torch.no_grad():
         for n, p in model.named_parameters():

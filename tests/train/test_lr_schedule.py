@@ -8,7 +8,7 @@ import torch
 
 from opsd_megatron.config import load_config
 from opsd_megatron.train.optimizer import LRSchedule
-from opsd_megatron.train.setup import lr_lambda
+from opsd_megatron.train.optimizer import lr_lambda
 from tests.train.tiny import RECIPE
 
 

@@ -41,7 +41,7 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
     dtype = getattr(torch, dtype_name)
     cfg = load_config(RECIPE, [f"optimizer.lr={lr}", f"optimizer.precision={precision}", "optimizer.grad_clip=0",
                                "optimizer.distributed=false",  # its master copies map 1:1 to the params
-                               *([] if lora else ["lora=null", "teacher.model.kind=frozen_copy"])])
+                               *([] if lora else ["lora=null", "teacher.weights=frozen_copy"])])
     arch = arch_from_hf_config(ARCH)
     model = build_gpt_model(arch, dtype, initialize=False)
     load_hf_weights(model, RandomHFWeights(arch, 0, 0.1), arch)
@@ -132,17 +132,16 @@ def test_distributed_optimizer_dp2_equals_dp1(tmp_path, tp, pp):
 def _state_bytes(tp, dp_world):
     """Per rank: bytes of the optimizer's state tensors after one step, and the planner's figure."""
     from opsd_megatron.config import load_config
-    from opsd_megatron.plan_cli import plan_input
+    from opsd_megatron.plan_config import plan_input
     from opsd_megatron.planner import plan
     from opsd_megatron.train.setup import build_components
     from opsd_megatron.train.step import train_step
-    from opsd_megatron.algorithms import build_algorithm
 
     cfg = load_config(RECIPE, [f"parallel.tensor_model_parallel_size={tp}", "algorithm=sft", "model.dtype=bfloat16",
                                "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "logging.tensorboard=false",
                                "logging.progress_bar=false", "trainer.output_dir=/tmp/unused-opsd-test"])
     c = build_components(cfg)
-    train_step(c, build_algorithm(cfg), 0)
+    train_step(c, c.algorithm, 0)
     held = 0
     for inner in c.optimizer.chained_optimizers:
         for state in inner.optimizer.state.values():

@@ -15,7 +15,7 @@ from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
 from tests.train.tiny import RECIPE, metrics, overrides, rollouts
 
-FULL = ["lora=null", "teacher.model.kind=frozen_copy"]
+FULL = ["lora=null", "teacher.weights=frozen_copy"]
 
 
 def _run(out, extra, sp, recompute):

@@ -41,11 +41,12 @@ def reference_first_step_loss(out: Path, beta: float = 0.5) -> float:
     from opsd_megatron.config import load_config
     from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
     from opsd_megatron.data.tokenizer import load_tokenizer
+    from opsd_megatron.models.from_config import arch_of
     from opsd_megatron.models.random_init import RandomHFWeights
     from tests.losses import reference as ref
 
     cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
-    arch = cfg.model.arch()
+    arch = arch_of(cfg.model)
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
     weights = RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std).state_dict()
     if arch.tie_word_embeddings:

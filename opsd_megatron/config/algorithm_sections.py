@@ -1,15 +1,11 @@
-"""Config sections of the sampling, the algorithms' losses and evaluation (see ``config.py``)."""
+"""Config sections of the sampling, the algorithms' losses and evaluation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from opsd_megatron.errors import UserError
-
-
-class ConfigError(UserError):
-    """A recipe or override is invalid; the message names the key."""
+from opsd_megatron.config.base import ConfigError
 
 
 @dataclass

@@ -23,19 +23,6 @@ class MicroBatch:
     extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
 
 
-def problems_for_step(c, step: int, repeats: int = 1) -> list[dict]:
-    """This DP rank's problems for ``step`` (each ``repeats`` times): a deterministic walk."""
-    from megatron.core import parallel_state as ps
-
-    per_step = c.cfg.trainer.global_batch_size // repeats
-    n = len(c.problems)
-    batch = [c.problems[(step * per_step + i) % n] for i in range(per_step)]
-    batch = [p for p in batch for _ in range(repeats)]
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    share = len(batch) // dp
-    return batch[rank * share:(rank + 1) * share]
-
-
 def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> torch.Tensor:
     """Logits at the positions that predict the response, aligned by response index: [B, R, V]."""
     b, _, v = logits_BTV.shape

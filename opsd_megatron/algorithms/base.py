@@ -1,0 +1,58 @@
+"""The interface every training algorithm implements: the three phases of one step.
+
+``rollout(step)`` draws this DP rank's problems and their responses (sampled by the student, or
+for SFT the reference solutions); ``score(rollouts)`` turns them into micro-batches with what the
+loss needs (OPSD: the teacher's logits; GRPO: rewards and advantages; SFT: nothing more);
+``per_token_loss`` is the loss on each response token given the student's logits. The trainer
+(``train/step.py``) runs rollout -> score -> student pass -> gradient reduction -> optimizer step.
+
+Legend: B micro-batch rows, R response length, V local vocab shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opsd_megatron.algorithms.batches import MicroBatch
+from opsd_megatron.platform.parallel import ParallelGroups
+
+
+@dataclass
+class Rollouts:
+    """One step's sequences on this DP rank, before scoring."""
+
+    step: int
+    problems: list[dict]
+    prompts: list[list[int]]  # the student prompt's token ids
+    responses: list[list[int]]  # sampled ids (the stop token included) or, for SFT, the reference
+    logprobs: list[list[float]] | None  # the sampler's log p(token); None: not sampled (SFT)
+    generated_tokens: int
+
+
+@dataclass
+class Scored:
+    """What the student pass consumes: micro-batches (per-algorithm tensors in ``extras``) and this
+    rank's counts for the step's metrics (summed over DP)."""
+
+    micro_batches: list[MicroBatch]
+    counts: dict[str, float]
+
+
+class Algorithm(Protocol):
+    stat_names: tuple[str, ...]  # the per-token diagnostics ``per_token_loss`` returns (logged as means)
+
+    def rollout(self, step: int) -> Rollouts:
+        """This rank's problems for ``step`` and their responses."""
+        ...
+
+    def score(self, rollouts: Rollouts) -> Scored:
+        """Micro-batches carrying everything the loss needs beside the student's logits."""
+        ...
+
+    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch,
+                       groups: ParallelGroups) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and diagnostics."""
+        ...

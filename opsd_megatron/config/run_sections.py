@@ -1,0 +1,78 @@
+"""Config sections of a run around the model: data and prompts, the trainer, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from opsd_megatron.config.base import ConfigError, at_least
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic:arith"  # synthetic:arith | jsonl/parquet path(s) | an HF dataset name
+    split: str = "train"
+    problem_field: str = "problem"
+    solution_field: str = "solution"
+    max_problem_tokens: int = 1024
+    max_solution_tokens: int = 4096
+    deduplicate: bool = True
+    shuffle_seed: int = 0
+    skip_malformed: bool = False
+    num_synthetic: int = 2000
+    student_template: str = ("Problem: {problem}\n\nPlease reason step by step, and put your final answer within "
+                             "\\boxed{{}}.")
+    teacher_template: str = (
+        "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+        "{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you "
+        "truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words "
+        "and independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
+        "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
+        "Please reason step by step, and put your final answer within \\boxed{{}}.")
+    student_thinking: bool = False
+    teacher_thinking: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 32
+    micro_batch_size: int = 1
+    seed: int = 42
+    output_dir: str = "runs/opsd"
+    save_rollouts: bool = False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
+    # CPU ranks started by opsd-train itself: intra-op threads per rank. None: the machine's cores
+    # shared out; a fixed number makes float reductions — and so sampled runs — the same on
+    # machines with different core counts (the CPU demo sets 2).
+    threads_per_rank: Optional[int] = None
+
+    def __post_init__(self):
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            at_least(f"trainer.{key}", getattr(self, key), 1)
+        if self.threads_per_rank is not None:
+            at_least("trainer.threads_per_rank", self.threads_per_rank, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50
+    keep_last: int = 2
+    # true: resume the newest verified checkpoint if the run's config matches (train/resume.py);
+    # false: start fresh (an earlier run's files move to OUT/previous/); force: resume regardless.
+    resume: Any = True
+
+    def __post_init__(self):
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
+            self.resume = self.resume.lower() == "true"
+        if not (isinstance(self.resume, bool) or self.resume == "force"):
+            raise ConfigError(f"checkpoint.resume must be true|false|force, got {self.resume!r}")
+        at_least("checkpoint.save_interval", self.save_interval, 1)
+        at_least("checkpoint.keep_last", self.keep_last, 1)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opsd-megatron"
+    progress_bar: bool = True
