@@ -16,16 +16,24 @@ import torch.distributed as dist
 
 from opsd_megatron.testing import run_distributed
 
-ARCH = dict(model_type="qwen3", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+ARCH = dict(
+    model_type="qwen3",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
 
 
 def _bench(steps: int, distributed: bool):
     from megatron.core import parallel_state as ps
 
-    from opsd_megatron.config import OPSDConfig
+    from opsd_megatron.config import LoRAConfig, OPSDConfig
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
-    from opsd_megatron.config import LoRAConfig
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.train.optimizer import finish_gradients, wrap_and_build, zero_grads
@@ -60,14 +68,18 @@ def _bench(steps: int, distributed: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     for distributed in (False, True):
         n, loop_ms, ddp_ms = run_distributed(_bench, 2, args.steps, distributed, timeout=600)[0]
         kind = "reduce-scatter (distributed optimizer)" if distributed else "all-reduce"
-        print(f"DP=2, {n} trainable tensors: per-parameter loop {loop_ms:.1f} ms/step, megatron DDP {kind} "
-              f"{ddp_ms:.1f} ms/step -> {loop_ms / ddp_ms:.1f}x")
+        print(
+            f"DP=2, {n} trainable tensors: per-parameter loop {loop_ms:.1f} ms/step, megatron DDP {kind} "
+            f"{ddp_ms:.1f} ms/step -> {loop_ms / ddp_ms:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def naive_jsd(student, teacher, beta, temperature):
         return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
     if beta == 1:
         return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)
-    mixture = torch.logsumexp(torch.stack([ls + torch.log(torch.tensor(1 - beta)), lt + torch.log(torch.tensor(beta))]), 0)
+    mixture = torch.logsumexp(
+        torch.stack([ls + torch.log(torch.tensor(1 - beta)), lt + torch.log(torch.tensor(beta))]), 0
+    )
     kl_t = F.kl_div(mixture, lt, reduction="none", log_target=True)
     kl_s = F.kl_div(mixture, ls, reduction="none", log_target=True)
     return (beta * kl_t + (1 - beta) * kl_s).sum(-1)
@@ -76,22 +78,33 @@ def worker(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     peak = _peak_bytes(device) - (base if base is not None else args.baseline_rss)
-    return {"median_ms": 1e3 * sorted(times)[len(times) // 2], "peak_extra_bytes": peak,
-            "loss_head": loss.detach().float()[:8].tolist()}
+    return {
+        "median_ms": 1e3 * sorted(times)[len(times) // 2],
+        "peak_extra_bytes": peak,
+        "loss_head": loss.detach().float()[:8].tolist(),
+    }
 
 
 def _baseline_rss(args) -> int:
     """Max RSS of a process that only builds the inputs (CPU: subtracted from the variants' peak)."""
-    code = ("import resource,torch;g=torch.Generator().manual_seed(0);"
-            f"s=(torch.randn({args.tokens},{args.vocab},generator=g)*2).to(torch.{args.dtype});"
-            f"t=(torch.randn({args.tokens},{args.vocab},generator=g)*2).to(torch.{args.dtype});"
-            "import opsd_megatron.losses;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)")
-    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    code = (
+        "import resource,torch;g=torch.Generator().manual_seed(0);"
+        f"s=(torch.randn({args.tokens},{args.vocab},generator=g)*2).to(torch.{args.dtype});"
+        f"t=(torch.randn({args.tokens},{args.vocab},generator=g)*2).to(torch.{args.dtype});"
+        "import opsd_megatron.losses;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)"
+    )
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout
+    )
 
 
 def main() -> None:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=8192 if cuda else 512)
     p.add_argument("--vocab", type=int, default=151936 if cuda else 32768)
     p.add_argument("--beta", type=float, default=0.5)
@@ -111,19 +124,27 @@ def main() -> None:
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "worker"]
     results = {}
     for name in ("naive", "ours"):
-        out = subprocess.run([sys.executable, __file__, f"--worker={name}", *passthrough],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, f"--worker={name}", *passthrough],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
     n, o = results["naive"], results["ours"]
     max_diff = max(abs(a - b) for a, b in zip(n["loss_head"], o["loss_head"]))
     gib = 1 << 30
-    print(f"JSD beta={args.beta} T={args.tokens} V={args.vocab} {args.dtype} on {args.device} "
-          f"(fwd+bwd, median of {args.repeat})")
+    print(
+        f"JSD beta={args.beta} T={args.tokens} V={args.vocab} {args.dtype} on {args.device} "
+        f"(fwd+bwd, median of {args.repeat})"
+    )
     print(f"  naive : {n['median_ms']:9.2f} ms   peak +{n['peak_extra_bytes'] / gib:7.3f} GiB")
     print(f"  ours  : {o['median_ms']:9.2f} ms   peak +{o['peak_extra_bytes'] / gib:7.3f} GiB")
-    print(f"  speed-up naive/ours: {n['median_ms'] / o['median_ms']:.2f}x   "
-          f"memory naive/ours: {n['peak_extra_bytes'] / max(o['peak_extra_bytes'], 1):.2f}x   "
-          f"max |loss diff| on 8 tokens: {max_diff:.2e}")
+    print(
+        f"  speed-up naive/ours: {n['median_ms'] / o['median_ms']:.2f}x   "
+        f"memory naive/ours: {n['peak_extra_bytes'] / max(o['peak_extra_bytes'], 1):.2f}x   "
+        f"max |loss diff| on 8 tokens: {max_diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,17 @@ class DemoConfig:
 
     def with_seeds(self, triple, output_dir: str) -> "DemoConfig":
         init, trainer, rollout = triple
-        common = OmegaConf.merge(OmegaConf.create(self.common), {
-            "model": {"init_seed": init}, "trainer": {"seed": trainer}, "rollout": {"seed": rollout}})
-        return DemoConfig(output_dir, OmegaConf.to_container(common), self.base, self.arms, self.seeds)
+        common = OmegaConf.merge(
+            OmegaConf.create(self.common),
+            {
+                "model": {"init_seed": init},
+                "trainer": {"seed": trainer},
+                "rollout": {"seed": rollout},
+            },
+        )
+        return DemoConfig(
+            output_dir, OmegaConf.to_container(common), self.base, self.arms, self.seeds
+        )
 
 
 def load_demo(path: str, overrides: list[str]) -> DemoConfig:
@@ -76,7 +84,9 @@ def _stage_recipe(d: DemoConfig, name: str, stage: dict, base_model: str | None)
     recipe = OmegaConf.merge(OmegaConf.create(d.common), OmegaConf.create(stage))
     recipe.trainer = OmegaConf.merge(recipe.get("trainer", {}), {"output_dir": str(out)})
     if base_model:
-        recipe.model = OmegaConf.merge(recipe.get("model", {}), {"megatron_dir": base_model, "architecture": None})
+        recipe.model = OmegaConf.merge(
+            recipe.get("model", {}), {"megatron_dir": base_model, "architecture": None}
+        )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipe.yaml"
     path.write_text(OmegaConf.to_yaml(recipe))
@@ -131,7 +141,12 @@ def _plot(curves: dict, base: dict, out_png: Path) -> None:
     for name, pts in curves.items():
         label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
-    ax.axhline(100 * base["teacher_accuracy"], color="gray", ls=":", label="base with the reference (teacher)")
+    ax.axhline(
+        100 * base["teacher_accuracy"],
+        color="gray",
+        ls=":",
+        label="base with the reference (teacher)",
+    )
     _save(plt, fig, ax, out_png, "tokens sampled during training", "held-out accuracy (%)")
 
 
@@ -143,24 +158,43 @@ def run_demo(d: DemoConfig) -> dict:
     base_cfg = load_config(base_recipe)
     last = json.loads((out / "base" / "metrics.jsonl").read_text().splitlines()[-1])
     if "eval/avg@1" not in last or "eval_teacher/avg@1" not in last:
-        raise ConfigError("demo base stage must evaluate at its last step with eval.teacher_too=true "
-                          "(eval.interval dividing trainer.max_steps)")
-    base = {"accuracy": last["eval/avg@1"], "teacher_accuracy": last["eval_teacher/avg@1"],
-            "steps": base_cfg.trainer.max_steps}
-    base_model = str(out / "base" / "checkpoints" / f"step_{base_cfg.trainer.max_steps:06d}" / "model")
+        raise ConfigError(
+            "demo base stage must evaluate at its last step with eval.teacher_too=true "
+            "(eval.interval dividing trainer.max_steps)"
+        )
+    base = {
+        "accuracy": last["eval/avg@1"],
+        "teacher_accuracy": last["eval_teacher/avg@1"],
+        "steps": base_cfg.trainer.max_steps,
+    }
+    base_model = str(
+        out / "base" / "checkpoints" / f"step_{base_cfg.trainer.max_steps:06d}" / "model"
+    )
     arms = {}
     for name, stage in d.arms.items():
         recipe = _stage_recipe(d, name, stage, base_model)
         _run(recipe)
         curve = _curve(out / name / "metrics.jsonl", base["accuracy"])
-        arms[name] = {"algorithm": load_config(recipe).algorithm, "steps": load_config(recipe).trainer.max_steps,
-                      "final_accuracy": curve[-1][1], "best_accuracy": max(a for _, a in curve),
-                      "tokens": curve[-1][0], "curve": curve}
+        arms[name] = {
+            "algorithm": load_config(recipe).algorithm,
+            "steps": load_config(recipe).trainer.max_steps,
+            "final_accuracy": curve[-1][1],
+            "best_accuracy": max(a for _, a in curve),
+            "tokens": curve[-1][0],
+            "curve": curve,
+        }
     opsd = arms["opsd"]
-    summary = {"base_accuracy": base["accuracy"], "base_teacher_accuracy": base["teacher_accuracy"],
-               "final_accuracy": opsd["final_accuracy"], "lift": opsd["final_accuracy"] - base["accuracy"],
-               "steps": opsd["steps"], "generated_tokens": opsd["tokens"], "base": base, "arms": arms,
-               "wall_time_s": time.perf_counter() - t0}
+    summary = {
+        "base_accuracy": base["accuracy"],
+        "base_teacher_accuracy": base["teacher_accuracy"],
+        "final_accuracy": opsd["final_accuracy"],
+        "lift": opsd["final_accuracy"] - base["accuracy"],
+        "steps": opsd["steps"],
+        "generated_tokens": opsd["tokens"],
+        "base": base,
+        "arms": arms,
+        "wall_time_s": time.perf_counter() - t0,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot({k: v["curve"] for k, v in arms.items()}, base, out / "accuracy.png")
     return summary
@@ -175,11 +209,21 @@ def _spread(runs: list[dict]) -> dict:
         points = []
         for i in range(n):
             accs = [c[i][1] for c in curves]
-            points.append({"tokens": sum(c[i][0] for c in curves) / len(curves), "mean": sum(accs) / len(accs),
-                           "min": min(accs), "max": max(accs)})
+            points.append(
+                {
+                    "tokens": sum(c[i][0] for c in curves) / len(curves),
+                    "mean": sum(accs) / len(accs),
+                    "min": min(accs),
+                    "max": max(accs),
+                }
+            )
         lifts = [r["arms"][name]["final_accuracy"] - r["base_accuracy"] for r in runs]
-        out[name] = {"points": points, "lift_mean": sum(lifts) / len(lifts), "lift_min": min(lifts),
-                     "lift_max": max(lifts)}
+        out[name] = {
+            "points": points,
+            "lift_mean": sum(lifts) / len(lifts),
+            "lift_min": min(lifts),
+            "lift_max": max(lifts),
+        }
     return out
 
 
@@ -187,11 +231,24 @@ def _plot_spread(spread: dict, out_png: Path) -> None:
     plt, fig, ax = _figure()
     for name, arm in spread.items():
         x = [p["tokens"] for p in arm["points"]]
-        line, = ax.plot(x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)")
-        ax.fill_between(x, [100 * p["min"] for p in arm["points"]], [100 * p["max"] for p in arm["points"]],
-                        color=line.get_color(), alpha=0.2)
-    _save(plt, fig, ax, out_png, "tokens sampled during training (SFT: reference tokens trained on)",
-          "held-out accuracy (%), band: min-max over seeds")
+        (line,) = ax.plot(
+            x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)"
+        )
+        ax.fill_between(
+            x,
+            [100 * p["min"] for p in arm["points"]],
+            [100 * p["max"] for p in arm["points"]],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    _save(
+        plt,
+        fig,
+        ax,
+        out_png,
+        "tokens sampled during training (SFT: reference tokens trained on)",
+        "held-out accuracy (%), band: min-max over seeds",
+    )
 
 
 def run_seeds(d: DemoConfig, n: int) -> dict:
@@ -201,12 +258,29 @@ def run_seeds(d: DemoConfig, n: int) -> dict:
     for triple in d.seed_triples(n):
         sub = Path(d.output_dir) / ("seed_" + "_".join(str(s) for s in triple))
         summary = run_demo(d.with_seeds(triple, str(sub)))
-        runs.append({"seeds": list(triple), **{k: summary[k] for k in ("base_accuracy", "base_teacher_accuracy",
-                                                                      "final_accuracy", "lift", "arms")}})
+        runs.append(
+            {
+                "seeds": list(triple),
+                **{
+                    k: summary[k]
+                    for k in (
+                        "base_accuracy",
+                        "base_teacher_accuracy",
+                        "final_accuracy",
+                        "lift",
+                        "arms",
+                    )
+                },
+            }
+        )
     spread = _spread(runs)
-    summary = {"seeds": [r["seeds"] for r in runs], "runs": runs, "spread": spread,
-               "lift": {k: spread["opsd"][k] for k in ("lift_mean", "lift_min", "lift_max")},
-               "wall_time_s": time.perf_counter() - t0}
+    summary = {
+        "seeds": [r["seeds"] for r in runs],
+        "runs": runs,
+        "spread": spread,
+        "lift": {k: spread["opsd"][k] for k in ("lift_mean", "lift_min", "lift_max")},
+        "wall_time_s": time.perf_counter() - t0,
+    }
     (Path(d.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_spread(spread, Path(d.output_dir) / "accuracy.png")
     return summary
@@ -215,12 +289,18 @@ def run_seeds(d: DemoConfig, n: int) -> dict:
 def main(argv=None) -> int:
     """``opsd-demo``: base by SFT, then every arm from it, evaluated on held-out problems; with
     ``--seeds N`` the same for N seed triples and their spread. Returns the exit code."""
-    p = argparse.ArgumentParser(prog="opsd-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="opsd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", nargs="?", default="recipes/demo_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
-    p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="run the demonstration for the recipe's first N seed triples and report the spread")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the demonstration for the recipe's first N seed triples and report the spread",
+    )
     args = p.parse_intermixed_args(argv)
     try:
         demo = load_demo(args.recipe, args.overrides)
@@ -229,22 +309,32 @@ def main(argv=None) -> int:
         if args.seeds:
             summary = run_seeds(demo, args.seeds)
             for r in summary["runs"]:
-                print(f"[demo] seeds {r['seeds']}: base {100 * r['base_accuracy']:.0f}% -> OPSD "
-                      f"{100 * r['final_accuracy']:.0f}% ({100 * r['lift']:+.0f} points)")
+                print(
+                    f"[demo] seeds {r['seeds']}: base {100 * r['base_accuracy']:.0f}% -> OPSD "
+                    f"{100 * r['final_accuracy']:.0f}% ({100 * r['lift']:+.0f} points)"
+                )
             lift = summary["lift"]
-            print(f"[demo] OPSD lift over {args.seeds} seeds: mean {100 * lift['lift_mean']:+.1f}, min "
-                  f"{100 * lift['lift_min']:+.1f}, max {100 * lift['lift_max']:+.1f} points; "
-                  f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png")
+            print(
+                f"[demo] OPSD lift over {args.seeds} seeds: mean {100 * lift['lift_mean']:+.1f}, min "
+                f"{100 * lift['lift_min']:+.1f}, max {100 * lift['lift_max']:+.1f} points; "
+                f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png"
+            )
             return 0
         summary = run_demo(demo)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = [f"  {name:<5} {100 * a['final_accuracy']:5.1f}% after {a['steps']} steps, {a['tokens']:.0f} tokens"
-            for name, a in summary["arms"].items()]
-    print(f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
-          f"with the reference\n" + "\n".join(rows) + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "
-          f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png")
+    rows = [
+        f"  {name:<5} {100 * a['final_accuracy']:5.1f}% after {a['steps']} steps, {a['tokens']:.0f} tokens"
+        for name, a in summary["arms"].items()
+    ]
+    print(
+        f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
+        f"with the reference\n"
+        + "\n".join(rows)
+        + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "
+        f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png"
+    )
     return 0
 
 

@@ -19,8 +19,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="opsd-plan", description=__doc__)
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit (A100-80GB by default)")
-    ap.add_argument("--world", type=int, default=None, help="GPUs in the job (default: the recipe's layout)")
+    ap.add_argument(
+        "--gpu-gib", type=float, default=80.0, help="GPU memory to fit (A100-80GB by default)"
+    )
+    ap.add_argument(
+        "--world", type=int, default=None, help="GPUs in the job (default: the recipe's layout)"
+    )
     args = ap.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -40,8 +44,10 @@ def main(argv=None) -> int:
         print("no layout up to 128 GPUs fits")
         return 1
     if not fits:
-        print(f"smallest layout that fits: TP {chosen.tp} x PP {chosen.pp} x DP {chosen.dp} "
-              f"({plan(chosen)['total'] / GIB:.1f} GiB per GPU)")
+        print(
+            f"smallest layout that fits: TP {chosen.tp} x PP {chosen.pp} x DP {chosen.dp} "
+            f"({plan(chosen)['total'] / GIB:.1f} GiB per GPU)"
+        )
     print(launch_command(args.recipe, chosen))
     return 0
 

@@ -14,26 +14,38 @@ def plan_input(cfg: OPSDConfig, layout: Layout) -> PlanInput:
     bytes_per_param = 4 if cfg.model.dtype == "float32" else 2
     r = cfg.rollout
     student = cfg.data.max_problem_tokens + r.max_new_tokens + 64
-    return PlanInput(arch=arch_of(cfg.model), tp=layout.tp, pp=layout.pp, dp=layout.dp,
-                     bytes_per_param=bytes_per_param, lora_rank=cfg.lora.rank if cfg.lora else None,
-                     micro_batch_size=cfg.trainer.micro_batch_size, micro_batches_per_rank=layout.grad_accumulation,
-                     student_seq_len=student, response_len=r.max_new_tokens,
-                     frozen_teacher_copy=cfg.lora is None and not cfg.teacher.offload,
-                     vllm_gpu_fraction=0.0 if r.engine == "megatron" else r.vllm.gpu_memory_utilization,
-                     rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp, recompute=cfg.model.recompute,
-                     sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
-                     distributed_optimizer=cfg.optimizer.use_distributed(),
-                     master_fp32=cfg.optimizer.precision == "fp32")
+    return PlanInput(
+        arch=arch_of(cfg.model),
+        tp=layout.tp,
+        pp=layout.pp,
+        dp=layout.dp,
+        bytes_per_param=bytes_per_param,
+        lora_rank=cfg.lora.rank if cfg.lora else None,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        micro_batches_per_rank=layout.grad_accumulation,
+        student_seq_len=student,
+        response_len=r.max_new_tokens,
+        frozen_teacher_copy=cfg.lora is None and not cfg.teacher.offload,
+        vllm_gpu_fraction=0.0 if r.engine == "megatron" else r.vllm.gpu_memory_utilization,
+        rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp,
+        recompute=cfg.model.recompute,
+        sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
+        distributed_optimizer=cfg.optimizer.use_distributed(),
+        master_fp32=cfg.optimizer.precision == "fp32",
+    )
 
 
 def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:
     """How to start the recipe at the layout ``p``: torchrun on one node, sbatch beyond."""
     world = p.tp * p.pp * p.dp
-    over = f"parallel.tensor_model_parallel_size={p.tp} parallel.pipeline_model_parallel_size={p.pp} " \
-           f"parallel.data_parallel_size={p.dp}"
+    over = (
+        f"parallel.tensor_model_parallel_size={p.tp} parallel.pipeline_model_parallel_size={p.pp} "
+        f"parallel.data_parallel_size={p.dp}"
+    )
     if world <= gpus_per_node:
         return f"torchrun --nproc-per-node {world} -m opsd_megatron.train.cli {recipe} {over}"
     return f"RECIPE={recipe} sbatch --nodes {world // gpus_per_node} launch/opsd_70b.slurm {over}"
+
 
 def refuse_unfit_layout(cfg: OPSDConfig, layout: Layout, gpu_gib: float) -> str | None:
     """None when the planner says the layout fits ``gpu_gib``; otherwise the reason, with the
@@ -43,7 +55,12 @@ def refuse_unfit_layout(cfg: OPSDConfig, layout: Layout, gpu_gib: float) -> str 
     if total <= gpu_gib * GIB:
         return None
     better = smallest_fitting_layout(p, gpu_gib * GIB)
-    hint = (f"; the smallest layout that fits is TP {better.tp} x PP {better.pp} x DP {better.dp}" if better
-            else "; no layout up to 128 GPUs fits")
-    return (f"the planner estimates {total / GIB:.1f} GiB per GPU for {layout.describe()}, more than the "
-            f"{gpu_gib:.0f} GiB GPU{hint} (see opsd-plan; pass --force to start anyway)")
+    hint = (
+        f"; the smallest layout that fits is TP {better.tp} x PP {better.pp} x DP {better.dp}"
+        if better
+        else "; no layout up to 128 GPUs fits"
+    )
+    return (
+        f"the planner estimates {total / GIB:.1f} GiB per GPU for {layout.describe()}, more than the "
+        f"{gpu_gib:.0f} GiB GPU{hint} (see opsd-plan; pass --force to start anyway)"
+    )

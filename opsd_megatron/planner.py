@@ -46,7 +46,9 @@ class PlanInput:
     impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
     distributed_optimizer: bool = False
     master_fp32: bool = True  # optimizer.precision=fp32: fp32 master weights and moments
-    frozen_teacher_copy: bool = False  # full-parameter training keeps a teacher copy (unless offloaded)
+    frozen_teacher_copy: bool = (
+        False  # full-parameter training keeps a teacher copy (unless offloaded)
+    )
     vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
     rollouts_per_rank: int = 4
 
@@ -55,8 +57,12 @@ def layer_linear_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
     """(in, out) of each fused megatron linear in one decoder layer (unsharded)."""
     h, hd = arch.hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
-    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * arch.ffn_hidden_size),
-            "linear_fc2": (arch.ffn_hidden_size, h)}
+    return {
+        "linear_qkv": (h, q + 2 * kv),
+        "linear_proj": (q, h),
+        "linear_fc1": (h, 2 * arch.ffn_hidden_size),
+        "linear_fc2": (arch.ffn_hidden_size, h),
+    }
 
 
 def layer_params_per_rank(arch: ArchSpec, tp: int) -> int:
@@ -96,8 +102,15 @@ def stage_params(p: PlanInput) -> list[int]:
     return out
 
 
-def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int, impl: str = "te",
-                               sequence_parallel: bool = False) -> float:
+def activation_bytes_per_layer(
+    a: ArchSpec,
+    s: int,
+    b: int,
+    tp: int,
+    nbytes: int,
+    impl: str = "te",
+    sequence_parallel: bool = False,
+) -> float:
     """Bytes one transformer layer saves for backward for a micro-batch of b sequences of s tokens.
 
     Per TP rank: hidden-size tensors are replicated, head and MLP tensors are split by tp. Norms
@@ -106,21 +119,37 @@ def activation_bytes_per_layer(a: ArchSpec, s: int, b: int, tp: int, nbytes: int
     fp32 softmax, its cast copy and a byte mask of the scores; SwiGLU saves fc1's output and its
     two halves' products.
     """
-    heads, groups, d, f = a.num_attention_heads // tp, max(1, a.num_query_groups // tp), a.head_dim, \
-        a.ffn_hidden_size // tp
+    heads, groups, d, f = (
+        a.num_attention_heads // tp,
+        max(1, a.num_query_groups // tp),
+        a.head_dim,
+        a.ffn_hidden_size // tp,
+    )
     sb, h = s * b, a.hidden_size
     q, kv = sb * heads * d, sb * groups * d
-    sb_hidden = sb // tp if sequence_parallel else sb  # hidden-size tensors: split along the sequence
+    sb_hidden = (
+        sb // tp if sequence_parallel else sb
+    )  # hidden-size tensors: split along the sequence
     if impl == "local":
-        hidden_norms = 2 * ((4 + 4 + nbytes) * sb_hidden * h + 4 * sb_hidden)  # fp32 in, fp32 normed, cast, rstd
-        qk_norms = (8 * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm  # fp32 input and normalised, rstd
+        hidden_norms = 2 * (
+            (4 + 4 + nbytes) * sb_hidden * h + 4 * sb_hidden
+        )  # fp32 in, fp32 normed, cast, rstd
+        qk_norms = (
+            8 * (q + kv) + 4 * sb * (heads + groups)
+        ) * a.qk_norm  # fp32 input and normalised, rstd
         scores = b * heads * s * s
-        attention = nbytes * 3 * q + (4 + nbytes) * scores + s * s  # q, k, v expanded; fp32 softmax, cast; mask
+        attention = (
+            nbytes * 3 * q + (4 + nbytes) * scores + s * s
+        )  # q, k, v expanded; fp32 softmax, cast; mask
         attention += 4 * nbytes * s * d  # RoPE's cos/sin for q and k
-        return hidden_norms + qk_norms + attention + nbytes * q + nbytes * 5 * sb * f  # + proj input, SwiGLU
+        return (
+            hidden_norms + qk_norms + attention + nbytes * q + nbytes * 5 * sb * f
+        )  # + proj input, SwiGLU
     if impl != "te":
         raise ValueError(f"impl must be te|local, got {impl!r}")
-    hidden_norms = 2 * (2 * nbytes * sb_hidden * h + 4 * sb_hidden)  # input + output of each fused norm, rsigma
+    hidden_norms = 2 * (
+        2 * nbytes * sb_hidden * h + 4 * sb_hidden
+    )  # input + output of each fused norm, rsigma
     qk_norms = (nbytes * (q + kv) + 4 * sb * (heads + groups)) * a.qk_norm
     attention = nbytes * (q + 2 * kv + q) + 4 * b * heads * s  # flash: q, k, v, output, log-sum-exp
     return hidden_norms + qk_norms + attention + nbytes * 3 * sb * f
@@ -133,50 +162,83 @@ def plan(p: PlanInput) -> dict[str, float]:
     worst = max(range(p.pp), key=lambda s: per_stage[s])
     weights = per_stage[worst] * p.bytes_per_param
     if p.lora_rank:
-        trainable = a.num_layers // p.pp * lora_params_per_layer_rank(a, p.tp, p.lora_rank, p.lora_targets)
+        trainable = (
+            a.num_layers // p.pp * lora_params_per_layer_rank(a, p.tp, p.lora_rank, p.lora_targets)
+        )
         weights += trainable * p.bytes_per_param
     else:
         trainable = per_stage[worst]
     grads = trainable * (4 if p.master_fp32 else p.bytes_per_param)  # DDP's main-grad buffer
     if p.master_fp32:
-        per_param = 8 + (4 if p.bytes_per_param < 4 else 0)  # moments (+ master copy of 16-bit params)
+        per_param = 8 + (
+            4 if p.bytes_per_param < 4 else 0
+        )  # moments (+ master copy of 16-bit params)
     else:
         per_param = 2 * p.bytes_per_param
     optimizer = per_param * trainable / (p.dp if p.distributed_optimizer else 1)
     layers_here = a.num_layers // p.pp
     s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
     if p.recompute:
-        activations = layers_here * p.bytes_per_param * s * b * h // (p.tp if p.sequence_parallel else 1)
+        activations = (
+            layers_here * p.bytes_per_param * s * b * h // (p.tp if p.sequence_parallel else 1)
+        )
     else:
-        activations = layers_here * activation_bytes_per_layer(a, s, b, p.tp, p.bytes_per_param, p.impl,
-                                                               p.sequence_parallel)
+        activations = layers_here * activation_bytes_per_layer(
+            a, s, b, p.tp, p.bytes_per_param, p.impl, p.sequence_parallel
+        )
     v_local = a.padded_vocab_size(p.tp) // p.tp
     last = worst == p.pp - 1 or p.pp == 1
     resp_rows = b * p.response_len * v_local
     teacher_logits = p.micro_batches_per_rank * resp_rows * p.bytes_per_param if last else 0
-    student_logits = (b * s * v_local + 2 * resp_rows) * p.bytes_per_param if last else 0  # logits, rows, grad
-    loss_working = LOSS_TEMPORARIES * min(LOSS_CHUNK_ELEMENTS, b * p.response_len * v_local) * 4 if last else 0
+    student_logits = (
+        (b * s * v_local + 2 * resp_rows) * p.bytes_per_param if last else 0
+    )  # logits, rows, grad
+    loss_working = (
+        LOSS_TEMPORARIES * min(LOSS_CHUNK_ELEMENTS, b * p.response_len * v_local) * 4 if last else 0
+    )
     teacher_copy = per_stage[worst] * p.bytes_per_param if p.frozen_teacher_copy else 0
     kv_tokens = p.rollouts_per_rank * p.student_seq_len
     vllm = 0.0
     if p.vllm_gpu_fraction:
-        kv = 2 * a.num_layers * max(1, a.num_query_groups // p.tp) * a.head_dim * kv_tokens * p.bytes_per_param
+        kv = (
+            2
+            * a.num_layers
+            * max(1, a.num_query_groups // p.tp)
+            * a.head_dim
+            * kv_tokens
+            * p.bytes_per_param
+        )
         vllm = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param + kv
-    terms = {"weights": weights, "gradients": grads, "optimizer_states": optimizer, "activations": activations,
-             "teacher_logits": teacher_logits, "student_logits": student_logits, "loss_working_set": loss_working,
-             "frozen_teacher_copy": teacher_copy, "vllm": vllm}
+    terms = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer_states": optimizer,
+        "activations": activations,
+        "teacher_logits": teacher_logits,
+        "student_logits": student_logits,
+        "loss_working_set": loss_working,
+        "frozen_teacher_copy": teacher_copy,
+        "vllm": vllm,
+    }
     terms["total"] = sum(terms.values())
     return terms
 
 
-def smallest_fitting_layout(p: PlanInput, gpu_bytes: float, world_sizes=(8, 16, 32, 64, 128)) -> PlanInput | None:
+def smallest_fitting_layout(
+    p: PlanInput, gpu_bytes: float, world_sizes=(8, 16, 32, 64, 128)
+) -> PlanInput | None:
     """The layout with the fewest model-parallel GPUs (then the smallest world) whose plan fits."""
     a = p.arch
     options = []
     for world in world_sizes:
         for tp in (1, 2, 4, 8):
             for pp in (1, 2, 4, 8, 16):
-                if world % (tp * pp) or a.num_attention_heads % tp or a.num_query_groups % tp or a.num_layers % pp:
+                if (
+                    world % (tp * pp)
+                    or a.num_attention_heads % tp
+                    or a.num_query_groups % tp
+                    or a.num_layers % pp
+                ):
                     continue
                 cand = PlanInput(**{**p.__dict__, "tp": tp, "pp": pp, "dp": world // (tp * pp)})
                 if plan(cand)["total"] <= gpu_bytes:

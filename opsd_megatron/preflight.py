@@ -28,8 +28,12 @@ def check_model(cfg) -> None:
         _local_dir("model.hf_dir", m.hf_dir, ("config.json",), "an HF checkpoint")
         _local_dir("model.hf_dir", m.hf_dir, SAFETENSORS, "an HF safetensors checkpoint")
     if m.megatron_dir:
-        _local_dir("model.megatron_dir", m.megatron_dir, ("opsd_model.json",),
-                   "a converted checkpoint (tools/convert_hf_to_megatron.py)")
+        _local_dir(
+            "model.megatron_dir",
+            m.megatron_dir,
+            ("opsd_model.json",),
+            "a converted checkpoint (tools/convert_hf_to_megatron.py)",
+        )
     check_tokenizer("model.tokenizer", m.tokenizer)
 
 
@@ -40,16 +44,26 @@ def check_tokenizer(key: str, spec: str) -> None:
         return
     kind, where = resolve(key, spec, "model")
     if kind == "file":
-        raise PathError(f"{key}={spec!r}: is a file; a tokenizer is a directory (tokenizer.json, tokenizer_config.json)")
+        raise PathError(
+            f"{key}={spec!r}: is a file; a tokenizer is a directory (tokenizer.json, tokenizer_config.json)"
+        )
     if kind == "dir":
-        _local_dir(key, spec, ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
-                   "a tokenizer directory")
+        _local_dir(
+            key,
+            spec,
+            ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
+            "a tokenizer directory",
+        )
     else:
         check_hub(key, spec, "model")
 
 
 def _hub_parts(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if resolve("data.source", s.strip(), "dataset")[0] == "hub"]
+    return [
+        s.strip()
+        for s in spec.split(",")
+        if resolve("data.source", s.strip(), "dataset")[0] == "hub"
+    ]
 
 
 def check_data(cfg) -> None:
@@ -58,7 +72,9 @@ def check_data(cfg) -> None:
     if not cfg.data.source.startswith("synthetic:"):
         for name in _hub_parts(cfg.data.source):
             check_hub("data.source", name, "dataset")
-    load_problems(cfg.data)  # reads and validates every row (length filters need the tokenizer: on the ranks)
+    load_problems(
+        cfg.data
+    )  # reads and validates every row (length filters need the tokenizer: on the ranks)
 
 
 def check_benchmarks(cfg) -> None:
@@ -66,7 +82,10 @@ def check_benchmarks(cfg) -> None:
 
     for spec in cfg.eval.benchmarks:
         spec = str(spec)
-        if not spec.startswith("synthetic:") and resolve("eval.benchmarks", spec, "dataset")[0] == "hub":
+        if (
+            not spec.startswith("synthetic:")
+            and resolve("eval.benchmarks", spec, "dataset")[0] == "hub"
+        ):
             check_hub("eval.benchmarks", spec, "dataset")
         load_benchmark(spec, cfg.eval)
 
@@ -84,5 +103,7 @@ def check_eval_run(cfg, checkpoint: str | None) -> None:
     if checkpoint:
         path = Path(checkpoint)
         if not (path / "model").is_dir():
-            raise PathError(f"--checkpoint {checkpoint!r}: not a training checkpoint (expected "
-                            f"OUT/checkpoints/step_N with a model/ directory)")
+            raise PathError(
+                f"--checkpoint {checkpoint!r}: not a training checkpoint (expected "
+                f"OUT/checkpoints/step_N with a model/ directory)"
+            )

@@ -58,8 +58,11 @@ def _violations(root: Path = ROOT):
         mine, package = _layer(name), name.split(".")[1] if "." in name else ""
         for line, target, names in _imports(tree):
             where = f"{path.relative_to(root.parent)}:{line}"
-            if target.startswith("megatron.core") and "parallel_state" in target + " ".join(names) \
-                    and package != "platform":
+            if (
+                target.startswith("megatron.core")
+                and "parallel_state" in target + " ".join(names)
+                and package != "platform"
+            ):
                 bad.append(f"{where}: parallel_state outside platform/ (use ParallelGroups)")
             if not target.startswith("opsd_megatron.") or target == "opsd_megatron":
                 continue
@@ -79,7 +82,9 @@ def test_the_check_sees_an_upward_import(tmp_path):
     """The checker itself: an algorithms module importing the trainer is reported."""
     fake = tmp_path / "opsd_megatron"
     (fake / "algorithms").mkdir(parents=True)
-    (fake / "algorithms" / "bad.py").write_text("def f():\n    from opsd_megatron.train.step import train_step\n")
+    (fake / "algorithms" / "bad.py").write_text(
+        "def f():\n    from opsd_megatron.train.step import train_step\n"
+    )
     (fake / "models").mkdir()
     (fake / "models" / "ps.py").write_text("from megatron.core import parallel_state as ps\n")
     bad = _violations(fake)

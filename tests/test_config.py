@@ -17,7 +17,9 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "recipes" / "tiny_cpu.yaml"
 
 
-DEMOS = [r for r in RECIPES if r.stem.startswith("demo_")]  # opsd-demo recipes: stages of training recipes
+DEMOS = [
+    r for r in RECIPES if r.stem.startswith("demo_")
+]  # opsd-demo recipes: stages of training recipes
 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in DEMOS], ids=lambda r: r.stem)
@@ -33,7 +35,11 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
 
     d = load_demo(str(recipe), [f"output_dir={tmp_path}"])
     base = load_config(_stage_recipe(d, "base", d.base, None))
-    assert base.algorithm == "sft" and base.eval.teacher_too and base.trainer.max_steps % base.eval.interval == 0
+    assert (
+        base.algorithm == "sft"
+        and base.eval.teacher_too
+        and base.trainer.max_steps % base.eval.interval == 0
+    )
     for name, stage in d.arms.items():
         cfg = load_config(_stage_recipe(d, name, stage, str(tmp_path / "base_model")))
         validate_layout(cfg, arch=arch_of(base.model))
@@ -46,7 +52,9 @@ def test_demo_recipe_errors_name_the_problem(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("outputdir: x\narms: {opsd: {}}\n")
-    with pytest.raises(ConfigError, match="bad.yaml:1: unknown config key 'outputdir'; did you mean 'output_dir'"):
+    with pytest.raises(
+        ConfigError, match="bad.yaml:1: unknown config key 'outputdir'; did you mean 'output_dir'"
+    ):
         load_demo(str(bad), [])
     bad.write_text("arms: {sft: {}}\n")
     with pytest.raises(ConfigError, match="arms.opsd is required"):
@@ -62,12 +70,20 @@ def test_renamed_teacher_keys_still_load_with_a_warning(tmp_path):
     """teacher.kind -> teacher.update, teacher.model.kind -> teacher.weights (and .offload), in a
     recipe and as overrides; the new names load silently."""
     old = tmp_path / "old.yaml"
-    old.write_text(f"defaults_from: {TINY}\nlora: null\nteacher: {{kind: ema, model: {{kind: frozen_copy, offload: true}}}}\n")
+    old.write_text(
+        f"defaults_from: {TINY}\nlora: null\nteacher: {{kind: ema, model: {{kind: frozen_copy, offload: true}}}}\n"
+    )
     with pytest.warns(FutureWarning, match="old.yaml: 'teacher.kind' is now 'teacher.update'"):
         cfg = load_config(old)
-    assert (cfg.teacher.update, cfg.teacher.weights, cfg.teacher.offload) == ("ema", "frozen_copy", True)
+    assert (cfg.teacher.update, cfg.teacher.weights, cfg.teacher.offload) == (
+        "ema",
+        "frozen_copy",
+        True,
+    )
     with pytest.warns(FutureWarning, match="override 'teacher.model.kind=frozen_copy'"):
-        cfg = load_config(TINY, ["lora=null", "teacher.model.kind=frozen_copy", "teacher.kind=current"])
+        cfg = load_config(
+            TINY, ["lora=null", "teacher.model.kind=frozen_copy", "teacher.kind=current"]
+        )
     assert (cfg.teacher.update, cfg.teacher.weights) == ("current", "frozen_copy")
     import warnings
 
@@ -81,21 +97,51 @@ def test_renamed_teacher_keys_still_load_with_a_warning(tmp_path):
 
 def test_paper_defaults():
     cfg = load_config(ROOT / "recipes" / "qwen3_8b.yaml")
-    assert (cfg.optimizer.lr, cfg.optimizer.warmup_ratio, cfg.optimizer.schedule) == (2e-5, 0.1, "cosine")
-    assert (cfg.trainer.global_batch_size, cfg.rollout.num_rollouts, cfg.rollout.max_new_tokens) == (32, 1, 2048)
-    assert (cfg.rollout.temperature, cfg.loss.beta, cfg.lora.rank, cfg.lora.alpha) == (1.2, 0.5, 64, 128.0)
-    assert cfg.teacher.update == "fixed" and not cfg.data.student_thinking and cfg.data.teacher_thinking
+    assert (cfg.optimizer.lr, cfg.optimizer.warmup_ratio, cfg.optimizer.schedule) == (
+        2e-5,
+        0.1,
+        "cosine",
+    )
+    assert (
+        cfg.trainer.global_batch_size,
+        cfg.rollout.num_rollouts,
+        cfg.rollout.max_new_tokens,
+    ) == (32, 1, 2048)
+    assert (cfg.rollout.temperature, cfg.loss.beta, cfg.lora.rank, cfg.lora.alpha) == (
+        1.2,
+        0.5,
+        64,
+        128.0,
+    )
+    assert (
+        cfg.teacher.update == "fixed"
+        and not cfg.data.student_thinking
+        and cfg.data.teacher_thinking
+    )
     official = load_config(ROOT / "recipes" / "qwen3_8b_official.yaml")
-    assert (official.loss.beta, official.rollout.max_new_tokens, official.rollout.temperature) == (0.0, 1024, 1.1)
-    assert (official.rollout.top_p, official.rollout.top_k, official.optimizer.lr) == (0.95, 20, 5e-6)
+    assert (official.loss.beta, official.rollout.max_new_tokens, official.rollout.temperature) == (
+        0.0,
+        1024,
+        1.1,
+    )
+    assert (official.rollout.top_p, official.rollout.top_k, official.optimizer.lr) == (
+        0.95,
+        20,
+        5e-6,
+    )
     assert (official.optimizer.grad_clip, official.loss.term_clip) == (0.1, 0.06)
     assert official.lora.rank == 64, "variants inherit the rest from their base recipe"
 
 
 def test_overrides_apply_and_unknown_keys_name_the_closest():
-    cfg = load_config(TINY, ["trainer.max_steps=7", "loss.beta=0.1", "parallel.tensor_model_parallel_size=1"])
+    cfg = load_config(
+        TINY, ["trainer.max_steps=7", "loss.beta=0.1", "parallel.tensor_model_parallel_size=1"]
+    )
     assert (cfg.trainer.max_steps, cfg.loss.beta) == (7, 0.1)
-    with pytest.raises(ConfigError, match="unknown config key 'trainer.max_stesp'; did you mean 'trainer.max_steps'"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown config key 'trainer.max_stesp'; did you mean 'trainer.max_steps'",
+    ):
         load_config(TINY, ["trainer.max_stesp=3"])
     with pytest.raises(ConfigError, match="unknown config key 'los'; did you mean 'loss'"):
         load_config(TINY, ["los.beta=3"])
@@ -122,27 +168,47 @@ def test_recipe_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("ovr, world, match", [
-    (["parallel.tensor_model_parallel_size=3"], 3, "does not divide num_attention_heads=4"),
-    (["parallel.pipeline_model_parallel_size=3", "parallel.tensor_model_parallel_size=1"], 3,
-     "does not divide num_hidden_layers=2"),
-    ([], 3, "world size 3 is not divisible"),
-    (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 2, "global_batch_size=6 is not divisible"),
-])
+@pytest.mark.parametrize(
+    "ovr, world, match",
+    [
+        (["parallel.tensor_model_parallel_size=3"], 3, "does not divide num_attention_heads=4"),
+        (
+            ["parallel.pipeline_model_parallel_size=3", "parallel.tensor_model_parallel_size=1"],
+            3,
+            "does not divide num_hidden_layers=2",
+        ),
+        ([], 3, "world size 3 is not divisible"),
+        (
+            ["trainer.global_batch_size=6", "trainer.micro_batch_size=4"],
+            2,
+            "global_batch_size=6 is not divisible",
+        ),
+    ],
+)
 def test_impossible_layouts(ovr, world, match):
     with pytest.raises(ConfigError, match=match):
         validate_layout(load_config(TINY, ovr), world, arch=arch_of(load_config(TINY, ovr).model))
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "opsd_megatron.train.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "opsd_megatron.train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_cli_dry_run_prints_config_and_layout():
-    out = _cli(str(ROOT / "recipes" / "qwen3_8b.yaml"), "model.megatron_dir=null", "model.tokenizer=builtin:arith",
-               "data.source=synthetic:arith", "data.problem_field=problem", "data.solution_field=solution",
-               "--dry-run")  # the recipe's own paths exist only on a cluster
+    out = _cli(
+        str(ROOT / "recipes" / "qwen3_8b.yaml"),
+        "model.megatron_dir=null",
+        "model.tokenizer=builtin:arith",
+        "data.source=synthetic:arith",
+        "data.problem_field=problem",
+        "data.solution_field=solution",
+        "--dry-run",
+    )  # the recipe's own paths exist only on a cluster
     assert out.returncode == 0, out.stderr
     assert "world 8 = TP 1 x PP 1 x DP 8" in out.stdout and "beta: 0.5" in out.stdout
 
@@ -153,8 +219,19 @@ def test_options_and_overrides_in_any_order(capsys):
 
     assert train_main([str(TINY), "--dry-run", "trainer.max_steps=3"]) == 0
     assert "max_steps: 3" in capsys.readouterr().out
-    assert eval_main([str(TINY), "--tag", "ref", "eval.with_reference=true", "eval.benchmarks=[synthetic:arith:4]",
-                      "--dry-run"]) == 0
+    assert (
+        eval_main(
+            [
+                str(TINY),
+                "--tag",
+                "ref",
+                "eval.with_reference=true",
+                "eval.benchmarks=[synthetic:arith:4]",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_bad_override_exits_2_with_message():
@@ -165,23 +242,33 @@ def test_cli_bad_override_exits_2_with_message():
 def test_demo_cli_reports_bad_input(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms: {sft: {}}\n")
-    for recipe, message in ((tmp_path / "missing.yaml", "missing.yaml"), (bad, "arms.opsd is required")):
-        out = subprocess.run([sys.executable, "-m", "opsd_megatron.demo", str(recipe)], capture_output=True, text=True)
+    for recipe, message in (
+        (tmp_path / "missing.yaml", "missing.yaml"),
+        (bad, "arms.opsd is required"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "opsd_megatron.demo", str(recipe)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.micro_batch_size=0", "trainer.micro_batch_size must be >= 1, got 0"),
-    ("trainer.global_batch_size=0", "trainer.global_batch_size must be >= 1, got 0"),
-    ("checkpoint.save_interval=0", "checkpoint.save_interval must be >= 1, got 0"),
-    ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
-    ("rollout.temperature=0", "rollout.temperature must be > 0, got 0.0"),
-    ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1], got 1.5"),
-    ("loss.temperature=0", "loss.temperature must be > 0, got 0.0"),
-    ("optimizer.lr=0", "optimizer.lr must be > 0, got 0.0"),
-    ("optimizer.precision=fp8", "optimizer.precision must be fp32|bf16"),
-    ("lora.rank=0", "lora.rank must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size must be >= 1, got 0"),
+        ("trainer.global_batch_size=0", "trainer.global_batch_size must be >= 1, got 0"),
+        ("checkpoint.save_interval=0", "checkpoint.save_interval must be >= 1, got 0"),
+        ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
+        ("rollout.temperature=0", "rollout.temperature must be > 0, got 0.0"),
+        ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1], got 1.5"),
+        ("loss.temperature=0", "loss.temperature must be > 0, got 0.0"),
+        ("optimizer.lr=0", "optimizer.lr must be > 0, got 0.0"),
+        ("optimizer.precision=fp8", "optimizer.precision must be fp32|bf16"),
+        ("lora.rank=0", "lora.rank must be >= 1, got 0"),
+    ],
+)
 def test_bad_numbers_are_one_line_naming_key_and_value(override, message, capsys):
     from opsd_megatron.train.cli import main
 

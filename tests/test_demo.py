@@ -19,27 +19,50 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIFT_AT_30 = 0.35
-REDUCED = ["arms.opsd.trainer.max_steps=30", "arms.sft=null", "arms.grpo=null", "common.logging.tensorboard=false",
-           "common.logging.progress_bar=false", "common.eval.interval=30"]
+REDUCED = [
+    "arms.opsd.trainer.max_steps=30",
+    "arms.sft=null",
+    "arms.grpo=null",
+    "common.logging.tensorboard=false",
+    "common.logging.progress_bar=false",
+    "common.eval.interval=30",
+]
 
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "opsd" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.timeout(1800)  # ≈7 min on 2 idle cores (400 base steps + 65 OPSD steps); more when shared
+@pytest.mark.timeout(
+    1800
+)  # ≈7 min on 2 idle cores (400 base steps + 65 OPSD steps); more when shared
 def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     from opsd_megatron.demo import _run, _stage_recipe, load_demo, run_demo
 
-    d = load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), REDUCED + [f"output_dir={tmp_path / 'demo'}"])
+    d = load_demo(
+        str(ROOT / "recipes" / "demo_cpu.yaml"), REDUCED + [f"output_dir={tmp_path / 'demo'}"]
+    )
     summary = run_demo(d)
-    assert summary["base_teacher_accuracy"] >= 0.9, "the base solves problems when shown the reference"
+    assert summary["base_teacher_accuracy"] >= 0.9, (
+        "the base solves problems when shown the reference"
+    )
     assert summary["base_accuracy"] <= 0.5, "…and only part of them alone"
     assert summary["steps"] == 30 and summary["generated_tokens"] > 30 * 16 * 10
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
     lifts = {(42, 0): summary["lift"]}
-    base_model = str(tmp_path / "demo" / "base" / "checkpoints" / f"step_{summary['base']['steps']:06d}" / "model")
-    other = {**d.arms["opsd"], "trainer": {"max_steps": 30, "seed": 7}, "rollout": {"temperature": 0.7, "seed": 7}}
+    base_model = str(
+        tmp_path
+        / "demo"
+        / "base"
+        / "checkpoints"
+        / f"step_{summary['base']['steps']:06d}"
+        / "model"
+    )
+    other = {
+        **d.arms["opsd"],
+        "trainer": {"max_steps": 30, "seed": 7},
+        "rollout": {"temperature": 0.7, "seed": 7},
+    }
     d.output_dir = str(tmp_path / "seed7")
     _run(_stage_recipe(d, "opsd", other, base_model))
     final = [m["eval/avg@1"] for m in _metrics(tmp_path / "seed7") if "eval/avg@1" in m][-1]
@@ -49,6 +72,6 @@ def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     d.output_dir = str(tmp_path / "again")  # the first seed pair again, 5 steps: the same numbers
     _run(_stage_recipe(d, "opsd", {**d.arms["opsd"], "trainer": {"max_steps": 5}}, base_model))
     again = _metrics(tmp_path / "again")
-    first = _metrics(tmp_path / "demo")[:len(again)]
+    first = _metrics(tmp_path / "demo")[: len(again)]
     for key in ("loss", "generated_tokens", "grad_norm"):
         assert [m[key] for m in first] == [m[key] for m in again], f"same seed, different {key}"

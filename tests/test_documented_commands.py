@@ -17,7 +17,9 @@ from opsd_megatron.config import load_config, validate_layout
 from opsd_megatron.models.from_config import arch_of
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = re.compile(r"\s\[(?:--|key=|DIR)[^\]]*\]")  # "[--gpu-gib 80]", "[key=value ...]": placeholders
+OPTIONAL = re.compile(
+    r"\s\[(?:--|key=|DIR)[^\]]*\]"
+)  # "[--gpu-gib 80]", "[key=value ...]": placeholders
 
 
 def _blocks(text: str) -> list[str]:
@@ -32,14 +34,28 @@ def _examples() -> list[str]:
     for tool in sorted((ROOT / "tools").glob("*.py")):
         doc = tool.read_text().split('"""')[1]
         if "Example:" in doc:
-            cmds += [c for c in doc.split("Example:")[1].replace("\\\\\n", " ").replace("\\\n", " ").splitlines()
-                     if c.strip()]
+            cmds += [
+                c
+                for c in doc.split("Example:")[1]
+                .replace("\\\\\n", " ")
+                .replace("\\\n", " ")
+                .splitlines()
+                if c.strip()
+            ]
     return cmds
 
 
-COMMANDS = [re.sub(r"\s+#.*$", "", OPTIONAL.sub("", c)).strip() for c in _blocks((ROOT / "README.md").read_text())
-            + _examples()]
-ENVIRONMENT = ("model.megatron_dir=", "model.hf_dir=", "model.tokenizer=", "data.source=", "--checkpoint")
+COMMANDS = [
+    re.sub(r"\s+#.*$", "", OPTIONAL.sub("", c)).strip()
+    for c in _blocks((ROOT / "README.md").read_text()) + _examples()
+]
+ENVIRONMENT = (
+    "model.megatron_dir=",
+    "model.hf_dir=",
+    "model.tokenizer=",
+    "data.source=",
+    "--checkpoint",
+)
 
 
 def _recipe_and_overrides(argv: list[str]) -> tuple[str, list[str], list[str]]:
@@ -72,12 +88,14 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = shlex.split(command)
-    if "venv" in argv:  # the two fresh-machine commands: CI runs the second, the demo test the first
+    if (
+        "venv" in argv
+    ):  # the two fresh-machine commands: CI runs the second, the demo test the first
         assert ".venv/bin/" in command
         return
     prog = argv[0]
     if prog == "torchrun":
-        prog, argv = "opsd-train", argv[argv.index("-m") + 2:]
+        prog, argv = "opsd-train", argv[argv.index("-m") + 2 :]
     elif prog.startswith("opsd-"):
         argv = argv[1:]
     if prog == "opsd-demo":
@@ -96,7 +114,9 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     elif prog in ("python", "python3"):
         tool = ROOT / argv[1]
         assert tool.is_file(), tool
-        res = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         for flag in (a for a in argv[2:] if a.startswith("--")):
             assert flag in res.stdout, f"{tool.name} has no {flag}"

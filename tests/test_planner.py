@@ -16,18 +16,35 @@ from opsd_megatron.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = {
-    "qwen3_tied": dict(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
-    "qwen2_untied": dict(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen3_tied": dict(
+        model_type="qwen3",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=True,
+    ),
+    "qwen2_untied": dict(
+        model_type="qwen2",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 def _count(tp, pp, cfg):
     from megatron.core import parallel_state as ps
 
-    from opsd_megatron.models import build_gpt_model
     from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models import build_gpt_model
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
@@ -44,8 +61,13 @@ def _count(tp, pp, cfg):
 def test_weights_and_lora_counts_are_exact(name, tp, pp):
     arch = arch_from_hf_config(ARCHS[name])
     expected = stage_params(PlanInput(arch=arch, tp=tp, pp=pp, dp=1))
-    lora = arch.num_layers // pp * lora_params_per_layer_rank(arch, tp, 8, ("linear_qkv", "linear_proj",
-                                                                           "linear_fc1", "linear_fc2"))
+    lora = (
+        arch.num_layers
+        // pp
+        * lora_params_per_layer_rank(
+            arch, tp, 8, ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+        )
+    )
     for stage, base, trainable in run_distributed(_count, tp * pp, tp, pp, ARCHS[name]):
         assert base == expected[stage], (stage, base, expected)
         assert trainable == lora
@@ -58,33 +80,68 @@ def test_plan_terms_and_distributed_optimizer():
     full = plan(p)
     sharded = plan(PlanInput(**{**p.__dict__, "distributed_optimizer": True}))
     # bf16 params: fp32 main grads (4 B), fp32 master + two fp32 moments (12 B) per trainable parameter
-    assert full["optimizer_states"] == 3 * full["gradients"] and sharded["optimizer_states"] == full["optimizer_states"] / 4
+    assert (
+        full["optimizer_states"] == 3 * full["gradients"]
+        and sharded["optimizer_states"] == full["optimizer_states"] / 4
+    )
     no_master = plan(PlanInput(**{**p.__dict__, "master_fp32": False}))
-    assert no_master["optimizer_states"] == 2 * no_master["gradients"], "precision=bf16: two bf16 moments"
+    assert no_master["optimizer_states"] == 2 * no_master["gradients"], (
+        "precision=bf16: two bf16 moments"
+    )
     assert plan(PlanInput(**{**p.__dict__, "recompute": True}))["activations"] < full["activations"]
     assert full["total"] == sum(v for k, v in full.items() if k != "total")
 
 
 def test_cli_finds_a_fitting_layout_for_full_parameter_8b():
-    out = subprocess.run([sys.executable, "-m", "opsd_megatron.plan_cli", str(ROOT / "recipes" / "qwen3_8b.yaml"),
-                          "lora=null", "teacher.weights=frozen_copy"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opsd_megatron.plan_cli",
+            str(ROOT / "recipes" / "qwen3_8b.yaml"),
+            "lora=null",
+            "teacher.weights=frozen_copy",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "fits a 80 GiB GPU: no" in out.stdout and "smallest layout that fits" in out.stdout
     assert "torchrun --nproc-per-node 8" in out.stdout
 
 
 def test_trainer_refuses_a_layout_that_does_not_fit_unless_forced():
-    here = ["model.megatron_dir=null", "model.tokenizer=builtin:arith", "data.source=synthetic:arith",
-            "data.problem_field=problem", "data.solution_field=solution"]  # the recipe's paths exist on a cluster
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "qwen3_8b.yaml"), *here, "lora=null",
-           "teacher.weights=frozen_copy", "--dry-run", "--gpu-gib", "80"]
+    here = [
+        "model.megatron_dir=null",
+        "model.tokenizer=builtin:arith",
+        "data.source=synthetic:arith",
+        "data.problem_field=problem",
+        "data.solution_field=solution",
+    ]  # the recipe's paths exist on a cluster
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        str(ROOT / "recipes" / "qwen3_8b.yaml"),
+        *here,
+        "lora=null",
+        "teacher.weights=frozen_copy",
+        "--dry-run",
+        "--gpu-gib",
+        "80",
+    ]
     refused = subprocess.run(cmd, capture_output=True, text=True)
     assert refused.returncode == 2
-    assert "more than the 80 GiB GPU" in refused.stderr and "smallest layout that fits is TP" in refused.stderr
+    assert (
+        "more than the 80 GiB GPU" in refused.stderr
+        and "smallest layout that fits is TP" in refused.stderr
+    )
     assert "--force" in refused.stderr
     forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
     assert forced.returncode == 0, forced.stderr
-    fits = subprocess.run(cmd[:4 + len(here)] + ["--dry-run", "--gpu-gib", "80"], capture_output=True, text=True)
+    fits = subprocess.run(
+        cmd[: 4 + len(here)] + ["--dry-run", "--gpu-gib", "80"], capture_output=True, text=True
+    )
     assert fits.returncode == 0, fits.stderr  # the paper's LoRA layout fits one A100-80GB per rank
 
 
@@ -100,7 +157,9 @@ def _saved_bytes_per_layer(tp, s, b, recompute, family, sp=False):
     initialize_model_parallel(tp, 1)
     totals = []
     for layers in (1, 3):
-        arch = arch_from_hf_config({**ARCHS[family], "num_hidden_layers": layers, "max_position_embeddings": 4096})
+        arch = arch_from_hf_config(
+            {**ARCHS[family], "num_hidden_layers": layers, "max_position_embeddings": 4096}
+        )
         model = build_gpt_model(arch, torch.bfloat16, recompute=recompute, sequence_parallel=sp)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen = {}
@@ -118,13 +177,25 @@ def _saved_bytes_per_layer(tp, s, b, recompute, family, sp=False):
     return (totals[1] - totals[0]) / 2, arch
 
 
-@pytest.mark.parametrize("family,tp,s,b,sp", [("qwen3_tied", 1, 256, 2, False), ("qwen3_tied", 2, 256, 2, False),
-                                              ("qwen2_untied", 2, 128, 3, False), ("qwen3_tied", 2, 256, 2, True)])
+@pytest.mark.parametrize(
+    "family,tp,s,b,sp",
+    [
+        ("qwen3_tied", 1, 256, 2, False),
+        ("qwen3_tied", 2, 256, 2, False),
+        ("qwen2_untied", 2, 128, 3, False),
+        ("qwen3_tied", 2, 256, 2, True),
+    ],
+)
 def test_activation_estimate_matches_what_megatron_saves(family, tp, s, b, sp):
     from opsd_megatron.planner import activation_bytes_per_layer
 
     measured, arch = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, False, family, sp)[0]
     estimate = activation_bytes_per_layer(arch, s, b, tp, 2, impl="local", sequence_parallel=sp)
-    assert abs(estimate - measured) / measured <= 0.02, (estimate, measured)  # measured: exact (0.0 %)
+    assert abs(estimate - measured) / measured <= 0.02, (
+        estimate,
+        measured,
+    )  # measured: exact (0.0 %)
     recomputed, _ = run_distributed(_saved_bytes_per_layer, tp, tp, s, b, True, family, sp)[0]
-    assert recomputed == 2 * s * b * arch.hidden_size // (tp if sp else 1), "recompute keeps each layer's input"
+    assert recomputed == 2 * s * b * arch.hidden_size // (tp if sp else 1), (
+        "recompute keeps each layer's input"
+    )

@@ -32,9 +32,17 @@ GOOD = b'{"problem": "1+1", "solution": "2"}\n'
 DATA_PROBES = {  # file name, bytes, what the one line must say
     "malformed": ("d.jsonl", GOOD + b"\n" + b'{"problem": "2+2", \n', ":3: not valid JSON"),
     "no_solution": ("d.jsonl", GOOD + b'{"problem": "2+2"}\n', ":2: field 'solution' is missing"),
-    "empty_solution": ("d.jsonl", GOOD + b'{"problem": "2+2", "solution": "  "}\n', ":2: field 'solution'"),
+    "empty_solution": (
+        "d.jsonl",
+        GOOD + b'{"problem": "2+2", "solution": "  "}\n',
+        ":2: field 'solution'",
+    ),
     "empty_file": ("d.jsonl", b"", "no rows (the file is empty)"),
-    "not_utf8": ("d.jsonl", GOOD + b'{"problem": "caf\xe9", "solution": "x"}\n', ":2: not UTF-8 text"),
+    "not_utf8": (
+        "d.jsonl",
+        GOOD + b'{"problem": "caf\xe9", "solution": "x"}\n',
+        ":2: not UTF-8 text",
+    ),
     "json_not_jsonl": ("d.json", b"[]", "unsupported data file type '.json'"),
     "not_object": ("d.jsonl", GOOD + b"[1, 2]\n", ":2: not a JSON object"),
 }
@@ -51,17 +59,38 @@ def test_bad_data_is_one_line_naming_file_and_line(probe, tmp_path, capsys):
     assert not out.exists(), "nothing may start (or write) before the input is validated"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.source=data/missing.jsonl", "data.source='data/missing.jsonl': no such file or directory"),
-    ("model.tokenizer=/no/such/tokenizer", "model.tokenizer='/no/such/tokenizer': no such file or directory"),
-    ("model.tokenizer=no_such_org/no_such_tokenizer", "not in the local Hugging Face cache and HF_HUB_OFFLINE"),
-    ("data.source=no_such_org/no_such_dataset", "not in the local Hugging Face cache and HF_HUB_OFFLINE"),
-    ("model.megatron_dir=/no/such/ckpt", "model.megatron_dir='/no/such/ckpt': no such directory"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "data.source=data/missing.jsonl",
+            "data.source='data/missing.jsonl': no such file or directory",
+        ),
+        (
+            "model.tokenizer=/no/such/tokenizer",
+            "model.tokenizer='/no/such/tokenizer': no such file or directory",
+        ),
+        (
+            "model.tokenizer=no_such_org/no_such_tokenizer",
+            "not in the local Hugging Face cache and HF_HUB_OFFLINE",
+        ),
+        (
+            "data.source=no_such_org/no_such_dataset",
+            "not in the local Hugging Face cache and HF_HUB_OFFLINE",
+        ),
+        (
+            "model.megatron_dir=/no/such/ckpt",
+            "model.megatron_dir='/no/such/ckpt': no such directory",
+        ),
+    ],
+)
 def test_bad_paths_fail_at_once_even_with_dry_run(override, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     extra = ["model.architecture=null"] if "megatron_dir" in override else []
-    assert train_main([TINY, override, *extra, f"trainer.output_dir={tmp_path / 'out'}", "--dry-run"]) == 2
+    assert (
+        train_main([TINY, override, *extra, f"trainer.output_dir={tmp_path / 'out'}", "--dry-run"])
+        == 2
+    )
     assert message in _one_line(capsys)
 
 
@@ -93,8 +122,18 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_a_user_error_found_on_the_ranks_is_one_line_too(tmp_path, capsys):
     """Length filters need the tokenizer, so they run on the ranks: the rank's DataError still
     reaches the user as one line, not as per-rank tracebacks."""
-    assert train_main([TINY, "data.max_problem_tokens=1", "parallel.tensor_model_parallel_size=1",
-                       f"trainer.output_dir={tmp_path / 'out'}", "logging.progress_bar=false"]) == 2
+    assert (
+        train_main(
+            [
+                TINY,
+                "data.max_problem_tokens=1",
+                "parallel.tensor_model_parallel_size=1",
+                f"trainer.output_dir={tmp_path / 'out'}",
+                "logging.progress_bar=false",
+            ]
+        )
+        == 2
+    )
     assert "no usable rows" in _one_line(capsys)
 
 
@@ -104,20 +143,35 @@ def _bench(tmp_path, name, rows: list):
     return path
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "no such file or directory"),
-    ("null_answer", ":2: field 'answer' is missing, null or empty (got None)"),
-    ("no_problem", ":1: field 'problem' is missing"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such file or directory"),
+        ("null_answer", ":2: field 'answer' is missing, null or empty (got None)"),
+        ("no_problem", ":1: field 'problem' is missing"),
+    ],
+)
 def test_opsd_eval_checks_benchmarks_first(case, message, tmp_path, capsys):
-    path = {"missing": tmp_path / "nope.jsonl",
-            "null_answer": _bench(tmp_path, "null.jsonl", [{"problem": "1+1", "answer": 2}, {"problem": "2+2", "answer": None}]),
-            "no_problem": _bench(tmp_path, "noproblem.jsonl", [{"question": "1+1", "answer": "2"}])}[case]
-    assert eval_main([TINY, f"eval.benchmarks=[{path}]", f"trainer.output_dir={tmp_path / 'out'}"]) == 2
+    path = {
+        "missing": tmp_path / "nope.jsonl",
+        "null_answer": _bench(
+            tmp_path,
+            "null.jsonl",
+            [{"problem": "1+1", "answer": 2}, {"problem": "2+2", "answer": None}],
+        ),
+        "no_problem": _bench(tmp_path, "noproblem.jsonl", [{"question": "1+1", "answer": "2"}]),
+    }[case]
+    assert (
+        eval_main([TINY, f"eval.benchmarks=[{path}]", f"trainer.output_dir={tmp_path / 'out'}"])
+        == 2
+    )
     line = _one_line(capsys, "opsd-eval")
     assert str(path) in line and message in line, line
 
 
 def test_opsd_eval_refuses_a_checkpoint_that_is_not_one(tmp_path, capsys):
-    assert eval_main([TINY, "eval.benchmarks=[synthetic:arith:10]", "--checkpoint", str(tmp_path)]) == 2
+    assert (
+        eval_main([TINY, "eval.benchmarks=[synthetic:arith:10]", "--checkpoint", str(tmp_path)])
+        == 2
+    )
     assert "not a training checkpoint" in _one_line(capsys, "opsd-eval")

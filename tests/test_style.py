@@ -1,5 +1,5 @@
-"""``ruff check`` (pyflakes, syntax errors, import order; settings in pyproject.toml) passes on the
-library, the tools, the benchmarks and the tests."""
+"""``ruff check`` (pyflakes, syntax errors, import order; settings in pyproject.toml) and
+``ruff format --check`` pass on the library, the tools, the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PATHS = ["opsd_megatron", "tools", "bench", "tests"]
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--no-cache", *PATHS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_ruff_check_is_clean():
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "opsd_megatron", "tools", "bench",
-                          "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = _ruff("check")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_code_is_formatted():
+    out = _ruff("format", "--check")
+    assert out.returncode == 0, "run `ruff format`:\n" + out.stdout[-4000:] + out.stderr[-2000:]

@@ -26,25 +26,48 @@ def checkpoints_in(root: Path) -> list[Path]:
     if STEP_DIR.match(root.name) or (root / MANIFEST).is_file():
         return [root]
     base = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    return sorted(d for d in base.iterdir() if d.is_dir() and STEP_DIR.match(d.name)) if base.is_dir() else []
+    return (
+        sorted(d for d in base.iterdir() if d.is_dir() and STEP_DIR.match(d.name))
+        if base.is_dir()
+        else []
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a checkpoint, a checkpoints/ directory, or a run's output directory")
-    p.add_argument("--safe", action="store_true", help="also load .metadata/*.pt the safe way (untrusted files)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "dir", help="a checkpoint, a checkpoints/ directory, or a run's output directory"
+    )
+    p.add_argument(
+        "--safe",
+        action="store_true",
+        help="also load .metadata/*.pt the safe way (untrusted files)",
+    )
     args = p.parse_args(argv)
     found = checkpoints_in(Path(args.dir))
     if not found:
-        print(f"verify_checkpoint: error: {args.dir}: no checkpoints (step_N directories) found", file=sys.stderr)
+        print(
+            f"verify_checkpoint: error: {args.dir}: no checkpoints (step_N directories) found",
+            file=sys.stderr,
+        )
         return 2
     bad = 0
     for ckpt in found:
         problems = problems_with(ckpt) + (check_untrusted(ckpt) if args.safe else [])
         has_manifest = (ckpt / MANIFEST).is_file()
         extra = unlisted(ckpt, read_manifest(ckpt)) if not problems and has_manifest else []
-        status = "FAILED" if problems else "OK" if has_manifest else "UNVERIFIED (written before manifests)"
-        print(f"{status}  {ckpt}" + (f"  (not in the manifest: {', '.join(extra)})" if extra else ""))
+        status = (
+            "FAILED"
+            if problems
+            else "OK"
+            if has_manifest
+            else "UNVERIFIED (written before manifests)"
+        )
+        print(
+            f"{status}  {ckpt}" + (f"  (not in the manifest: {', '.join(extra)})" if extra else "")
+        )
         for line in problems:
             print(f"    {line}")
         bad += bool(problems)

@@ -11,7 +11,9 @@ from opsd_megatron.models.teacher import Teacher
 __all__ = ["Algorithm", "RolloutSource", "Rollouts", "Scored", "build_algorithm"]
 
 
-def build_algorithm(cfg: OPSDConfig, source: RolloutSource, teacher: Teacher, vocab_size: int) -> Algorithm:
+def build_algorithm(
+    cfg: OPSDConfig, source: RolloutSource, teacher: Teacher, vocab_size: int
+) -> Algorithm:
     """The configured algorithm, built from the config sections it needs."""
     from opsd_megatron.algorithms.grpo import GRPO
     from opsd_megatron.algorithms.opsd import OPSD
@@ -23,5 +25,12 @@ def build_algorithm(cfg: OPSDConfig, source: RolloutSource, teacher: Teacher, vo
     if cfg.algorithm == "sft":
         return SFT(source, cfg.sft, vocab_size)
     if cfg.algorithm == "grpo":
-        return GRPO(source, cfg.grpo, cfg.rollout.temperature, teacher, Grader(cfg.eval.grade_timeout), vocab_size)
+        return GRPO(
+            source,
+            cfg.grpo,
+            cfg.rollout.temperature,
+            teacher,
+            Grader(cfg.eval.grade_timeout),
+            vocab_size,
+        )
     raise ValueError(f"algorithm must be opsd|sft|grpo, got {cfg.algorithm!r}")

@@ -42,7 +42,9 @@ class Scored:
 
 
 class Algorithm(Protocol):
-    stat_names: tuple[str, ...]  # the per-token diagnostics ``per_token_loss`` returns (logged as means)
+    stat_names: tuple[
+        str, ...
+    ]  # the per-token diagnostics ``per_token_loss`` returns (logged as means)
 
     def rollout(self, step: int) -> Rollouts:
         """This rank's problems for ``step`` and their responses."""
@@ -52,7 +54,8 @@ class Algorithm(Protocol):
         """Micro-batches carrying everything the loss needs beside the student's logits."""
         ...
 
-    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch,
-                       groups: ParallelGroups) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def per_token_loss(
+        self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and diagnostics."""
         ...

@@ -29,26 +29,38 @@ def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> t
     out = logits_BTV.new_zeros(b, r_max, v)
     for i in range(b):
         start, n = batch.prompt_lengths[i] - 1, batch.response_lengths[i]
-        out[i, :n] = logits_BTV[i, start:start + n]
+        out[i, :n] = logits_BTV[i, start : start + n]
     return out
 
 
-def micro_batches(prompts: list[list[int]], responses: list[list[int]], logprobs: list[list[float]] | None,
-                  micro: int, pad_id: int) -> list[MicroBatch]:
+def micro_batches(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    logprobs: list[list[float]] | None,
+    micro: int,
+    pad_id: int,
+) -> list[MicroBatch]:
     """Micro-batches of one step, all padded to one width: the pipeline schedule sends fixed shapes."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     out = []
     for s in range(0, len(prompts), micro):
-        resp = responses[s:s + micro]
+        resp = responses[s : s + micro]
         r_max = max(1, max(len(r) for r in resp))
         mask = torch.zeros(len(resp), r_max, dtype=torch.bool)
         tokens = torch.full((len(resp), r_max), pad_id, dtype=torch.long)
         lps = torch.zeros(len(resp), r_max)
         for i, r in enumerate(resp):
-            mask[i, :len(r)] = True
-            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = True
+            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             if logprobs is not None:
-                lps[i, :len(r)] = torch.tensor(logprobs[s + i])
-        out.append(MicroBatch(pack(prompts[s:s + micro], resp, pad_id, pad_to=width), mask, tokens, lps,
-                              logprobs is not None))
+                lps[i, : len(r)] = torch.tensor(logprobs[s + i])
+        out.append(
+            MicroBatch(
+                pack(prompts[s : s + micro], resp, pad_id, pad_to=width),
+                mask,
+                tokens,
+                lps,
+                logprobs is not None,
+            )
+        )
     return out

@@ -23,16 +23,28 @@ from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
 
-def group_advantages(rewards_G: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards_G: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[groups, G] rewards -> (advantages [groups, G], informative [groups])."""
-    mean, std = rewards_G.mean(dim=1, keepdim=True), rewards_G.std(dim=1, unbiased=False, keepdim=True)
+    mean, std = (
+        rewards_G.mean(dim=1, keepdim=True),
+        rewards_G.std(dim=1, unbiased=False, keepdim=True),
+    )
     informative = std[:, 0] > 0
     return torch.where(informative[:, None], (rewards_G - mean) / (std + eps), 0.0), informative
 
 
 class GRPO:
-    def __init__(self, source: RolloutSource, grpo: GRPOConfig, temperature: float, reference: Teacher | None,
-                 grader: Grader | None, vocab_size: int):
+    def __init__(
+        self,
+        source: RolloutSource,
+        grpo: GRPOConfig,
+        temperature: float,
+        reference: Teacher | None,
+        grader: Grader | None,
+        vocab_size: int,
+    ):
         """``temperature``: the sampler's, at which the ratio's log-probs are taken; ``reference``:
         the initial policy for the KL term (the teacher's module); ``grader``: the reward."""
         self.source, self.grpo, self.temperature = source, grpo, temperature
@@ -47,10 +59,19 @@ class GRPO:
         """Binary rewards from the grader, group-normalised advantages; groups with no reward
         variance are masked out of the loss; reference log-probs for the KL term."""
         tok, g, micro = self.source.tokenizer, self.grpo.group_size, self.source.micro_batch_size
-        rewards = torch.tensor([
-            float(bool(self.grader.grade(tok.decode(r, skip_special_tokens=True),
-                                         p.get("answer") or last_boxed(p["solution"]) or "").correct))
-            for p, r in zip(rollouts.problems, rollouts.responses)])
+        rewards = torch.tensor(
+            [
+                float(
+                    bool(
+                        self.grader.grade(
+                            tok.decode(r, skip_special_tokens=True),
+                            p.get("answer") or last_boxed(p["solution"]) or "",
+                        ).correct
+                    )
+                )
+                for p, r in zip(rollouts.problems, rollouts.responses)
+            ]
+        )
         adv, informative = group_advantages(rewards.view(-1, g))
         adv, keep = adv.reshape(-1), informative.repeat_interleave(g)
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
@@ -60,8 +81,12 @@ class GRPO:
             mb.extras["advantage_B"] = adv[rows]
             if self.grpo.kl_coef > 0:
                 self._reference_logprobs(mb)
-        counts = {"generated_tokens": float(rollouts.generated_tokens), "reward_sum": float(rewards.sum()),
-                  "rollouts": float(len(rewards)), "skipped_groups": float((~informative).sum())}
+        counts = {
+            "generated_tokens": float(rollouts.generated_tokens),
+            "reward_sum": float(rewards.sum()),
+            "rollouts": float(len(rewards)),
+            "skipped_groups": float((~informative).sum()),
+        }
         return Scored(mbs, counts)
 
     def _reference_logprobs(self, mb: MicroBatch) -> None:
@@ -70,13 +95,23 @@ class GRPO:
         if logits is not None:
             rows = response_rows(logits, mb.student, mb.response_mask_BR.shape[1])
             mb.extras["ref_logprobs_BR"] = vocab_parallel_token_logprobs(
-                rows, mb.response_tokens_BR, temperature=self.temperature, vocab_size=self.vocab_size,
-                group=self.source.groups.tp)
+                rows,
+                mb.response_tokens_BR,
+                temperature=self.temperature,
+                vocab_size=self.vocab_size,
+                group=self.source.groups.tp,
+            )
 
-    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups | None):
-        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=self.temperature,
-                                                 vocab_size=self.vocab_size,
-                                                 group=groups.tp if groups is not None else None)
+    def per_token_loss(
+        self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups | None
+    ):
+        logprobs = vocab_parallel_token_logprobs(
+            student_BRV,
+            mb.response_tokens_BR,
+            temperature=self.temperature,
+            vocab_size=self.vocab_size,
+            group=groups.tp if groups is not None else None,
+        )
         ratio = torch.exp(logprobs - mb.sampler_logprobs_BR.to(logprobs.dtype))
         adv = mb.extras["advantage_B"][:, None].to(logprobs.dtype)
         eps = self.grpo.clip_eps

@@ -19,11 +19,20 @@ from opsd_megatron.platform.parallel import ParallelGroups
 
 
 class OPSD:
-    def __init__(self, source: RolloutSource, loss: LossConfig, data: DataConfig, teacher: Teacher,
-                 vocab_size: int, num_rollouts: int = 1):
+    def __init__(
+        self,
+        source: RolloutSource,
+        loss: LossConfig,
+        data: DataConfig,
+        teacher: Teacher,
+        vocab_size: int,
+        num_rollouts: int = 1,
+    ):
         self.source, self.loss, self.data, self.teacher = source, loss, data, teacher
         self.vocab_size, self.num_rollouts = vocab_size, num_rollouts
-        self.stat_names = ("student_entropy", "teacher_entropy") if loss.kind == "jsd" else ("advantage",)
+        self.stat_names = (
+            ("student_entropy", "teacher_entropy") if loss.kind == "jsd" else ("advantage",)
+        )
 
     def rollout(self, step: int) -> Rollouts:
         """``rollout.num_rollouts`` samples per problem, from the student prompt."""
@@ -37,20 +46,28 @@ class OPSD:
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
         for k, mb in enumerate(mbs):
             rows = slice(k * micro, (k + 1) * micro)
-            prompts = [teacher_prompt_ids(tok, self.data, p["problem"], p["solution"])
-                       for p in rollouts.problems[rows]]
+            prompts = [
+                teacher_prompt_ids(tok, self.data, p["problem"], p["solution"])
+                for p in rollouts.problems[rows]
+            ]
             teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)
             logits = self.teacher.logits(teacher.tokens_BT, teacher.position_ids_BT)
             if logits is not None:
-                mb.extras["teacher_logits_BRV"] = response_rows(logits, teacher, mb.response_mask_BR.shape[1])
+                mb.extras["teacher_logits_BRV"] = response_rows(
+                    logits, teacher, mb.response_mask_BR.shape[1]
+                )
         return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens)})
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
         teacher = mb.extras["teacher_logits_BRV"]
         if self.loss.kind == "jsd":
-            out = vocab_parallel_jsd_with_entropy(student_BRV, teacher, beta=self.loss.beta,
-                                                  term_clip=self.loss.term_clip, **kw)
-            return out.loss, {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
+            out = vocab_parallel_jsd_with_entropy(
+                student_BRV, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
+            )
+            return out.loss, {
+                "student_entropy": out.student_entropy,
+                "teacher_entropy": out.teacher_entropy,
+            }
         out = vocab_parallel_sampled_token_loss(student_BRV, teacher, mb.response_tokens_BR, **kw)
         return out.loss, {"advantage": out.advantage}

@@ -36,7 +36,7 @@ class RolloutSource:
         batch = [self.problems[(step * per_step + i) % n] for i in range(per_step)]
         batch = [p for p in batch for _ in range(repeats)]
         share = len(batch) // self.groups.dp_size
-        return batch[self.groups.dp_rank * share:(self.groups.dp_rank + 1) * share]
+        return batch[self.groups.dp_rank * share : (self.groups.dp_rank + 1) * share]
 
     def student_prompts(self, problems: list[dict]) -> list[list[int]]:
         return [student_prompt_ids(self.tokenizer, self.data, p["problem"]) for p in problems]
@@ -48,11 +48,19 @@ class RolloutSource:
         result = self.sampler.generate(prompts, self.max_new_tokens)
         if self.save_dir is not None:
             self._save(step, problems, result)
-        return Rollouts(step, problems, prompts, result.responses, result.logprobs, result.num_tokens)
+        return Rollouts(
+            step, problems, prompts, result.responses, result.logprobs, result.num_tokens
+        )
 
-    def micro_batches(self, prompts: list[list[int]], responses: list[list[int]],
-                      logprobs: list[list[float]] | None) -> list[MicroBatch]:
-        return micro_batches(prompts, responses, logprobs, self.micro_batch_size, self.tokenizer.pad_token_id)
+    def micro_batches(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        logprobs: list[list[float]] | None,
+    ) -> list[MicroBatch]:
+        return micro_batches(
+            prompts, responses, logprobs, self.micro_batch_size, self.tokenizer.pad_token_id
+        )
 
     def _save(self, step: int, problems, result) -> None:
         if self.groups.tp_rank or self.groups.pp_rank:
@@ -60,5 +68,16 @@ class RolloutSource:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         with (self.save_dir / f"step_{step + 1:06d}_dp{self.groups.dp_rank}.jsonl").open("w") as f:
             for p, r, lp, fin in zip(problems, result.responses, result.logprobs, result.finished):
-                f.write(json.dumps({"id": p["id"], "problem": p["problem"], "response_ids": r, "logprobs": lp,
-                                    "finished": fin, "response": self.tokenizer.decode(r)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": p["id"],
+                            "problem": p["problem"],
+                            "response_ids": r,
+                            "logprobs": lp,
+                            "finished": fin,
+                            "response": self.tokenizer.decode(r),
+                        }
+                    )
+                    + "\n"
+                )

@@ -29,18 +29,33 @@ class SFT:
         problems = src.problems_for_step(step)
         student = src.student_prompts(problems)
         frac = self.sft.teacher_prompt_fraction
-        prompts = [teacher_prompt_ids(tok, src.data, p["problem"], p["solution"])
-                   if (zlib.crc32(f"{step}:{i}".encode()) % 1000) < frac * 1000 else student[i]
-                   for i, p in enumerate(problems)]
-        targets = [tok.encode(p["solution"], add_special_tokens=False) + [tok.eos_token_id] for p in problems]
+        prompts = [
+            teacher_prompt_ids(tok, src.data, p["problem"], p["solution"])
+            if (zlib.crc32(f"{step}:{i}".encode()) % 1000) < frac * 1000
+            else student[i]
+            for i, p in enumerate(problems)
+        ]
+        targets = [
+            tok.encode(p["solution"], add_special_tokens=False) + [tok.eos_token_id]
+            for p in problems
+        ]
         return Rollouts(step, problems, prompts, targets, None, 0)
 
     def score(self, rollouts: Rollouts) -> Scored:
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, None)
-        return Scored(mbs, {"generated_tokens": 0.0,
-                            "reference_tokens": float(sum(len(t) for t in rollouts.responses))})
+        return Scored(
+            mbs,
+            {
+                "generated_tokens": 0.0,
+                "reference_tokens": float(sum(len(t) for t in rollouts.responses)),
+            },
+        )
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
-        logprobs = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, vocab_size=self.vocab_size,
-                                                 group=groups.tp if groups is not None else None)
+        logprobs = vocab_parallel_token_logprobs(
+            student_BRV,
+            mb.response_tokens_BR,
+            vocab_size=self.vocab_size,
+            group=groups.tp if groups is not None else None,
+        )
         return -logprobs, {}

@@ -12,17 +12,25 @@ from opsd_megatron.config.base import ConfigError
 class VLLMConfig:
     """The colocated vLLM engine (``rollout.engine=vllm``, optional extra ``vllm``)."""
 
-    gpu_memory_utilization: float = 0.35  # vLLM's share of each GPU (weights + KV cache) beside training
+    gpu_memory_utilization: float = (
+        0.35  # vLLM's share of each GPU (weights + KV cache) beside training
+    )
     max_model_len: int = 8192
-    lora_mode: str = "merged"  # merged: LoRA merged into the streamed weights | adapter: a vLLM LoRA adapter
+    lora_mode: str = (
+        "merged"  # merged: LoRA merged into the streamed weights | adapter: a vLLM LoRA adapter
+    )
     bucket_mb: int = 512  # refit bucket: the most extra GPU memory a weight push holds at once
     enforce_eager: bool = False
 
     def __post_init__(self):
         if self.lora_mode not in ("merged", "adapter"):
-            raise ConfigError(f"rollout.vllm.lora_mode must be merged|adapter, got {self.lora_mode!r}")
+            raise ConfigError(
+                f"rollout.vllm.lora_mode must be merged|adapter, got {self.lora_mode!r}"
+            )
         if not 0 < self.gpu_memory_utilization < 1 or self.bucket_mb < 1:
-            raise ConfigError("rollout.vllm: need 0 < gpu_memory_utilization < 1 and bucket_mb >= 1")
+            raise ConfigError(
+                "rollout.vllm: need 0 < gpu_memory_utilization < 1 and bucket_mb >= 1"
+            )
 
 
 @dataclass
@@ -46,8 +54,10 @@ class RolloutConfig:
         if self.top_k < 0:
             raise ConfigError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
         if self.max_new_tokens < 1 or self.num_rollouts < 1:
-            raise ConfigError(f"rollout: need max_new_tokens >= 1 and num_rollouts >= 1, got "
-                              f"{self.max_new_tokens} and {self.num_rollouts}")
+            raise ConfigError(
+                f"rollout: need max_new_tokens >= 1 and num_rollouts >= 1, got "
+                f"{self.max_new_tokens} and {self.num_rollouts}"
+            )
 
 
 @dataclass
@@ -68,7 +78,9 @@ class LossConfig:
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"loss.beta must be in [0, 1], got {self.beta}")
         if self.reduction not in ("sequence_mean", "token_mean"):
-            raise ConfigError(f"loss.reduction must be sequence_mean|token_mean, got {self.reduction!r}")
+            raise ConfigError(
+                f"loss.reduction must be sequence_mean|token_mean, got {self.reduction!r}"
+            )
 
 
 @dataclass
@@ -97,13 +109,19 @@ class SFTConfig:
 class EvalConfig:
     """Paper Table 5: thinking on, top-p 0.95, no top-k, 16 samples, T=1.2 (token budget per recipe)."""
 
-    benchmarks: list = field(default_factory=list)  # JSONL paths (id, problem, answer), HF names, synthetic:arith
+    benchmarks: list = field(
+        default_factory=list
+    )  # JSONL paths (id, problem, answer), HF names, synthetic:arith
     split: str = "test"
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str = "solution"
-    with_reference: bool = False  # opsd-eval: prompt with the teacher template (problem + reference solution)
-    teacher_too: bool = False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
+    with_reference: bool = (
+        False  # opsd-eval: prompt with the teacher template (problem + reference solution)
+    )
+    teacher_too: bool = (
+        False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
+    )
     max_problems: Optional[int] = None
     n_samples: int = 16
     ks: list = field(default_factory=lambda: [1, 4, 8, 16])
@@ -119,8 +137,17 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
-            raise ConfigError(f"eval: need n_samples >= 1, ks >= 1, batch_size >= 1 (got n_samples={self.n_samples}, "
-                              f"ks={self.ks}, batch_size={self.batch_size})")
-        if self.interval < 0 or self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"eval: need interval >= 0, max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1 "
-                              f"(got {self.interval}, {self.max_new_tokens}, {self.temperature}, {self.top_p})")
+            raise ConfigError(
+                f"eval: need n_samples >= 1, ks >= 1, batch_size >= 1 (got n_samples={self.n_samples}, "
+                f"ks={self.ks}, batch_size={self.batch_size})"
+            )
+        if (
+            self.interval < 0
+            or self.max_new_tokens < 1
+            or self.temperature <= 0
+            or not 0 < self.top_p <= 1
+        ):
+            raise ConfigError(
+                f"eval: need interval >= 0, max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1 "
+                f"(got {self.interval}, {self.max_new_tokens}, {self.temperature}, {self.top_p})"
+            )

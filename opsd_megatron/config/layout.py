@@ -17,8 +17,10 @@ class Layout:
     grad_accumulation: int
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}; "
-                f"{self.grad_accumulation} micro-batch(es) per DP rank per step")
+        return (
+            f"world {self.world_size} = TP {self.tp} x PP {self.pp} x DP {self.dp}; "
+            f"{self.grad_accumulation} micro-batch(es) per DP rank per step"
+        )
 
 
 def validate_layout(cfg: OPSDConfig, world_size: int | None = None, *, arch) -> Layout:
@@ -31,24 +33,34 @@ def validate_layout(cfg: OPSDConfig, world_size: int | None = None, *, arch) -> 
     if world_size is None:
         world_size = tp * pp * (p.data_parallel_size or 1)
     if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size*"
-                          f"pipeline_model_parallel_size = {tp}*{pp}")
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size*"
+            f"pipeline_model_parallel_size = {tp}*{pp}"
+        )
     dp = world_size // (tp * pp)
     if p.data_parallel_size is not None and p.data_parallel_size != dp:
-        raise ConfigError(f"parallel.data_parallel_size={p.data_parallel_size} but world size {world_size} "
-                          f"= {tp}*{pp}*{dp}")
+        raise ConfigError(
+            f"parallel.data_parallel_size={p.data_parallel_size} but world size {world_size} "
+            f"= {tp}*{pp}*{dp}"
+        )
     try:
         arch.check_layout(tp, pp)
     except ValueError as err:
         raise ConfigError(f"parallel: {err}") from err
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
-        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"trainer.micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size*dp = {t.micro_batch_size}*{dp}"
+        )
     repeats = {"grpo": cfg.grpo.group_size, "opsd": cfg.rollout.num_rollouts}.get(cfg.algorithm, 1)
     if t.global_batch_size % (repeats * dp):
-        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be divisible by the rollouts "
-                          f"per problem ({repeats}) x dp ({dp}), so no problem's rollouts straddle DP ranks")
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be divisible by the rollouts "
+            f"per problem ({repeats}) x dp ({dp}), so no problem's rollouts straddle DP ranks"
+        )
     if cfg.lora is not None and cfg.lora.rank % tp:
-        raise ConfigError(f"lora.rank={cfg.lora.rank} is not divisible by tensor_model_parallel_size={tp}")
+        raise ConfigError(
+            f"lora.rank={cfg.lora.rank} is not divisible by tensor_model_parallel_size={tp}"
+        )
     return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)

@@ -46,15 +46,19 @@ def _declared_type(key: str, cls: type = OPSDConfig) -> str:
     return getattr(cls, "__name__", str(cls))
 
 
-def _explain(err: OmegaConfBaseException, schema, origin: str, cls: type = OPSDConfig) -> ConfigError:
+def _explain(
+    err: OmegaConfBaseException, schema, origin: str, cls: type = OPSDConfig
+) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         close = difflib.get_close_matches(key, _valid_keys(schema), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return ConfigError(f"{origin}: unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
-        return ConfigError(f"{origin}: bad value for '{key}' (expected {_declared_type(key, cls)}): "
-                           f"{err.msg.splitlines()[0]}")
+        return ConfigError(
+            f"{origin}: bad value for '{key}' (expected {_declared_type(key, cls)}): "
+            f"{err.msg.splitlines()[0]}"
+        )
     return ConfigError(f"{origin}: {err}")
 
 
@@ -118,15 +122,21 @@ def _located(err: Exception, chain, overrides) -> ConfigError:
 
 
 # old name -> new name (dotted), accepted with a warning so existing recipes keep working
-RENAMED = {"teacher.kind": "teacher.update", "teacher.model.kind": "teacher.weights",
-           "teacher.model.offload": "teacher.offload"}
+RENAMED = {
+    "teacher.kind": "teacher.update",
+    "teacher.model.kind": "teacher.weights",
+    "teacher.model.offload": "teacher.offload",
+}
 
 
 def _renamed(key: str, where: str) -> str:
     new = RENAMED.get(key, key)
     if new != key:
-        warnings.warn(f"{where}: '{key}' is now '{new}' (the old name still works for now)", FutureWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{where}: '{key}' is now '{new}' (the old name still works for now)",
+            FutureWarning,
+            stacklevel=3,
+        )
     return new
 
 
@@ -192,7 +202,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     every section validated, and the model given a source."""
     result = load_structured(OPSDConfig, recipe, overrides)
     if not result.model.sources():
-        raise ConfigError(f"{recipe or 'config'}: set one of model.hf_dir, model.megatron_dir, model.architecture")
+        raise ConfigError(
+            f"{recipe or 'config'}: set one of model.hf_dir, model.megatron_dir, model.architecture"
+        )
     return result
 
 

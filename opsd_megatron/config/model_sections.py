@@ -9,8 +9,13 @@ from typing import Optional
 from opsd_megatron.config.base import ConfigError
 
 LORA_TARGETS = {  # HF projection -> the megatron linear that holds it
-    "q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
-    "gate": "linear_fc1", "up": "linear_fc1", "down": "linear_fc2",
+    "q": "linear_qkv",
+    "k": "linear_qkv",
+    "v": "linear_qkv",
+    "o": "linear_proj",
+    "gate": "linear_fc1",
+    "up": "linear_fc1",
+    "down": "linear_fc2",
 }
 
 
@@ -34,7 +39,9 @@ class ModelConfig:
         if self.hf_dir and self.megatron_dir:
             raise ConfigError("model: set only one of model.hf_dir, model.megatron_dir")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+            raise ConfigError(
+                f"model.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -42,7 +49,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     data_parallel_size: Optional[int] = None  # None: whatever the launch's world size leaves
-    sequence_parallel: bool = False  # with TP > 1: activations outside the TP regions split along the sequence
+    sequence_parallel: bool = (
+        False  # with TP > 1: activations outside the TP regions split along the sequence
+    )
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -56,7 +65,9 @@ class LoRAConfig:
     dropout: float = 0.0
     # Megatron fuses q,k,v into linear_qkv and gate,up into linear_fc1, so naming any member adapts
     # the fused linear (as NeMo and Megatron-Bridge do).
-    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
+    )
 
     def __post_init__(self):
         if self.rank < 1:
@@ -65,7 +76,9 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
         if unknown:
-            raise ConfigError(f"lora.target_modules has unknown entries {unknown} (valid: {sorted(LORA_TARGETS)})")
+            raise ConfigError(
+                f"lora.target_modules has unknown entries {unknown} (valid: {sorted(LORA_TARGETS)})"
+            )
 
     @property
     def scale(self) -> float:
@@ -95,7 +108,9 @@ class TeacherConfig:
         if self.update not in ("fixed", "ema", "current"):
             raise ConfigError(f"teacher.update must be fixed|ema|current, got {self.update!r}")
         if self.weights not in ("lora_base", "frozen_copy"):
-            raise ConfigError(f"teacher.weights must be lora_base|frozen_copy, got {self.weights!r}")
+            raise ConfigError(
+                f"teacher.weights must be lora_base|frozen_copy, got {self.weights!r}"
+            )
         if not 0.0 < self.ema_rate < 1.0:
             raise ConfigError(f"teacher.ema_rate must be in (0, 1), got {self.ema_rate}")
 
@@ -117,8 +132,12 @@ class OptimizerConfig:
     # fp32: master weights and AdamW moments in fp32 whenever the parameters are bf16 (default);
     # bf16: step the bf16 parameters themselves (no master copy; loses small updates, for comparison).
     precision: str = "fp32"
-    overlap_grad_reduce: bool = True  # reduce gradient buckets during the backward (GPUs: CUDA streams)
-    bucket_mb: Optional[int] = None  # DDP gradient bucket size in MiB of fp32 grads (None: megatron's)
+    overlap_grad_reduce: bool = (
+        True  # reduce gradient buckets during the backward (GPUs: CUDA streams)
+    )
+    bucket_mb: Optional[int] = (
+        None  # DDP gradient bucket size in MiB of fp32 grads (None: megatron's)
+    )
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -132,13 +151,17 @@ class OptimizerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError(f"optimizer: need eps > 0, weight_decay >= 0, grad_clip >= 0 (got eps={self.eps}, "
-                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip})")
+            raise ConfigError(
+                f"optimizer: need eps > 0, weight_decay >= 0, grad_clip >= 0 (got eps={self.eps}, "
+                f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip})"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"optimizer.precision must be fp32|bf16, got {self.precision!r}")
         if self.precision == "bf16" and self.distributed:
-            raise ConfigError("optimizer.precision=bf16 (no fp32 master weights) needs optimizer.distributed=false: "
-                              "megatron's distributed optimizer always keeps fp32 master weights")
+            raise ConfigError(
+                "optimizer.precision=bf16 (no fp32 master weights) needs optimizer.distributed=false: "
+                "megatron's distributed optimizer always keeps fp32 master weights"
+            )
         if self.bucket_mb is not None and self.bucket_mb < 1:
             raise ConfigError(f"optimizer.bucket_mb must be >= 1, got {self.bucket_mb}")
 

@@ -20,15 +20,18 @@ class DataConfig:
     shuffle_seed: int = 0
     skip_malformed: bool = False
     num_synthetic: int = 2000
-    student_template: str = ("Problem: {problem}\n\nPlease reason step by step, and put your final answer within "
-                             "\\boxed{{}}.")
+    student_template: str = (
+        "Problem: {problem}\n\nPlease reason step by step, and put your final answer within "
+        "\\boxed{{}}."
+    )
     teacher_template: str = (
         "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
         "{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you "
         "truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words "
         "and independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
         "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
-        "Please reason step by step, and put your final answer within \\boxed{{}}.")
+        "Please reason step by step, and put your final answer within \\boxed{{}}."
+    )
     student_thinking: bool = False
     teacher_thinking: bool = True
 
@@ -40,7 +43,9 @@ class TrainerConfig:
     micro_batch_size: int = 1
     seed: int = 42
     output_dir: str = "runs/opsd"
-    save_rollouts: bool = False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
+    save_rollouts: bool = (
+        False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
+    )
     # CPU ranks started by opsd-train itself: intra-op threads per rank. None: the machine's cores
     # shared out; a fixed number makes float reductions — and so sampled runs — the same on
     # machines with different core counts (the CPU demo sets 2).

@@ -7,12 +7,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from opsd_megatron.config.algorithm_sections import (EvalConfig, GRPOConfig, LossConfig, RolloutConfig,
-                                                      SFTConfig)
+from opsd_megatron.config.algorithm_sections import (
+    EvalConfig,
+    GRPOConfig,
+    LossConfig,
+    RolloutConfig,
+    SFTConfig,
+)
 from opsd_megatron.config.base import ConfigError
-from opsd_megatron.config.model_sections import (LoRAConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-                                                  TeacherConfig)
-from opsd_megatron.config.run_sections import CheckpointConfig, DataConfig, LoggingConfig, TrainerConfig
+from opsd_megatron.config.model_sections import (
+    LoRAConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TeacherConfig,
+)
+from opsd_megatron.config.run_sections import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    TrainerConfig,
+)
 
 
 @dataclass
@@ -37,4 +52,6 @@ class OPSDConfig:
         if self.algorithm not in ("opsd", "sft", "grpo"):
             raise ConfigError(f"algorithm must be opsd|sft|grpo, got {self.algorithm!r}")
         if self.lora is None and self.teacher.weights == "lora_base":
-            raise ConfigError("lora is null (full-parameter training): set teacher.weights=frozen_copy")
+            raise ConfigError(
+                "lora is null (full-parameter training): set teacher.weights=frozen_copy"
+            )

@@ -18,23 +18,43 @@ def _row(where: str, r, cfg) -> dict:
     problem, answer = r.get(cfg.problem_field), r.get(cfg.answer_field)
     if not isinstance(problem, str) or not problem.strip():
         raise DataError(f"{where}: field '{cfg.problem_field}' is missing or not non-empty text")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        raise DataError(f"{where}: field '{cfg.answer_field}' is missing, null or empty (got {answer!r})")
-    return {"id": str(r.get("id", where)), "problem": problem, "answer": str(answer),
-            "answer_type": r.get("answer_type"), "solution": r.get(cfg.solution_field)}
+    if (
+        isinstance(answer, bool)
+        or not isinstance(answer, (str, int, float))
+        or not str(answer).strip()
+    ):
+        raise DataError(
+            f"{where}: field '{cfg.answer_field}' is missing, null or empty (got {answer!r})"
+        )
+    return {
+        "id": str(r.get("id", where)),
+        "problem": problem,
+        "answer": str(answer),
+        "answer_type": r.get("answer_type"),
+        "solution": r.get(cfg.solution_field),
+    }
 
 
 def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
     """(name, rows with id/problem/answer/answer_type) for one benchmark spec."""
     if spec.startswith("synthetic:arith"):
         n = int(spec.split(":")[2]) if spec.count(":") == 2 else 200
-        rows = [{"id": r["id"], "problem": r["problem"], "answer": r["answer"], "solution": r["solution"]}
-                for r in addition_problems(n, seed=HELD_OUT_SEED)]
+        rows = [
+            {
+                "id": r["id"],
+                "problem": r["problem"],
+                "answer": r["answer"],
+                "solution": r["solution"],
+            }
+            for r in addition_problems(n, seed=HELD_OUT_SEED)
+        ]
         return "synthetic_arith", rows
     kind, where = resolve("eval.benchmarks", spec, "dataset")
     if kind == "file":
         if where.suffix != ".jsonl":
-            raise DataError(f"{where}: unsupported benchmark file type '{where.suffix}' (use .jsonl)")
+            raise DataError(
+                f"{where}: unsupported benchmark file type '{where.suffix}' (use .jsonl)"
+            )
         raw = [(f"{where}:{n}", r) for n, r in read_jsonl(where)]
         if not raw:
             raise DataError(f"{where}: no rows (the file is empty)")
@@ -42,7 +62,10 @@ def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
     else:
         from datasets import load_dataset
 
-        raw = [(f"{spec} row {i}", r) for i, r in enumerate(load_dataset(str(where), split=cfg.split), 1)]
+        raw = [
+            (f"{spec} row {i}", r)
+            for i, r in enumerate(load_dataset(str(where), split=cfg.split), 1)
+        ]
         name = spec.replace("/", "_")
     rows = [_row(at, r, cfg) for at, r in raw]
     return name, rows[: cfg.max_problems] if cfg.max_problems else rows

@@ -34,10 +34,14 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
     elif path.suffix == ".parquet":
         from datasets import load_dataset
 
-        rows = [(f"{path} row {i}", r) for i, r in
-                enumerate(load_dataset("parquet", data_files=str(path), split="train"), 1)]
+        rows = [
+            (f"{path} row {i}", r)
+            for i, r in enumerate(load_dataset("parquet", data_files=str(path), split="train"), 1)
+        ]
     else:
-        raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .parquet)")
+        raise DataError(
+            f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .parquet)"
+        )
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows
@@ -46,7 +50,9 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
 def _raw_rows(cfg) -> list[tuple[str, object]]:
     if cfg.source.startswith("synthetic:"):
         if cfg.source != "synthetic:arith":
-            raise DataError(f"data.source={cfg.source!r}: the only synthetic task is synthetic:arith")
+            raise DataError(
+                f"data.source={cfg.source!r}: the only synthetic task is synthetic:arith"
+            )
         rows = addition_problems(cfg.num_synthetic, seed=cfg.shuffle_seed)
         return [(f"synthetic:arith row {i}", r) for i, r in enumerate(rows, 1)]
     out = []
@@ -89,12 +95,20 @@ def load_problems(cfg, count_tokens=None) -> ProblemSet:
                 result.dropped_duplicates += 1
                 continue
             seen.add(problem)
-        if count_tokens and (count_tokens(problem) > cfg.max_problem_tokens
-                             or count_tokens(solution) > cfg.max_solution_tokens):
+        if count_tokens and (
+            count_tokens(problem) > cfg.max_problem_tokens
+            or count_tokens(solution) > cfg.max_solution_tokens
+        ):
             result.dropped_too_long += 1
             continue
-        result.rows.append({"id": str(row.get("id", where)), "problem": problem, "solution": solution,
-                            "answer": row.get("answer")})
+        result.rows.append(
+            {
+                "id": str(row.get("id", where)),
+                "problem": problem,
+                "solution": solution,
+                "answer": row.get("answer"),
+            }
+        )
     if not result.rows:
         raise DataError(f"data.source={cfg.source!r}: no usable rows")
     random.Random(cfg.shuffle_seed).shuffle(result.rows)

@@ -36,7 +36,7 @@ def last_boxed(text: str) -> str | None:
                 elif text[j] == "}":
                     depth -= 1
                     if depth == 0:
-                        return text[i + 1:j]
+                        return text[i + 1 : j]
                 j += 1
             continue  # unbalanced: try an earlier box
         token = re.match(r"[^\s$]+", text[i:])  # "\boxed 5"

@@ -17,14 +17,20 @@ import torch
 
 
 def chat_prompt_ids(tokenizer, text: str, thinking: bool) -> list[int]:
-    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        enable_thinking=thinking, tokenize=True)
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}],
+        add_generation_prompt=True,
+        enable_thinking=thinking,
+        tokenize=True,
+    )
     ids = out["input_ids"] if hasattr(out, "keys") else out
     return list(ids)
 
 
 def student_prompt_ids(tokenizer, data_cfg, problem: str) -> list[int]:
-    return chat_prompt_ids(tokenizer, data_cfg.student_template.format(problem=problem), data_cfg.student_thinking)
+    return chat_prompt_ids(
+        tokenizer, data_cfg.student_template.format(problem=problem), data_cfg.student_thinking
+    )
 
 
 def teacher_prompt_ids(tokenizer, data_cfg, problem: str, solution: str) -> list[int]:
@@ -44,7 +50,9 @@ class PackedBatch:
     response_lengths: list[int]
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int | None = None) -> PackedBatch:
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int | None = None
+) -> PackedBatch:
     """[prompt ++ ŷ ++ pad...] per row; position ids 0..T-1; mask over the positions predicting ŷ."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths) if pad_to is None else pad_to
@@ -55,12 +63,17 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_
     mask = torch.zeros(b, width, dtype=torch.bool)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, len(p) - 1: len(p) + len(r) - 1] = True
+        mask[i, len(p) - 1 : len(p) + len(r) - 1] = True
     targets = torch.cat([tokens[:, 1:], torch.full((b, 1), pad_id, dtype=torch.long)], dim=1)
     positions = torch.arange(width).expand(b, width).contiguous()
-    return PackedBatch(tokens, positions, mask, targets, [len(p) for p in prompts], [len(r) for r in responses])
+    return PackedBatch(
+        tokens, positions, mask, targets, [len(p) for p in prompts], [len(r) for r in responses]
+    )
 
 
 def response_logit_rows(batch: PackedBatch) -> list[torch.Tensor]:
     """Per row, the positions whose logits score ŷ — in the same order in any packed batch."""
-    return [torch.nonzero(batch.response_mask_BT[i], as_tuple=True)[0] for i in range(batch.tokens_BT.shape[0])]
+    return [
+        torch.nonzero(batch.response_mask_BT[i], as_tuple=True)[0]
+        for i in range(batch.tokens_BT.shape[0])
+    ]

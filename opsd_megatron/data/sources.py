@@ -15,7 +15,18 @@ from typing import Iterator
 from opsd_megatron.errors import PathError, UserError
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf", ".safetensors", ".bin")
+FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".parquet",
+    ".csv",
+    ".txt",
+    ".yaml",
+    ".yml",
+    ".gguf",
+    ".safetensors",
+    ".bin",
+)
 HUB_TIMEOUT_S = 10.0
 
 
@@ -30,7 +41,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield n, DataError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+                yield (
+                    n,
+                    DataError(
+                        f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                    ),
+                )
                 continue
             if not line.strip():
                 continue
@@ -60,19 +76,27 @@ def check_hub(key: str, name: str, repo_type: str) -> None:
         return
     local = "download it where the cluster can read it and pass that local directory"
     if _offline():
-        raise PathError(f"{key}={name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local}")
+        raise PathError(
+            f"{key}={name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local}"
+        )
     from huggingface_hub import HfApi
 
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        pool.submit(HfApi().repo_info, name, repo_type=repo_type, timeout=HUB_TIMEOUT_S / 2).result(HUB_TIMEOUT_S)
+        pool.submit(HfApi().repo_info, name, repo_type=repo_type, timeout=HUB_TIMEOUT_S / 2).result(
+            HUB_TIMEOUT_S
+        )
     except concurrent.futures.TimeoutError:
-        raise PathError(f"{key}={name!r}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:.0f} s; "
-                        f"{local} (or set HF_HUB_OFFLINE=1 to use the cache)") from None
+        raise PathError(
+            f"{key}={name!r}: the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:.0f} s; "
+            f"{local} (or set HF_HUB_OFFLINE=1 to use the cache)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - network, auth, not found: all one message
         first = (str(err).splitlines() or [""])[0][:160]
-        raise PathError(f"{key}={name!r}: not a local path, and the Hugging Face Hub cannot provide it "
-                        f"({type(err).__name__}: {first}); {local}") from None
+        raise PathError(
+            f"{key}={name!r}: not a local path, and the Hugging Face Hub cannot provide it "
+            f"({type(err).__name__}: {first}); {local}"
+        ) from None
     finally:
         pool.shutdown(wait=False)
 
@@ -87,5 +111,7 @@ def resolve(key: str, spec: str, repo_type: str = "model") -> tuple[str, Path | 
         return "dir", path
     looks_local = spec.startswith(("/", ".", "~")) or spec.lower().endswith(FILE_SUFFIXES)
     if looks_local or not HUB_NAME.match(spec):
-        raise PathError(f"{key}={spec!r}: no such file or directory (and not a Hugging Face Hub name owner/name)")
+        raise PathError(
+            f"{key}={spec!r}: no such file or directory (and not a Hugging Face Hub name owner/name)"
+        )
     return "hub", spec

@@ -31,12 +31,20 @@ def addition_problems(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
     seen, out = set(), []
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     if n > (hi - lo + 1) ** 2:
-        raise ValueError(f"only {(hi - lo + 1) ** 2} distinct {digits}-digit problems exist, asked for {n}")
+        raise ValueError(
+            f"only {(hi - lo + 1) ** 2} distinct {digits}-digit problems exist, asked for {n}"
+        )
     while len(out) < n:
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         if (a, b) in seen:
             continue
         seen.add((a, b))
-        out.append({"id": f"add-{a}-{b}", "problem": f"{a}+{b}", "solution": worked_addition(a, b),
-                    "answer": str(a + b)})
+        out.append(
+            {
+                "id": f"add-{a}-{b}",
+                "problem": f"{a}+{b}",
+                "solution": worked_addition(a, b),
+                "answer": str(a + b),
+            }
+        )
     return out

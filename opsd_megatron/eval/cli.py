@@ -22,8 +22,8 @@ from opsd_megatron.preflight import check_eval_run
 
 def _recorded_lora(model_dir: Path):
     """The LoRAConfig a training checkpoint was written with (None: full-parameter weights)."""
-    from opsd_megatron.models.checkpoint import read_checkpoint_metadata
     from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models.checkpoint import read_checkpoint_metadata
 
     block = read_checkpoint_metadata(model_dir)[1].get("lora")
     return LoRAConfig(**block) if block else None
@@ -35,8 +35,8 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
     from opsd_megatron.data.tokenizer import load_tokenizer
     from opsd_megatron.eval.runner import evaluate
     from opsd_megatron.models.checkpoint import load_model_checkpoint
-    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.models.from_config import arch_of, build_model, params_dtype
+    from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     cfg = load_config(recipe, overrides)
@@ -48,8 +48,10 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
         recorded = _recorded_lora(Path(checkpoint) / "model")
         if recorded is not None:
             if cfg.lora is not None and recorded != cfg.lora and dist.get_rank() == 0:
-                print(f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says {cfg.lora})",
-                      flush=True)
+                print(
+                    f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says {cfg.lora})",
+                    flush=True,
+                )
             apply_lora(model, recorded)
         load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=recorded is not None)
     return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, groups, tag)
@@ -58,28 +60,50 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
 def main(argv=None) -> int:
     """``opsd-eval``: check the recipe, benchmarks and checkpoint, then evaluate on every rank and
     print the report; returns the exit code."""
-    p = argparse.ArgumentParser(prog="opsd-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="opsd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n_samples=4")
-    p.add_argument("--checkpoint", default=None, help="a training checkpoint directory (OUT/checkpoints/step_N)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a training checkpoint directory (OUT/checkpoints/step_N)",
+    )
     p.add_argument("--tag", default="eval", help="name of the report files under OUT/eval/")
-    p.add_argument("--dry-run", action="store_true", help="check the recipe, paths and benchmark files, then exit")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the recipe, paths and benchmark files, then exit",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an input error, not just its line",
+    )
     args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # paths, benchmark files and the checkpoint are checked before any rank starts
         cfg = load_config(args.recipe, args.overrides)
         if not cfg.eval.benchmarks:
-            raise ConfigError("eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]")
+            raise ConfigError(
+                "eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]"
+            )
         check_eval_run(cfg, args.checkpoint)
         layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
     except UserError as err:
         return report_error("opsd-eval", err, args.debug)
     if args.dry_run:
-        print(f"[opsd] eval: {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True)
+        print(
+            f"[opsd] eval: {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True
+        )
         return 0
-    code, reports = guarded("opsd-eval", args.debug, lambda: run_ranks(
-        _rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag))
+    code, reports = guarded(
+        "opsd-eval",
+        args.debug,
+        lambda: run_ranks(
+            _rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag
+        ),
+    )
     if code is not None:
         return code
     report = reports[0]

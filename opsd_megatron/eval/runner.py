@@ -13,10 +13,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from opsd_megatron.config import OPSDConfig
+from opsd_megatron.data.benchmarks import load_benchmark
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import chat_prompt_ids
 from opsd_megatron.data.tokenizer import Tokenizer, stop_token_ids
-from opsd_megatron.data.benchmarks import load_benchmark
 from opsd_megatron.eval.metrics import summarize
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -27,20 +27,36 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
     if not with_reference:
         return cfg.data.student_template.format(problem=row["problem"])
     if not row.get("solution"):
-        raise ValueError(f"eval.with_reference needs a '{cfg.eval.solution_field}' for problem {row['id']}")
+        raise ValueError(
+            f"eval.with_reference needs a '{cfg.eval.solution_field}' for problem {row['id']}"
+        )
     return cfg.data.teacher_template.format(problem=row["problem"], solution=row["solution"])
 
 
-def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference, groups) -> list[list[str]]:
+def _generate(
+    model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference, groups
+) -> list[list[str]]:
     e = cfg.eval
-    sampler = MegatronSampler(model, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, stop_ids=stop_ids,
-                              pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, seed=e.seed, groups=groups)
+    sampler = MegatronSampler(
+        model,
+        temperature=e.temperature,
+        top_k=e.top_k,
+        top_p=e.top_p,
+        stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab_size,
+        seed=e.seed,
+        groups=groups,
+    )
     dp, rank = groups.dp_size, groups.dp_rank
     jobs = [(i, s) for i in range(len(rows)) for s in range(e.n_samples)][rank::dp]
     texts = {}
     for start in range(0, len(jobs), e.batch_size):
-        batch = jobs[start:start + e.batch_size]
-        prompts = [chat_prompt_ids(tokenizer, _prompt_text(cfg, rows[i], with_reference), e.thinking) for i, _ in batch]
+        batch = jobs[start : start + e.batch_size]
+        prompts = [
+            chat_prompt_ids(tokenizer, _prompt_text(cfg, rows[i], with_reference), e.thinking)
+            for i, _ in batch
+        ]
         out = sampler.generate(prompts, e.max_new_tokens)
         for (i, s), resp in zip(batch, out.responses):
             texts[(i, s)] = tokenizer.decode(resp, skip_special_tokens=True)
@@ -50,8 +66,15 @@ def _generate(model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference,
     return [[merged[(i, s)] for s in range(e.n_samples)] for i in range(len(rows))]
 
 
-def evaluate(model, tokenizer: Tokenizer, cfg: OPSDConfig, arch: ArchSpec, groups: ParallelGroups, tag: str = "eval",
-             with_reference: bool | None = None) -> dict | None:
+def evaluate(
+    model,
+    tokenizer: Tokenizer,
+    cfg: OPSDConfig,
+    arch: ArchSpec,
+    groups: ParallelGroups,
+    tag: str = "eval",
+    with_reference: bool | None = None,
+) -> dict | None:
     """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere).
 
     ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template, which
@@ -63,24 +86,43 @@ def evaluate(model, tokenizer: Tokenizer, cfg: OPSDConfig, arch: ArchSpec, group
     try:
         for spec in cfg.eval.benchmarks:
             name, rows = load_benchmark(spec, cfg.eval)
-            outputs = _generate(model, tokenizer, cfg, rows, stop_token_ids(tokenizer), arch.vocab_size,
-                                with_reference, groups)
+            outputs = _generate(
+                model,
+                tokenizer,
+                cfg,
+                rows,
+                stop_token_ids(tokenizer),
+                arch.vocab_size,
+                with_reference,
+                groups,
+            )
             if grader is None:
                 continue
             per_problem = []
             for row, outs in zip(rows, outputs):
                 grades = [grader.grade(o, row["answer"], row.get("answer_type")) for o in outs]
-                per_problem.append({"id": row["id"], "correct": [g.correct for g in grades],
-                                    "extracted": [g.extracted for g in grades]})
-            report["benchmarks"][name] = {**summarize(per_problem, cfg.eval.ks), "per_problem": per_problem}
+                per_problem.append(
+                    {
+                        "id": row["id"],
+                        "correct": [g.correct for g in grades],
+                        "extracted": [g.extracted for g in grades],
+                    }
+                )
+            report["benchmarks"][name] = {
+                **summarize(per_problem, cfg.eval.ks),
+                "per_problem": per_problem,
+            }
     finally:
         if grader is not None:
             grader.close()
     if dist.get_rank() != 0:
         return None
     metric_names = sorted({k for s in report["benchmarks"].values() for k in s if "@" in k})
-    report["average"] = {m: sum(s[m] for s in report["benchmarks"].values() if m in s) / max(
-        1, sum(m in s for s in report["benchmarks"].values())) for m in metric_names}
+    report["average"] = {
+        m: sum(s[m] for s in report["benchmarks"].values() if m in s)
+        / max(1, sum(m in s for s in report["benchmarks"].values()))
+        for m in metric_names
+    }
     out = Path(cfg.trainer.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(report, indent=2))
@@ -89,10 +131,20 @@ def evaluate(model, tokenizer: Tokenizer, cfg: OPSDConfig, arch: ArchSpec, group
 
 
 def markdown_table(report: dict, metrics: list[str]) -> str:
-    lines = ["| benchmark | problems | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = [
+        "| benchmark | problems | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for name, s in report["benchmarks"].items():
         cells = [f"{100 * s[m]:.1f}" if m in s else "–" for m in metrics]
-        lines.append(f"| {name} | {s['graded']}" + (f" (+{s['ungraded']} ungraded)" if s["ungraded"] else "")
-                     + " | " + " | ".join(cells) + " |")
-    lines.append("| average | | " + " | ".join(f"{100 * report['average'][m]:.1f}" for m in metrics) + " |")
+        lines.append(
+            f"| {name} | {s['graded']}"
+            + (f" (+{s['ungraded']} ungraded)" if s["ungraded"] else "")
+            + " | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append(
+        "| average | | " + " | ".join(f"{100 * report['average'][m]:.1f}" for m in metrics) + " |"
+    )
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from opsd_megatron.losses.validation import check_logits_pair, check_temperature
 from opsd_megatron.losses.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
     all_reduce_per_token,
@@ -41,7 +42,6 @@ from opsd_megatron.losses.vocab_parallel import (
     vocab_shard,
     working_dtype,
 )
-from opsd_megatron.losses.validation import check_logits_pair, check_temperature
 
 
 class JSDOutput(NamedTuple):
@@ -86,24 +86,33 @@ class JSDMath:
         return _xlogy_terms(torch.exp(lp), lp)
 
     @staticmethod
-    def student_grad(ls: torch.Tensor, g: torch.Tensor, sum_g: torch.Tensor, temperature: float) -> torch.Tensor:
+    def student_grad(
+        ls: torch.Tensor, g: torch.Tensor, sum_g: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         return (g - torch.exp(ls) * sum_g[:, None]) / temperature
 
 
 class _VocabParallelJSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_NV, teacher_NV, beta, temperature, vocab_size, term_clip, group, chunk_elements):
+    def forward(
+        ctx, student_NV, teacher_NV, beta, temperature, vocab_size, term_clip, group, chunk_elements
+    ):
         dtype = working_dtype(student_NV, teacher_NV)
         shard = vocab_shard(student_NV.shape[1], vocab_size, group)
         n = student_NV.shape[0]
-        max_2N, log_sum_2N = global_softmax_stats([student_NV, teacher_NV], shard, temperature, dtype,
-                                                  chunk_elements, group)
+        max_2N, log_sum_2N = global_softmax_stats(
+            [student_NV, teacher_NV], shard, temperature, dtype, chunk_elements, group
+        )
 
         # Per-token partial sums over this shard: divergence, Σg, −H_S, −H_T.
         partial_4N = torch.zeros(4, n, dtype=dtype, device=student_NV.device)
         for sl in token_chunks(n, shard.width, chunk_elements):
-            ls = chunk_log_probs(student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype)
-            lt = chunk_log_probs(teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype)
+            ls = chunk_log_probs(
+                student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype
+            )
+            lt = chunk_log_probs(
+                teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype
+            )
             e, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
             partial_4N[0, sl] = e.sum(dim=1)
             partial_4N[1, sl] = g.sum(dim=1)
@@ -124,20 +133,33 @@ class _VocabParallelJSD(torch.autograd.Function):
             return (None,) * 8
         beta, temperature, term_clip, shard, chunk_elements, dtype = ctx.params
         grad_NV = torch.empty_like(student_NV)
-        grad_NV[:, shard.real:] = 0  # Megatron's padded vocab columns
+        grad_NV[:, shard.real :] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(student_NV.shape[0], shard.width, chunk_elements):
-            ls = chunk_log_probs(student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype)
-            lt = chunk_log_probs(teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype)
+            ls = chunk_log_probs(
+                student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype
+            )
+            lt = chunk_log_probs(
+                teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype
+            )
             _, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
-            grad = JSDMath.student_grad(ls, g, sum_g_N[sl], temperature) * grad_loss_N[sl, None].to(dtype)
+            grad = JSDMath.student_grad(ls, g, sum_g_N[sl], temperature) * grad_loss_N[sl, None].to(
+                dtype
+            )
             grad_NV[sl, : shard.real] = grad.to(grad_NV.dtype)
         return grad_NV, None, None, None, None, None, None, None
 
 
-def vocab_parallel_jsd_with_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float,
-                                    temperature: float = 1.0, vocab_size: int | None = None,
-                                    term_clip: float | None = None, group=None,
-                                    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> JSDOutput:
+def vocab_parallel_jsd_with_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    term_clip: float | None = None,
+    group=None,
+    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+) -> JSDOutput:
     """Per-token JSD_β plus student and teacher entropies from the same pass (see module doc).
 
     ``student_logits``/``teacher_logits``: ``[..., V/tp]`` vocab shards (any float dtype; math in
@@ -154,16 +176,37 @@ def vocab_parallel_jsd_with_entropy(student_logits: torch.Tensor, teacher_logits
     lead = student_logits.shape[:-1]
     width = student_logits.shape[-1]
     loss, hs, ht = _VocabParallelJSD.apply(
-        student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), float(beta),
-        float(temperature), vocab_size, term_clip, group,
-        resolve_chunk_elements(chunk_elements, student_logits.device))
+        student_logits.reshape(-1, width),
+        teacher_logits.detach().reshape(-1, width),
+        float(beta),
+        float(temperature),
+        vocab_size,
+        term_clip,
+        group,
+        resolve_chunk_elements(chunk_elements, student_logits.device),
+    )
     return JSDOutput(loss.reshape(lead), hs.reshape(lead), ht.reshape(lead))
 
 
-def vocab_parallel_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float,
-                       temperature: float = 1.0, vocab_size: int | None = None, term_clip: float | None = None,
-                       group=None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def vocab_parallel_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    term_clip: float | None = None,
+    group=None,
+    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """Per-token generalized JSD_β ``[...]`` between vocab-sharded student and teacher logits."""
     return vocab_parallel_jsd_with_entropy(
-        student_logits, teacher_logits, beta=beta, temperature=temperature, vocab_size=vocab_size,
-        term_clip=term_clip, group=group, chunk_elements=chunk_elements).loss
+        student_logits,
+        teacher_logits,
+        beta=beta,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        term_clip=term_clip,
+        group=group,
+        chunk_elements=chunk_elements,
+    ).loss

@@ -33,8 +33,10 @@ def _check_mode(mode: str) -> None:
 
 def _check_mask(per_token_BT: torch.Tensor, mask_BT: torch.Tensor) -> None:
     if per_token_BT.shape != mask_BT.shape or per_token_BT.dim() != 2:
-        raise ValueError(f"per-token loss {tuple(per_token_BT.shape)} and mask {tuple(mask_BT.shape)} "
-                         f"must both be [batch, tokens]")
+        raise ValueError(
+            f"per-token loss {tuple(per_token_BT.shape)} and mask {tuple(mask_BT.shape)} "
+            f"must both be [batch, tokens]"
+        )
 
 
 def local_count(mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
@@ -53,8 +55,9 @@ def global_normalizer(masks_BT: Iterable[torch.Tensor], mode: str, dp_group=None
     return total.clamp(min=1.0)
 
 
-def partial_loss(per_token_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str,
-                 normalizer: torch.Tensor | float) -> torch.Tensor:
+def partial_loss(
+    per_token_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, normalizer: torch.Tensor | float
+) -> torch.Tensor:
     """This micro-batch's contribution to the global-batch loss (see module doc)."""
     _check_mode(mode)
     _check_mask(per_token_BT, mask_BT)

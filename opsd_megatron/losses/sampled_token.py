@@ -33,17 +33,25 @@ class SampledTokenOutput(NamedTuple):
     importance_weight: torch.Tensor
 
 
-def vocab_parallel_sampled_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                                      tokens: torch.Tensor, *, temperature: float = 1.0,
-                                      vocab_size: int | None = None, group=None,
-                                      sampler_logprobs: torch.Tensor | None = None,
-                                      importance_ratio_max: float = 2.0,
-                                      chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> SampledTokenOutput:
+def vocab_parallel_sampled_token_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    group=None,
+    sampler_logprobs: torch.Tensor | None = None,
+    importance_ratio_max: float = 2.0,
+    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+) -> SampledTokenOutput:
     """Per-token sampled-token loss from vocab-sharded logits ``[..., V/tp]`` and tokens ``[...]``."""
     check_logits_pair(student_logits, teacher_logits)
     if importance_ratio_max <= 0:
         raise ValueError(f"importance_ratio_max must be > 0, got {importance_ratio_max}")
-    kwargs = dict(temperature=temperature, vocab_size=vocab_size, group=group, chunk_elements=chunk_elements)
+    kwargs = dict(
+        temperature=temperature, vocab_size=vocab_size, group=group, chunk_elements=chunk_elements
+    )
     student_lp = vocab_parallel_token_logprobs(student_logits, tokens, **kwargs)
     with torch.no_grad():
         teacher_lp = vocab_parallel_token_logprobs(teacher_logits.detach(), tokens, **kwargs)
@@ -52,7 +60,9 @@ def vocab_parallel_sampled_token_loss(student_logits: torch.Tensor, teacher_logi
         weight = torch.ones_like(advantage)
     else:
         if sampler_logprobs.shape != tokens.shape:
-            raise ValueError(f"sampler_logprobs {tuple(sampler_logprobs.shape)} must match tokens {tuple(tokens.shape)}")
+            raise ValueError(
+                f"sampler_logprobs {tuple(sampler_logprobs.shape)} must match tokens {tuple(tokens.shape)}"
+            )
         log_ratio = student_lp.detach() - sampler_logprobs.to(student_lp.dtype)
         weight = torch.exp(log_ratio).clamp(max=importance_ratio_max)
     loss = -(weight * advantage) * student_lp

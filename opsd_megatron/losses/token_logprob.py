@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from opsd_megatron.losses.validation import check_floating, check_temperature, check_tokens
 from opsd_megatron.losses.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
     all_reduce_per_token,
@@ -23,7 +24,6 @@ from opsd_megatron.losses.vocab_parallel import (
     vocab_shard,
     working_dtype,
 )
-from opsd_megatron.losses.validation import check_floating, check_temperature, check_tokens
 
 
 def _local_target_index(tokens_N: torch.Tensor, start: int, real: int):
@@ -38,7 +38,9 @@ class _VocabParallelTokenLogProb(torch.autograd.Function):
     def forward(ctx, logits_NV, tokens_N, temperature, vocab_size, group, chunk_elements):
         dtype = working_dtype(logits_NV)
         shard = vocab_shard(logits_NV.shape[1], vocab_size, group)
-        max_1N, log_sum_1N = global_softmax_stats([logits_NV], shard, temperature, dtype, chunk_elements, group)
+        max_1N, log_sum_1N = global_softmax_stats(
+            [logits_NV], shard, temperature, dtype, chunk_elements, group
+        )
         index_N, owned_N = _local_target_index(tokens_N, shard.start, shard.real)
         picked = logits_NV.gather(1, index_N[:, None])[:, 0].to(dtype)
         picked = torch.where(owned_N, (picked - max_1N[0]) / temperature, torch.zeros_like(picked))
@@ -52,9 +54,11 @@ class _VocabParallelTokenLogProb(torch.autograd.Function):
         logits_NV, index_N, owned_N, max_N, log_sum_N = ctx.saved_tensors
         temperature, shard, chunk_elements, dtype = ctx.params
         grad_NV = torch.empty_like(logits_NV)
-        grad_NV[:, shard.real:] = 0  # Megatron's padded vocab columns
+        grad_NV[:, shard.real :] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(logits_NV.shape[0], shard.width, chunk_elements):
-            p = torch.exp(chunk_log_probs(logits_NV[sl], max_N[sl], log_sum_N[sl], shard, temperature, dtype))
+            p = torch.exp(
+                chunk_log_probs(logits_NV[sl], max_N[sl], log_sum_N[sl], shard, temperature, dtype)
+            )
             g = -p
             rows = torch.nonzero(owned_N[sl], as_tuple=True)[0]
             g[rows, index_N[sl][rows]] += 1.0
@@ -63,9 +67,15 @@ class _VocabParallelTokenLogProb(torch.autograd.Function):
         return grad_NV, None, None, None, None, None
 
 
-def vocab_parallel_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
-                                  vocab_size: int | None = None, group=None,
-                                  chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def vocab_parallel_token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    group=None,
+    chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """log p(tokens) ``[...]`` from vocab-sharded ``logits [..., V/tp]`` (fp32, or fp64 for fp64 input)."""
     check_floating("logits", logits)
     check_tokens(tokens, logits)
@@ -73,7 +83,15 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *,
     width = logits.shape[-1]
     limit = vocab_size if vocab_size is not None else width * group_size(group)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
-        raise ValueError(f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]")
-    out = _VocabParallelTokenLogProb.apply(logits.reshape(-1, width), tokens.reshape(-1).long(), float(temperature),
-                                           vocab_size, group, resolve_chunk_elements(chunk_elements, logits.device))
+        raise ValueError(
+            f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    out = _VocabParallelTokenLogProb.apply(
+        logits.reshape(-1, width),
+        tokens.reshape(-1).long(),
+        float(temperature),
+        vocab_size,
+        group,
+        resolve_chunk_elements(chunk_elements, logits.device),
+    )
     return out.reshape(tokens.shape)

@@ -41,8 +41,10 @@ def vocab_shard(local_width: int, vocab_size: int | None, group) -> VocabShard:
         return VocabShard(start, local_width, local_width)
     padded = local_width * group_size(group)
     if not 0 < vocab_size <= padded:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (local width {local_width} "
-                         f"x tensor-parallel size {group_size(group)})")
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, {padded}] (local width {local_width} "
+            f"x tensor-parallel size {group_size(group)})"
+        )
     return VocabShard(start, local_width, max(0, min(local_width, vocab_size - start)))
 
 
@@ -55,8 +57,10 @@ def group_size(group) -> int:
 def all_reduce_per_token(stats_KN: torch.Tensor, op: str, group) -> torch.Tensor:
     """All-reduce a ``[K, N]`` stack of per-token scalars over the TP group (in place, returned)."""
     if stats_KN.dim() != 2 or stats_KN.shape[0] > MAX_STACKED_STATS:
-        raise AssertionError(f"only [K<={MAX_STACKED_STATS}, tokens] per-token stats may be reduced, "
-                             f"got {tuple(stats_KN.shape)}")
+        raise AssertionError(
+            f"only [K<={MAX_STACKED_STATS}, tokens] per-token stats may be reduced, "
+            f"got {tuple(stats_KN.shape)}"
+        )
     if group_size(group) == 1:
         return stats_KN
     reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
@@ -89,8 +93,14 @@ def real_columns(logits_NV: torch.Tensor, shard: VocabShard, dtype: torch.dtype)
     return logits_NV[:, : shard.real].to(dtype)
 
 
-def chunk_log_probs(logits_NV: torch.Tensor, row_max_N: torch.Tensor, log_sum_N: torch.Tensor,
-                    shard: VocabShard, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+def chunk_log_probs(
+    logits_NV: torch.Tensor,
+    row_max_N: torch.Tensor,
+    log_sum_N: torch.Tensor,
+    shard: VocabShard,
+    temperature: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """log softmax(logits / T) of a chunk's real columns, from the global per-token statistics.
 
     The row max is subtracted before dividing by T, so logits of magnitude 1e4 lose no precision
@@ -106,15 +116,23 @@ def local_max_sumexp(x_NV: torch.Tensor, temperature: float) -> tuple[torch.Tens
     """Row max m of a shard and Σ exp((x − m)/T); (-inf, 0) for rows that are all -inf or empty."""
     n = x_NV.shape[0]
     if x_NV.shape[1] == 0:
-        return (torch.full((n,), -torch.inf, dtype=x_NV.dtype, device=x_NV.device),
-                torch.zeros(n, dtype=x_NV.dtype, device=x_NV.device))
+        return (
+            torch.full((n,), -torch.inf, dtype=x_NV.dtype, device=x_NV.device),
+            torch.zeros(n, dtype=x_NV.dtype, device=x_NV.device),
+        )
     m = x_NV.amax(dim=1)
     safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return m, torch.exp((x_NV - safe_m[:, None]) / temperature).sum(dim=1)
 
 
-def global_softmax_stats(logits_list: list[torch.Tensor], shard: VocabShard, temperature: float,
-                         dtype: torch.dtype, chunk_elements: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+def global_softmax_stats(
+    logits_list: list[torch.Tensor],
+    shard: VocabShard,
+    temperature: float,
+    dtype: torch.dtype,
+    chunk_elements: int,
+    group,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token global row max M and log Σ_v exp((x_v − M)/T) over the real vocabulary.
 
     Returns two ``[len(logits_list), N]`` tensors. One data pass, two per-token all-reduces.
@@ -124,9 +142,14 @@ def global_softmax_stats(logits_list: list[torch.Tensor], shard: VocabShard, tem
     local_sum = torch.empty_like(local_max)
     for sl in token_chunks(n, shard.width, chunk_elements):
         for i, logits in enumerate(logits_list):
-            local_max[i, sl], local_sum[i, sl] = local_max_sumexp(real_columns(logits[sl], shard, dtype), temperature)
+            local_max[i, sl], local_sum[i, sl] = local_max_sumexp(
+                real_columns(logits[sl], shard, dtype), temperature
+            )
     row_max = all_reduce_per_token(local_max.clone(), "max", group)
-    shift = torch.where(torch.isfinite(local_max), (local_max - row_max) / temperature,
-                        torch.full_like(local_max, -torch.inf))
+    shift = torch.where(
+        torch.isfinite(local_max),
+        (local_max - row_max) / temperature,
+        torch.full_like(local_max, -torch.inf),
+    )
     total = all_reduce_per_token(local_sum * torch.exp(shift), "sum", group)
     return row_max, torch.log(total)

@@ -25,14 +25,21 @@ class ParallelLayout:
     sequence_parallel: bool = False
 
 
-def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, initialize: bool = True):
+def transformer_config(
+    arch: ArchSpec,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
+    initialize: bool = True,
+):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch.check_layout(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
     extra = {}
     if recompute:
-        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        extra.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -68,8 +75,15 @@ def transformer_config(arch: ArchSpec, layout: ParallelLayout, params_dtype: tor
     )
 
 
-def build_gpt_model(arch: ArchSpec, params_dtype: torch.dtype = torch.float32, *, recompute: bool = False,
-                    sequence_parallel: bool = False, transformer_engine: bool | None = None, initialize: bool = True):
+def build_gpt_model(
+    arch: ArchSpec,
+    params_dtype: torch.dtype = torch.float32,
+    *,
+    recompute: bool = False,
+    sequence_parallel: bool = False,
+    transformer_engine: bool | None = None,
+    initialize: bool = True,
+):
     """This rank's stage of the model, on the current device (CPU under the CPU backend).
 
     ``initialize=False`` skips random initialisation, for weights that are loaded right after.
@@ -137,5 +151,9 @@ def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
         if getattr(m, "weight", None) is not None and not hasattr(m.weight, "partition_dim"):
             set_tensor_model_parallel_attributes(m.weight, True, dim, 1)
         bias = getattr(m, "bias", None)
-        if isinstance(m, ColumnParallelLinear) and bias is not None and not hasattr(bias, "partition_dim"):
+        if (
+            isinstance(m, ColumnParallelLinear)
+            and bias is not None
+            and not hasattr(bias, "partition_dim")
+        ):
             set_tensor_model_parallel_attributes(bias, True, 0, 1)

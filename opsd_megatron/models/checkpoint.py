@@ -32,27 +32,48 @@ def _sharded(model, adapters_only: bool, base_only: bool = False) -> dict:
     return sharded
 
 
-def save_model_checkpoint(model, ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None = None,
-                          adapters_only: bool = False, extra: dict | None = None, base_only: bool = False) -> None:
+def save_model_checkpoint(
+    model,
+    ckpt_dir: str | Path,
+    arch: ArchSpec,
+    hf_config: dict | None = None,
+    adapters_only: bool = False,
+    extra: dict | None = None,
+    base_only: bool = False,
+) -> None:
     """Collective: every rank passes its model stage; ``ckpt_dir`` must exist and be empty.
     ``adapters_only``: just the LoRA adapters; ``base_only``: everything but them."""
     from megatron.core import dist_checkpointing
+
     groups = current_groups()
 
     ckpt_dir = Path(ckpt_dir)
     dist_checkpointing.save(_sharded(model, adapters_only, base_only), str(ckpt_dir))
     if dist.get_rank() == 0:
-        layout = {"tensor_model_parallel_size": groups.tp_size,
-                  "pipeline_model_parallel_size": groups.pp_size}
+        layout = {
+            "tensor_model_parallel_size": groups.tp_size,
+            "pipeline_model_parallel_size": groups.pp_size,
+        }
         write_metadata(ckpt_dir, arch, hf_config, layout, adapters_only, extra)
     dist.barrier()
 
 
-def write_metadata(ckpt_dir: str | Path, arch: ArchSpec, hf_config: dict | None, written_at: dict,
-                   adapters_only: bool = False, extra: dict | None = None) -> None:
+def write_metadata(
+    ckpt_dir: str | Path,
+    arch: ArchSpec,
+    hf_config: dict | None,
+    written_at: dict,
+    adapters_only: bool = False,
+    extra: dict | None = None,
+) -> None:
     """``opsd_model.json``: the architecture and original HF config, so a checkpoint rebuilds its model."""
-    meta = {"arch": arch.to_dict(), "hf_config": hf_config, "adapters_only": adapters_only, "written_at": written_at,
-            **(extra or {})}
+    meta = {
+        "arch": arch.to_dict(),
+        "hf_config": hf_config,
+        "adapters_only": adapters_only,
+        "written_at": written_at,
+        **(extra or {}),
+    }
     (Path(ckpt_dir) / METADATA).write_text(json.dumps(meta, indent=2))
 
 

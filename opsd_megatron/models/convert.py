@@ -65,14 +65,20 @@ def _hf_to_megatron_streamed(hf_dir: str, out: str, dtype: str) -> dict:
     before = _peak_rss_bytes()
     arch, raw = read_hf_config(hf_dir)
     chunks = stream_hf_to_megatron(hf_dir, out, _dtype(dtype, arch.torch_dtype))
-    write_metadata(out, arch, raw, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                                    "streamed": True})
+    write_metadata(
+        out,
+        arch,
+        raw,
+        {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "streamed": True},
+    )
     (Path(out) / TOKENIZER_SUBDIR).mkdir()
     copy_tokenizer_files(Path(hf_dir), Path(out) / TOKENIZER_SUBDIR)
     return {"tensors": chunks, "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": before}
 
 
-def _megatron_to_hf_rank(ckpt_dir: str, out: str, tp: int, pp: int, dtype: str, adapters: str | None) -> dict:
+def _megatron_to_hf_rank(
+    ckpt_dir: str, out: str, tp: int, pp: int, dtype: str, adapters: str | None
+) -> dict:
     from opsd_megatron.config import LoRAConfig
     from opsd_megatron.models import build_gpt_model
     from opsd_megatron.models.checkpoint import (
@@ -111,8 +117,15 @@ def _run(fn, world: int, *args) -> list[dict]:
     return run_distributed(fn, world, *args, timeout=24 * 3600)
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                           dtype: str = "auto", overwrite: bool = False, streaming: bool = True) -> list[dict]:
+def convert_hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    streaming: bool = True,
+) -> list[dict]:
     """Write a megatron distributed checkpoint (+ tokenizer) of an HF model, loadable at any TP x PP.
 
     ``streaming`` (default): one process writes it tensor by tensor (peak memory: one parameter);
@@ -130,9 +143,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
         return _run(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, dtype)
 
 
-def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                           dtype: str = "auto", adapters: str | Path | None = None,
-                           overwrite: bool = False) -> list[dict]:
+def convert_megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "auto",
+    adapters: str | Path | None = None,
+    overwrite: bool = False,
+) -> list[dict]:
     """Export a megatron checkpoint (optionally with LoRA adapters merged) as an HF directory."""
     from opsd_megatron.models.checkpoint import read_checkpoint_metadata
 
@@ -140,8 +159,16 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 
     arch.check_layout(tp, pp)
     _dtype(dtype, arch.torch_dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        return _run(_megatron_to_hf_rank, tp * pp, str(ckpt_dir), str(tmp), tp, pp, dtype,
-                    str(adapters) if adapters else None)
+        return _run(
+            _megatron_to_hf_rank,
+            tp * pp,
+            str(ckpt_dir),
+            str(tmp),
+            tp,
+            pp,
+            dtype,
+            str(adapters) if adapters else None,
+        )
 
 
 def run_tool(convert, out: str, **kwargs) -> int:

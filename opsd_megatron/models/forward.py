@@ -12,7 +12,10 @@ import torch
 
 from opsd_megatron.platform.parallel import current_groups
 
-SP_ATTRIBUTES = ("sequence_parallel", "reduce_scatter_embeddings")  # what megatron caches per module
+SP_ATTRIBUTES = (
+    "sequence_parallel",
+    "reduce_scatter_embeddings",
+)  # what megatron caches per module
 
 
 def pad_for_sequence_parallel(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor):
@@ -24,16 +27,22 @@ def pad_for_sequence_parallel(model, tokens_BT: torch.Tensor, position_ids_BT: t
         return tokens_BT, position_ids_BT
     b, t = tokens_BT.shape
     more = torch.arange(t, t + extra, device=position_ids_BT.device).expand(b, extra)
-    return (torch.cat([tokens_BT, tokens_BT.new_zeros(b, extra)], dim=1),
-            torch.cat([position_ids_BT, more.to(position_ids_BT.dtype)], dim=1))
+    return (
+        torch.cat([tokens_BT, tokens_BT.new_zeros(b, extra)], dim=1),
+        torch.cat([position_ids_BT, more.to(position_ids_BT.dtype)], dim=1),
+    )
 
 
 @contextlib.contextmanager
 def sequence_parallel_disabled(model):
     """Run ``model`` without sequence parallelism inside the block (KV-cache decoding feeds one
     token at a time). Megatron caches the flag per module, so every copy is switched and restored."""
-    saved = [(m, a, getattr(m, a)) for m in [model.config, *model.modules()] for a in SP_ATTRIBUTES
-             if isinstance(getattr(m, a, None), bool)]
+    saved = [
+        (m, a, getattr(m, a))
+        for m in [model.config, *model.modules()]
+        for a in SP_ATTRIBUTES
+        if isinstance(getattr(m, a, None), bool)
+    ]
     for m, a, _ in saved:
         setattr(m, a, False)
     try:
@@ -43,8 +52,13 @@ def sequence_parallel_disabled(model):
             setattr(m, a, value)
 
 
-def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
-                   micro_batch_size: int | None = None, inference_context=None) -> torch.Tensor | None:
+def forward_logits(
+    model,
+    tokens_BT: torch.Tensor,
+    position_ids_BT: torch.Tensor | None = None,
+    micro_batch_size: int | None = None,
+    inference_context=None,
+) -> torch.Tensor | None:
     """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the schedule.
 
     With an ``inference_context`` (KV cache, see ``kv_cache.py``) the tokens continue the cached
@@ -64,7 +78,9 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
     if inference_context is None:
         tokens_BT, position_ids_BT = pad_for_sequence_parallel(model, tokens_BT, position_ids_BT)
         seq = tokens_BT.shape[1]
-    chunks = iter([(tokens_BT[i:i + micro], position_ids_BT[i:i + micro]) for i in range(0, batch, micro)])
+    chunks = iter(
+        [(tokens_BT[i : i + micro], position_ids_BT[i : i + micro]) for i in range(0, batch, micro)]
+    )
 
     def step(data_iterator, m):
         tokens, positions = next(data_iterator)
@@ -80,8 +96,15 @@ def forward_logits(model, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=chunks, model=[model], num_microbatches=batch // micro,
-            seq_length=seq, micro_batch_size=micro, forward_only=True, collect_non_loss_data=True)
+            forward_step_func=step,
+            data_iterator=chunks,
+            model=[model],
+            num_microbatches=batch // micro,
+            seq_length=seq,
+            micro_batch_size=micro,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     if not groups.is_last_stage:
         return None
     return torch.cat(outputs, dim=0)[:, :real]

@@ -38,8 +38,13 @@ def build_model(cfg: OPSDConfig, arch: ArchSpec, dtype: torch.dtype) -> torch.nn
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.models.random_init import RandomHFWeights
 
-    model = build_gpt_model(arch, dtype, initialize=False, recompute=cfg.model.recompute,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+    model = build_gpt_model(
+        arch,
+        dtype,
+        initialize=False,
+        recompute=cfg.model.recompute,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
     if not (cfg.model.hf_dir or cfg.model.megatron_dir):
         with RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std) as reader:
             load_hf_weights(model, reader, arch)

@@ -50,13 +50,18 @@ class ArchSpec:
 
     def check_layout(self, tp: int, pp: int) -> None:
         """Raise if TP does not divide the heads/KV heads or PP does not divide the layers."""
-        for field, value in (("num_attention_heads", self.num_attention_heads),
-                             ("num_key_value_heads", self.num_query_groups)):
+        for field, value in (
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_query_groups),
+        ):
             if value % tp:
-                raise UnsupportedConfigError(f"tensor_model_parallel_size={tp} does not divide {field}={value}")
+                raise UnsupportedConfigError(
+                    f"tensor_model_parallel_size={tp} does not divide {field}={value}"
+                )
         if self.num_layers % pp:
             raise UnsupportedConfigError(
-                f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={self.num_layers}")
+                f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={self.num_layers}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,13 +84,21 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise UnsupportedConfigError(f"{where}: rope_scaling.rope_type='{rope_type}' is not supported "
-                                     f"(supported: default, llama3)")
+        raise UnsupportedConfigError(
+            f"{where}: rope_scaling.rope_type='{rope_type}' is not supported "
+            f"(supported: default, llama3)"
+        )
     # megatron-core's llama3 scaling hard-codes these three values.
-    for key, want in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192)):
+    for key, want in (
+        ("low_freq_factor", 1.0),
+        ("high_freq_factor", 4.0),
+        ("original_max_position_embeddings", 8192),
+    ):
         if float(scaling.get(key, want)) != float(want):
-            raise UnsupportedConfigError(f"{where}: rope_scaling.{key}={scaling.get(key)} is not supported "
-                                         f"(megatron-core's llama3 scaling uses {want})")
+            raise UnsupportedConfigError(
+                f"{where}: rope_scaling.{key}={scaling.get(key)} is not supported "
+                f"(megatron-core's llama3 scaling uses {want})"
+            )
     return theta, float(_get(scaling, "factor", f"{where}: rope_scaling"))
 
 
@@ -94,11 +107,15 @@ def arch_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
     model_type = _get(cfg, "model_type", where)
     family = FAMILIES.get(model_type)
     if family is None:
-        raise UnsupportedConfigError(f"{where}: model_type='{model_type}' is not supported "
-                                     f"(supported: {', '.join(sorted(FAMILIES))})")
+        raise UnsupportedConfigError(
+            f"{where}: model_type='{model_type}' is not supported "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedConfigError(f"{where}: hidden_act='{act}' is not supported (SwiGLU needs 'silu')")
+        raise UnsupportedConfigError(
+            f"{where}: hidden_act='{act}' is not supported (SwiGLU needs 'silu')"
+        )
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError(f"{where}: mlp_bias=true is not supported")
     if cfg.get("use_sliding_window"):
@@ -113,8 +130,9 @@ def arch_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
     heads = int(_get(cfg, "num_attention_heads", where))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise UnsupportedConfigError(f"{where}: num_key_value_heads={kv_heads} does not divide "
-                                     f"num_attention_heads={heads}")
+        raise UnsupportedConfigError(
+            f"{where}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}"
+        )
     theta, factor = _rope(cfg, where)
     return ArchSpec(
         family=family,

@@ -20,9 +20,17 @@ from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 class HFCheckpointReader:
@@ -43,10 +51,14 @@ class HFCheckpointReader:
             with safe_open(self.dir / SINGLE, framework="pt") as f:
                 weight_map = {k: SINGLE for k in f.keys()}
         else:
-            raise FileNotFoundError(f"{self.dir}: no {INDEX} or {SINGLE} (only safetensors checkpoints are read)")
+            raise FileNotFoundError(
+                f"{self.dir}: no {INDEX} or {SINGLE} (only safetensors checkpoints are read)"
+            )
         missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
         if missing:
-            raise FileNotFoundError(f"{self.dir}: shard file(s) listed in the index are missing: {', '.join(missing)}")
+            raise FileNotFoundError(
+                f"{self.dir}: shard file(s) listed in the index are missing: {', '.join(missing)}"
+            )
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
         self._stack = contextlib.ExitStack()
@@ -61,7 +73,9 @@ class HFCheckpointReader:
                 yield f
             return
         if fname not in self._handles:
-            self._handles[fname] = self._stack.enter_context(safe_open(self.dir / fname, framework="pt"))
+            self._handles[fname] = self._stack.enter_context(
+                safe_open(self.dir / fname, framework="pt")
+            )
         yield self._handles[fname]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -152,7 +166,9 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+        raise FileExistsError(
+            f"{out}: output directory already exists (pass --overwrite to replace it)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -42,8 +42,10 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
         parts = [reader.get(n, sl) for n, sl in zip(rule.hf_names, slices)]
         value = wm.combine(rule, parts, arch, tp)
         if value.shape != param.shape:
-            raise ValueError(f"{reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
-                             f"'{local_name}' which needs {tuple(param.shape)} (config.json does not match the weights?)")
+            raise ValueError(
+                f"{reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
+                f"'{local_name}' which needs {tuple(param.shape)} (config.json does not match the weights?)"
+            )
         param.copy_(value)
         count += 1
     return count
@@ -75,12 +77,20 @@ def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
         if global_name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # tied: model.embed_tokens comes from the first stage
         shard = merged_weight(model, local_name, value) if merge_lora else value.detach()
-        yield global_name, wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard), arch)
+        yield (
+            global_name,
+            wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard), arch),
+        )
 
 
 @torch.no_grad()
-def export_hf_weights(model, arch: ArchSpec, out_dir: Path, dtype: torch.dtype | None = None,
-                      max_shard_bytes: int = 2 << 30) -> None:
+def export_hf_weights(
+    model,
+    arch: ArchSpec,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+) -> None:
     """Write the model's full weights as HF safetensors shards + index into ``out_dir`` (collective)."""
     groups = current_groups()
 
@@ -94,5 +104,7 @@ def export_hf_weights(model, arch: ArchSpec, out_dir: Path, dtype: torch.dtype |
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, parts)
     if dist.get_rank() == 0:
-        HFCheckpointWriter.write_index(Path(out_dir), [p for rank_parts in everyone for p in rank_parts])
+        HFCheckpointWriter.write_index(
+            Path(out_dir), [p for rank_parts in everyone for p in rank_parts]
+        )
     dist.barrier()

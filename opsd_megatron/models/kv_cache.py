@@ -14,10 +14,15 @@ import contextlib
 @contextlib.contextmanager
 def sharded_inference_logits(model):
     """Inside the block, ``model(..., inference_context=ctx)`` returns vocab-sharded [B, S, V/tp] logits."""
+
     def postprocess(hidden_states, **_):
         if not model.post_process:  # an earlier pipeline stage hands on its hidden states
             return hidden_states
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        weight = (
+            model.shared_embedding_or_output_weight()
+            if model.share_embeddings_and_output_weights
+            else None
+        )
         logits, _ = model.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
         return logits.transpose(0, 1).contiguous()
 

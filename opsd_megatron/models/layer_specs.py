@@ -54,5 +54,6 @@ def gpt_block_spec(arch: ArchSpec, config, transformer_engine: bool | None = Non
         transformer_engine = use_transformer_engine()
     if transformer_engine:
         return layer  # megatron adds TE's final norm
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
-                                      layer_norm=SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm
+    )

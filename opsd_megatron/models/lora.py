@@ -51,21 +51,27 @@ class LoRAAdapter(torch.nn.Module):
         in_size, out_size = base.input_size, base.output_size
         tp = base.tp_size if hasattr(base, "tp_size") else dist.get_world_size(base.tp_group)
         if cfg.rank % tp:
-            raise ValueError(f"lora.rank={cfg.rank} must be divisible by tensor_model_parallel_size={tp}")
+            raise ValueError(
+                f"lora.rank={cfg.rank} must be divisible by tensor_model_parallel_size={tp}"
+            )
         self.sequence_parallel = config.sequence_parallel
         if config.sequence_parallel:  # the adapter moves between sequence shards itself (delta)
             config = dataclasses.replace(config, sequence_parallel=False)
         common = dict(config=config, bias=False, skip_bias_add=True, is_expert=False)
         if row_parallel:
-            self.lora_A = mtp.RowParallelLinear(in_size, cfg.rank, init_method=_kaiming, input_is_parallel=True,
-                                                **common)
-            self.lora_B = mtp.ColumnParallelLinear(cfg.rank, out_size, init_method=torch.nn.init.zeros_,
-                                                   gather_output=True, **common)
+            self.lora_A = mtp.RowParallelLinear(
+                in_size, cfg.rank, init_method=_kaiming, input_is_parallel=True, **common
+            )
+            self.lora_B = mtp.ColumnParallelLinear(
+                cfg.rank, out_size, init_method=torch.nn.init.zeros_, gather_output=True, **common
+            )
         else:
-            self.lora_A = mtp.ColumnParallelLinear(in_size, cfg.rank, init_method=_kaiming, gather_output=True,
-                                                   **common)
-            self.lora_B = mtp.ColumnParallelLinear(cfg.rank, out_size, init_method=torch.nn.init.zeros_,
-                                                   gather_output=False, **common)
+            self.lora_A = mtp.ColumnParallelLinear(
+                in_size, cfg.rank, init_method=_kaiming, gather_output=True, **common
+            )
+            self.lora_B = mtp.ColumnParallelLinear(
+                cfg.rank, out_size, init_method=torch.nn.init.zeros_, gather_output=False, **common
+            )
         self._init_weights(in_size, cfg.rank, row_parallel)
         self.row_parallel, self.glu = row_parallel, glu
         self.scale = cfg.scale
@@ -128,7 +134,9 @@ class LoRAAdapter(torch.nn.Module):
 
         out = {}
         for name in ("lora_A", "lora_B"):
-            sub = getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata)
+            sub = getattr(self, name).sharded_state_dict(
+                f"{prefix}{name}.", sharded_offsets, metadata
+            )
             if self.glu and name == "lora_B":  # B's rows follow fc1's [gate; up] split per rank
                 key = f"{prefix}{name}.weight"
                 sub[key] = apply_swiglu_sharded_factory(sub[key], sharded_offsets)
@@ -148,8 +156,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
         for child_name, child in list(parent.named_children()):
             if child_name not in wanted or child_name + SUFFIX in parent._modules:
                 continue
-            adapter = LoRAAdapter(child, cfg, row_parallel=isinstance(child, RowParallelLinear),
-                                  glu=child_name == "linear_fc1")
+            adapter = LoRAAdapter(
+                child,
+                cfg,
+                row_parallel=isinstance(child, RowParallelLinear),
+                glu=child_name == "linear_fc1",
+            )
             mark_tensor_parallel_params(adapter)
             parent.add_module(child_name + SUFFIX, adapter)
             child.register_forward_hook(adapter.hook)
@@ -167,8 +179,13 @@ def enable_input_grads(model: torch.nn.Module) -> None:
     the adapters inside the recomputed layers would get no gradient."""
     embedding = getattr(model, "embedding", None)
     if embedding is not None:
-        embedding.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True)
-                                        if torch.is_grad_enabled() and not output.requires_grad else output)
+        embedding.register_forward_hook(
+            lambda module, inputs, output: (
+                output.requires_grad_(True)
+                if torch.is_grad_enabled() and not output.requires_grad
+                else output
+            )
+        )
 
 
 def adapters(model: torch.nn.Module) -> Iterator[LoRAAdapter]:

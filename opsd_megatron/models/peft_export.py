@@ -32,7 +32,9 @@ def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
         for child_name, adapter in parent.named_children():
             if not isinstance(adapter, LoRAAdapter):
                 continue
-            base = wm.with_global_layer(f"{parent_name}.{child_name[:-len(SUFFIX)]}.weight", offset)
+            base = wm.with_global_layer(
+                f"{parent_name}.{child_name[: -len(SUFFIX)]}.weight", offset
+            )
             rule = wm.rule_for(base, arch)
             a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
             if adapter.row_parallel:  # A holds the input shard, B is row-split plainly
@@ -43,13 +45,21 @@ def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
                 parts = wm.merge_tp_shards(rule, _gather_tp(b), arch)
             for hf_name, b_part in parts.items():
                 module = hf_name[: -len(".weight")]
-                out[f"base_model.model.{module}.lora_A.weight"] = a_full.clone()  # shared A: one copy per module
+                out[f"base_model.model.{module}.lora_A.weight"] = (
+                    a_full.clone()
+                )  # shared A: one copy per module
                 out[f"base_model.model.{module}.lora_B.weight"] = b_part.contiguous()
     return out
 
 
-def save_peft_adapter(model, arch: ArchSpec, lora: LoRAConfig, out_dir: str | Path,
-                      base_model: str = "", dtype: torch.dtype | None = None) -> Path:
+def save_peft_adapter(
+    model,
+    arch: ArchSpec,
+    lora: LoRAConfig,
+    out_dir: str | Path,
+    base_model: str = "",
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write the model's adapters as a PEFT directory (collective; global rank 0 writes, atomically)."""
     from safetensors.torch import save_file
 
@@ -62,11 +72,24 @@ def save_peft_adapter(model, arch: ArchSpec, lora: LoRAConfig, out_dir: str | Pa
     dist.gather_object(mine, everyone, dst=0)
     out_dir = Path(out_dir)
     if dist.get_rank() == 0:
-        merged = {k: (v.to(dtype) if dtype is not None else v) for part in everyone for k, v in part.items()}
+        merged = {
+            k: (v.to(dtype) if dtype is not None else v)
+            for part in everyone
+            for k, v in part.items()
+        }
         modules = sorted({k.split(".")[-3] for k in merged})
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-                  "lora_dropout": lora.dropout, "bias": "none", "target_modules": modules,
-                  "base_model_name_or_path": base_model, "fan_in_fan_out": False, "use_rslora": False}
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "bias": "none",
+            "target_modules": modules,
+            "base_model_name_or_path": base_model,
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+        }
         with atomic_output_dir(out_dir) as tmp:
             save_file(merged, str(tmp / "adapter_model.safetensors"))
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

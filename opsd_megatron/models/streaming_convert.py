@@ -45,8 +45,11 @@ def _chunks(model) -> list[tuple[str, object]]:
 
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
-    return [(name, item) for name, value in sharded.items()
-            for item in (nested_values(value) if isinstance(value, (dict, list)) else [value])]
+    return [
+        (name, item)
+        for name, value in sharded.items()
+        for item in (nested_values(value) if isinstance(value, (dict, list)) else [value])
+    ]
 
 
 def _release_freed_memory() -> None:
@@ -63,13 +66,17 @@ def _release_freed_memory() -> None:
 class _LazyHFPlanner(SavePlanner):
     """A save plan of megatron's chunks whose data is read from the HF checkpoint on demand."""
 
-    def __init__(self, chunks, params, reader: HFCheckpointReader, arch: ArchSpec, dtype: torch.dtype):
+    def __init__(
+        self, chunks, params, reader: HFCheckpointReader, arch: ArchSpec, dtype: torch.dtype
+    ):
         self.reader, self.arch, self.dtype, self.params = reader, arch, dtype, params
         self.items, self.sources = [], {}
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         for name, ch in chunks:
-            if isinstance(ch, ShardedObject):  # megatron's extra state: pickled bytes, as megatron saves them
+            if isinstance(
+                ch, ShardedObject
+            ):  # megatron's extra state: pickled bytes, as megatron saves them
                 buf = io.BytesIO()
                 torch.save([ch.data], buf)
                 index = MetadataIndex(ch.unique_key)
@@ -78,9 +85,19 @@ class _LazyHFPlanner(SavePlanner):
                 continue
             sizes = (1,) * ch.prepend_axis_num + tuple(ch.data.shape)
             index = MetadataIndex(ch.key, torch.Size(ch.global_offset))
-            self.items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                chunk=ChunkStorageMetadata(offsets=torch.Size(ch.global_offset), sizes=torch.Size(sizes)),
-                properties=TensorProperties(dtype=dtype), size=torch.Size(ch.global_shape))))
+            self.items.append(
+                WriteItem(
+                    index=index,
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(
+                            offsets=torch.Size(ch.global_offset), sizes=torch.Size(sizes)
+                        ),
+                        properties=TensorProperties(dtype=dtype),
+                        size=torch.Size(ch.global_shape),
+                    ),
+                )
+            )
             self.sources[index] = (name, ch.data, sizes)
         self._cached = (None, None)
 
@@ -104,13 +121,17 @@ class _LazyHFPlanner(SavePlanner):
             _release_freed_memory()
             rule = wm.rule_for(name, self.arch)
             shapes = [self.reader.shape(n) for n in rule.hf_names]
-            parts = [self.reader.get(n, sl) for n, sl in zip(rule.hf_names, wm.source_slices(rule, self.arch, 0, 1,
-                                                                                           shapes))]
+            parts = [
+                self.reader.get(n, sl)
+                for n, sl in zip(rule.hf_names, wm.source_slices(rule, self.arch, 0, 1, shapes))
+            ]
             value = wm.combine(rule, parts, self.arch, 1).to(self.dtype)
             if tuple(value.shape) != tuple(self.params[name].shape):
-                raise ValueError(f"{self.reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
-                                 f"'{name}' which needs {tuple(self.params[name].shape)} (config.json does not "
-                                 f"match the weights?)")
+                raise ValueError(
+                    f"{self.reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
+                    f"'{name}' which needs {tuple(self.params[name].shape)} (config.json does not "
+                    f"match the weights?)"
+                )
             self._cached = (name, value)
         return self._cached[1]
 
@@ -120,7 +141,11 @@ class _LazyHFPlanner(SavePlanner):
             return source
         name, view, sizes = source
         full = self._parameter(name)
-        return full.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(sizes).contiguous()
+        return (
+            full.as_strided(view.shape, view.stride(), view.storage_offset())
+            .reshape(sizes)
+            .contiguous()
+        )
 
 
 def stream_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype) -> int:

@@ -28,8 +28,12 @@ from opsd_megatron.models.lora import adapters, adapters_disabled
 
 
 class Teacher:
-    def __init__(self, student: torch.nn.Module, cfg: TeacherConfig,
-                 build_model: Callable[[], torch.nn.Module] | None = None):
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        cfg: TeacherConfig,
+        build_model: Callable[[], torch.nn.Module] | None = None,
+    ):
         """``build_model`` makes an empty model of the student's architecture (frozen_copy only;
         megatron modules hold process groups, so they are rebuilt rather than deep-copied)."""
         self.cfg, self.update, self.ema_rate = cfg, cfg.update, cfg.ema_rate
@@ -37,8 +41,10 @@ class Teacher:
         self.shadow = None
         if cfg.weights == "lora_base":
             if not any(True for _ in adapters(student)):
-                raise ValueError("teacher.weights='lora_base' needs LoRA adapters on the student "
-                                 "(use teacher.weights='frozen_copy' for full-parameter training)")
+                raise ValueError(
+                    "teacher.weights='lora_base' needs LoRA adapters on the student "
+                    "(use teacher.weights='frozen_copy' for full-parameter training)"
+                )
             self.model = None
         else:
             if build_model is None:
@@ -51,7 +57,9 @@ class Teacher:
             if cfg.offload:
                 self.model.to("cpu")
         if self.update == "ema" and self.model is None:
-            self.shadow = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+            self.shadow = {
+                n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad
+            }
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -104,8 +112,12 @@ class Teacher:
                 self.model.to("cpu")
 
     @torch.no_grad()
-    def logits(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
-               micro_batch_size: int | None = None) -> torch.Tensor | None:
+    def logits(
+        self,
+        tokens_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor | None = None,
+        micro_batch_size: int | None = None,
+    ) -> torch.Tensor | None:
         """Teacher logits ``[B, T, V/tp]`` (last pipeline stage; None elsewhere), forward-only."""
         with self.active() as model:
             was_training = model.training

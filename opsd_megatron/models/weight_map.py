@@ -29,10 +29,14 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # megatron suffix inside a layer -> (HF suffixes inside model.layers.{i}., kind)
 _LAYER_RULES = {
     "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
-    "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                          "self_attn.v_proj.weight"), "qkv"),
-    "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias",
-                                        "self_attn.v_proj.bias"), "qkv"),
+    "self_attention.linear_qkv.weight": (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "qkv",
+    ),
+    "self_attention.linear_qkv.bias": (
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        "qkv",
+    ),
     "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "replicated"),
     "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "replicated"),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "row"),
@@ -58,7 +62,10 @@ def rule_for(megatron_name: str, arch: ArchSpec) -> Rule:
     if megatron_name == "embedding.word_embeddings.weight":
         return Rule(("model.embed_tokens.weight",), "vocab")
     if megatron_name == "output_layer.weight":
-        return Rule(("model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight",), "vocab")
+        return Rule(
+            ("model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight",),
+            "vocab",
+        )
     if megatron_name == "decoder.final_layernorm.weight":
         return Rule(("model.norm.weight",), "replicated")
     m = _LAYER.match(megatron_name)
@@ -128,7 +135,9 @@ def combine(rule: Rule, parts: list[torch.Tensor], arch: ArchSpec, tp: int) -> t
     raise AssertionError(rule.kind)
 
 
-def split(rule: Rule, shard: torch.Tensor, arch: ArchSpec, tp: int) -> list[tuple[torch.Tensor, int | None]]:
+def split(
+    rule: Rule, shard: torch.Tensor, arch: ArchSpec, tp: int
+) -> list[tuple[torch.Tensor, int | None]]:
     """Inverse of :func:`combine`: one TP shard -> per HF source (its slice, concat dim or None)."""
     if rule.kind == "replicated":
         return [(shard, None)]
@@ -150,7 +159,9 @@ def split(rule: Rule, shard: torch.Tensor, arch: ArchSpec, tp: int) -> list[tupl
     raise AssertionError(rule.kind)
 
 
-def merge_tp_shards(rule: Rule, shards: list[torch.Tensor], arch: ArchSpec) -> dict[str, torch.Tensor]:
+def merge_tp_shards(
+    rule: Rule, shards: list[torch.Tensor], arch: ArchSpec
+) -> dict[str, torch.Tensor]:
     """All TP shards of one megatron tensor -> the full HF tensors it came from."""
     tp = len(shards)
     per_rank = [split(rule, s, arch, tp) for s in shards]

@@ -47,8 +47,20 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.utils",  # local_multi_tensor_l2_norm, apex's fallback on CPU
 )
 _FACTORIES = frozenset(
-    {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "empty_like", "zeros_like",
-     "ones_like", "full_like"}
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "tensor",
+        "arange",
+        "rand",
+        "randn",
+        "empty_like",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+    }
 )
 
 _active = False
@@ -158,8 +170,12 @@ def _install_rng_tracker() -> None:
         mrandom.CudaRNGStatesTracker = tracker_cls
     mrandom.initialize_rng_tracker(force_reset=True)
     # activation recompute saves and restores the "device" RNG: on CPU that is the CPU generator
-    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
 
 
 def _install_type_names() -> None:

@@ -24,5 +24,7 @@ def run_ranks(entry, world: int, *args, threads_per_rank: int | None = None):
             dist.destroy_process_group()
     from opsd_megatron.platform.local_processes import run_distributed
 
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world)  # share the cores between ranks
+    threads = threads_per_rank or max(
+        1, (os.cpu_count() or 1) // world
+    )  # share the cores between ranks
     return run_distributed(entry, world, *args, timeout=7 * 24 * 3600, threads_per_rank=threads)

@@ -43,15 +43,21 @@ class DistributedRunError(RuntimeError):
 
 def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(threads),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS=str(threads),
     )
     torch.set_num_threads(threads)
     try:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=120))
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=60)
+        )
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
         out = fn(*args, **kwargs)
         # Plain pickle copies tensor data by value; torch's shared-memory reducers would hand the
         # parent file descriptors that vanish when this process exits.
@@ -87,20 +93,35 @@ def _context():
     return ctx
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 180.0,
-                    threads_per_rank: int = 1, **kwargs) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    timeout: float = 180.0,
+    threads_per_rank: int = 1,
+    **kwargs,
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results.
 
     ``fn`` must be importable by name (a module-level function) and its result picklable. The
     process group is initialised before ``fn`` runs and destroyed after.
     """
     ctx = _context()
-    master = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
-                           timeout=timedelta(seconds=60))
+    master = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=60),
+    )
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_rank_main, daemon=False,  # ranks may start helpers (dist_checkpointing)
-                    args=(fn, rank, world_size, master.port, args, kwargs, results, threads_per_rank))
+        ctx.Process(
+            target=_rank_main,
+            daemon=False,  # ranks may start helpers (dist_checkpointing)
+            args=(fn, rank, world_size, master.port, args, kwargs, results, threads_per_rank),
+        )
         for rank in range(world_size)
     ]
     for p in procs:
@@ -115,7 +136,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 break
             if now > deadline:
                 for r in range(world_size):
-                    reports.setdefault(r, ("error", (f"still running after {timeout:.0f} s (hang?)", None)))
+                    reports.setdefault(
+                        r, ("error", (f"still running after {timeout:.0f} s (hang?)", None))
+                    )
                 break
             try:
                 rank, status, payload = results.get(timeout=0.2)
@@ -123,14 +146,17 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             except queue.Empty:
                 pass
             failing = any(st == "error" for st, _ in reports.values()) or any(
-                p.exitcode not in (None, 0) for p in procs)
+                p.exitcode not in (None, 0) for p in procs
+            )
             if failing and grace_end is None:
                 grace_end = time.monotonic() + 2.0
         for r, p in enumerate(procs):
             if r not in reports and p.exitcode not in (None, 0):
                 reports[r] = ("error", (f"process exited with code {p.exitcode}", None))
         for r in range(world_size):
-            reports.setdefault(r, ("error", ("did not report (stopped after another rank failed)", None)))
+            reports.setdefault(
+                r, ("error", ("did not report (stopped after another rank failed)", None))
+            )
     finally:  # after success the ranks exit by themselves; after a failure or Ctrl-C they are killed
         clean = len(reports) == world_size and all(st == "ok" for st, _ in reports.values())
         for p in procs:
@@ -143,5 +169,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     if failed:
         text = "\n".join(f"--- rank {r} ---\n{msg}" for r, (msg, _) in failed.items())
         user = next((u for _, u in failed.values() if u), None)
-        raise DistributedRunError(f"{len(failed)} of {world_size} ranks failed:\n{text}", user_error=user)
+        raise DistributedRunError(
+            f"{len(failed)} of {world_size} ranks failed:\n{text}", user_error=user
+        )
     return [pickle.loads(reports[r][1]) for r in range(world_size)]

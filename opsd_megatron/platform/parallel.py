@@ -40,13 +40,18 @@ class ParallelGroups:
     def from_megatron(cls) -> "ParallelGroups":
         from megatron.core import parallel_state as ps
 
-        return cls(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
-                   dp=ps.get_data_parallel_group(),
-                   tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
-                   pp_rank=ps.get_pipeline_model_parallel_rank(),
-                   pp_size=ps.get_pipeline_model_parallel_world_size(),
-                   dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                   pp_last_rank=ps.get_pipeline_model_parallel_last_rank())
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            pp=ps.get_pipeline_model_parallel_group(),
+            dp=ps.get_data_parallel_group(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+        )
 
 
 def current_groups() -> ParallelGroups:
@@ -54,8 +59,12 @@ def current_groups() -> ParallelGroups:
     return ParallelGroups.from_megatron()
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                              seed: int = 1234, **kwargs) -> ParallelGroups:
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    **kwargs,
+) -> ParallelGroups:
     """Set up megatron's TP/PP/DP groups and its model-parallel RNG streams; returns the groups.
 
     Expects ``torch.distributed`` to be initialised (torchrun, or the test harness). On a machine
@@ -64,7 +73,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: launch with torchrun (or the test harness)")
+        raise RuntimeError(
+            "torch.distributed is not initialised: launch with torchrun (or the test harness)"
+        )
     cpu_backend.activate()
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):

@@ -15,14 +15,25 @@ import torch.distributed as dist
 
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
+from opsd_megatron.platform.parallel import ParallelGroups, current_groups
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.sampling import sample_next_tokens
-from opsd_megatron.platform.parallel import ParallelGroups, current_groups
 
 
 class MegatronSampler:
-    def __init__(self, model, *, temperature: float, top_k: int, top_p: float, stop_ids: list[int], pad_id: int,
-                 vocab_size: int, seed: int = 0, groups: ParallelGroups | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        stop_ids: list[int],
+        pad_id: int,
+        vocab_size: int,
+        seed: int = 0,
+        groups: ParallelGroups | None = None,
+    ):
         """``groups``: where the model sits (default: the initialised layout's)."""
         self.model = model
         self.groups = groups or current_groups()
@@ -40,9 +51,15 @@ class MegatronSampler:
         g = self.groups
         tok, lp = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
         if logits is not None:
-            tok, lp = sample_next_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                         generator=gen, vocab_size=self.vocab_size,
-                                         group=g.tp)
+            tok, lp = sample_next_tokens(
+                logits,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                generator=gen,
+                vocab_size=self.vocab_size,
+                group=g.tp,
+            )
             tok, lp = tok.cpu(), lp.cpu()
         if g.pp_size > 1:
             dist.broadcast(tok, g.pp_last_rank, group=g.pp)
@@ -81,8 +98,12 @@ class MegatronSampler:
                 t = start  # next position to fill
                 chunk = slice(0, start)
                 while alive.any() and t < total:
-                    logits = forward_logits(self.model, tokens[:, chunk].to(device), positions[:, chunk].to(device),
-                                            inference_context=ctx)
+                    logits = forward_logits(
+                        self.model,
+                        tokens[:, chunk].to(device),
+                        positions[:, chunk].to(device),
+                        inference_context=ctx,
+                    )
                     ctx.sequence_len_offset += chunk.stop - chunk.start
                     tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
                     sampling = alive & (lengths <= t)  # rows past their prompt
@@ -91,7 +112,9 @@ class MegatronSampler:
                         responses[i].append(int(tok[i]))
                         logprobs[i].append(float(lp[i]))
                         generated[i] += 1
-                    alive &= ~(sampling & torch.isin(tok, self.stop_ids)) & (generated < max_new_tokens)
+                    alive &= ~(sampling & torch.isin(tok, self.stop_ids)) & (
+                        generated < max_new_tokens
+                    )
                     chunk = slice(t, t + 1)
                     t += 1
         finally:

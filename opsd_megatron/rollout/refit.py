@@ -40,7 +40,7 @@ def _global_param_names(model, arch: ArchSpec) -> list[str]:
     suffixes = []
     for local_name, _ in base_weight_items(model):
         if local_name.startswith("decoder.layers.0."):
-            suffixes.append(local_name[len("decoder.layers.0."):])
+            suffixes.append(local_name[len("decoder.layers.0.") :])
     names = ["embedding.word_embeddings.weight"]
     for i in range(arch.num_layers):
         names += [f"decoder.layers.{i}.{suffix}" for suffix in suffixes]
@@ -50,8 +50,13 @@ def _global_param_names(model, arch: ArchSpec) -> list[str]:
     return names
 
 
-def stream_hf_weights(model, arch: ArchSpec, bucket_bytes: int = 1 << 30, merge_lora: bool = True,
-                      dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+def stream_hf_weights(
+    model,
+    arch: ArchSpec,
+    bucket_bytes: int = 1 << 30,
+    merge_lora: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Iterator[Bucket]:
     """Collective: yield buckets of (hf_name, full tensor) covering the whole model, on every rank."""
     groups = current_groups()
 
@@ -67,8 +72,10 @@ def stream_hf_weights(model, arch: ArchSpec, bucket_bytes: int = 1 << 30, merge_
             assert got_name == name, (got_name, name)
         else:
             ref = next(model.parameters())
-            tensors = {n: torch.empty(shapes[n], dtype=ref.dtype, device=ref.device)
-                       for n in wm.rule_for(name, arch).hf_names}
+            tensors = {
+                n: torch.empty(shapes[n], dtype=ref.dtype, device=ref.device)
+                for n in wm.rule_for(name, arch).hf_names
+            }
         if pp > 1:
             group = groups.pp
             src = dist.get_global_rank(group, owner)

@@ -30,7 +30,11 @@ TOP_P_BISECTION_STEPS = 40
 
 def _global_topk_cutoff(z_BV: torch.Tensor, k: int, group) -> torch.Tensor:
     k_local = min(k, z_BV.shape[1])
-    local = torch.topk(z_BV, k_local, dim=1).values if k_local else z_BV.new_full((z_BV.shape[0], 0), -torch.inf)
+    local = (
+        torch.topk(z_BV, k_local, dim=1).values
+        if k_local
+        else z_BV.new_full((z_BV.shape[0], 0), -torch.inf)
+    )
     if k_local < k:
         local = torch.cat([local, local.new_full((local.shape[0], k - k_local), -torch.inf)], dim=1)
     if group_size(group) > 1:
@@ -59,15 +63,25 @@ def _top_p_cutoff(p_BV: torch.Tensor, top_p: float, group) -> torch.Tensor:
     hi = all_reduce_per_token(_row_max(p_BV)[None].clone(), "max", group)[0]
     for _ in range(TOP_P_BISECTION_STEPS):
         mid = (lo + hi) / 2
-        mass = all_reduce_per_token(torch.where(p_BV >= mid[:, None], p_BV, 0.0).sum(dim=1)[None], "sum", group)[0]
+        mass = all_reduce_per_token(
+            torch.where(p_BV >= mid[:, None], p_BV, 0.0).sum(dim=1)[None], "sum", group
+        )[0]
         ok = mass >= top_p
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     return lo
 
 
-def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                       generator: torch.Generator, vocab_size: int | None = None, group=None):
+def sample_next_tokens(
+    logits_BV: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator,
+    vocab_size: int | None = None,
+    group=None,
+):
     """Sample one token per row from vocab-sharded logits; returns (global ids [B], log-probs [B])."""
     shard = vocab_shard(logits_BV.shape[1], vocab_size, group)
     z = logits_BV[:, : shard.real].float() / temperature
@@ -81,7 +95,10 @@ def sample_next_tokens(logits_BV: torch.Tensor, *, temperature: float, top_k: in
     u = torch.rand(keep.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
     score = keep.double() - torch.log(-torch.log(u))
     if score.shape[1] == 0:
-        best, idx = score.new_full((score.shape[0],), -torch.inf), torch.zeros(score.shape[0], dtype=torch.long)
+        best, idx = (
+            score.new_full((score.shape[0],), -torch.inf),
+            torch.zeros(score.shape[0], dtype=torch.long),
+        )
     else:
         best, idx = score.max(dim=1)
     winner = all_reduce_per_token(best[None].clone(), "max", group)[0]

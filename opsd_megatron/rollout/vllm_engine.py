@@ -22,25 +22,29 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.refit import stream_hf_weights
-from opsd_megatron.platform.parallel import ParallelGroups
 
 
 def _require_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise ImportError("rollout.engine=vllm needs vLLM: pip install 'opsd-megatron[vllm]' "
-                          "(GPU clusters; use rollout.engine=megatron elsewhere)") from err
+        raise ImportError(
+            "rollout.engine=vllm needs vLLM: pip install 'opsd-megatron[vllm]' "
+            "(GPU clusters; use rollout.engine=megatron elsewhere)"
+        ) from err
     return vllm
 
 
 def _vllm_model(llm):
     """The torch module inside a colocated (external_launcher) engine; its path moved across versions."""
     engine = llm.llm_engine
-    for path in ("model_executor.driver_worker.worker.model_runner.model",
-                 "model_executor.driver_worker.model_runner.model"):
+    for path in (
+        "model_executor.driver_worker.worker.model_runner.model",
+        "model_executor.driver_worker.model_runner.model",
+    ):
         obj = engine
         try:
             for attr in path.split("."):
@@ -62,8 +66,14 @@ def write_model_dir(cfg, tokenizer, out_dir: Path) -> Path:
         hf_config = json.loads((Path(m.hf_dir) / "config.json").read_text())
     else:
         hf_config = dict(read_checkpoint_metadata(m.megatron_dir)[1].get("hf_config") or {})
-    hf_config.setdefault("architectures", [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                            "llama": "LlamaForCausalLM"}[hf_config["model_type"]]])
+    hf_config.setdefault(
+        "architectures",
+        [
+            {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[
+                hf_config["model_type"]
+            ]
+        ],
+    )
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -81,16 +91,29 @@ class VLLMEngine:
         self.adapter_mode = v.lora_mode == "adapter" and cfg.lora is not None
         self.out = Path(cfg.trainer.output_dir) / "vllm"
         model_dir = write_model_dir(cfg, tokenizer, self.out / "model")
-        self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=groups.tp_size,
-                            distributed_executor_backend="external_launcher", enable_sleep_mode=True,
-                            gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
-                            seed=r.seed + groups.dp_rank, load_format="dummy",
-                            enforce_eager=v.enforce_eager, logprobs_mode="processed_logprobs",
-                            enable_lora=self.adapter_mode, max_lora_rank=cfg.lora.rank if self.adapter_mode else 16,
-                            trust_remote_code=False)
-        self.params = vllm.SamplingParams(temperature=r.temperature, top_k=r.top_k if r.top_k > 0 else -1,
-                                          top_p=r.top_p, logprobs=0, max_tokens=r.max_new_tokens,
-                                          stop_token_ids=list(stop_ids))
+        self.llm = vllm.LLM(
+            model=str(model_dir),
+            tensor_parallel_size=groups.tp_size,
+            distributed_executor_backend="external_launcher",
+            enable_sleep_mode=True,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_model_len=v.max_model_len,
+            seed=r.seed + groups.dp_rank,
+            load_format="dummy",
+            enforce_eager=v.enforce_eager,
+            logprobs_mode="processed_logprobs",
+            enable_lora=self.adapter_mode,
+            max_lora_rank=cfg.lora.rank if self.adapter_mode else 16,
+            trust_remote_code=False,
+        )
+        self.params = vllm.SamplingParams(
+            temperature=r.temperature,
+            top_k=r.top_k if r.top_k > 0 else -1,
+            top_p=r.top_p,
+            logprobs=0,
+            max_tokens=r.max_new_tokens,
+            stop_token_ids=list(stop_ids),
+        )
         self.bucket_bytes = v.bucket_mb << 20
         self.version, self.base_loaded, self.lora_request = 0, False, None
         self.last_refit_s, self.calls = 0.0, 0
@@ -103,8 +126,9 @@ class VLLMEngine:
         self.llm.wake_up(tags=["weights"])
         if not (self.adapter_mode and self.base_loaded):
             target = _vllm_model(self.llm)
-            for bucket in stream_hf_weights(self.model, self.arch, self.bucket_bytes,
-                                            merge_lora=not self.adapter_mode):
+            for bucket in stream_hf_weights(
+                self.model, self.arch, self.bucket_bytes, merge_lora=not self.adapter_mode
+            ):
                 target.load_weights(weights=bucket)
             self.base_loaded = True
         if self.adapter_mode:
@@ -120,7 +144,9 @@ class VLLMEngine:
 
         path = self.out / f"adapter_v{self.version:06d}"
         save_peft_adapter(self.model, self.arch, self.cfg.lora, path)
-        stale = self.out / f"adapter_v{self.version - 2:06d}"  # the engine may still hold the previous one
+        stale = (
+            self.out / f"adapter_v{self.version - 2:06d}"
+        )  # the engine may still hold the previous one
         if dist.get_rank() == 0 and stale.exists():
             import shutil
 
@@ -133,8 +159,12 @@ class VLLMEngine:
         self.calls += 1
         params = self.params.clone() if hasattr(self.params, "clone") else self.params
         params.max_tokens = max_new_tokens
-        outputs = self.llm.generate([vllm.TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    lora_request=self.lora_request, use_tqdm=False)
+        outputs = self.llm.generate(
+            [vllm.TokensPrompt(prompt_token_ids=p) for p in prompts],
+            params,
+            lora_request=self.lora_request,
+            use_tqdm=False,
+        )
         responses, logprobs, finished = [], [], []
         for out in outputs:
             comp = out.outputs[0]

@@ -27,7 +27,12 @@ import torch.distributed as dist
 from opsd_megatron.config import to_dict, to_yaml
 from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 from opsd_megatron.train import manifest
-from opsd_megatron.train.optimizer_state import FORMAT, load_optimizer, optimizer_kind, save_optimizer
+from opsd_megatron.train.optimizer_state import (
+    FORMAT,
+    load_optimizer,
+    optimizer_kind,
+    save_optimizer,
+)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -66,7 +71,7 @@ def problems_with(ckpt: Path, checksums: bool = True, share: tuple[int, int] = (
         recorded = manifest.read_manifest(ckpt)
     except ValueError as err:
         return [str(err)]
-    names = sorted(recorded)[share[0]::share[1]]
+    names = sorted(recorded)[share[0] :: share[1]]
     return manifest.check_files(ckpt, recorded, names, checksums=checksums)
 
 
@@ -88,9 +93,12 @@ def select_checkpoint(cfg) -> Path | None:
         if not problems:
             return ckpt
         if rank == 0:
-            print(f"[opsd] skipping checkpoint {ckpt}: {problems[0]}"
-                  + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                  + "; trying the previous one", flush=True)
+            print(
+                f"[opsd] skipping checkpoint {ckpt}: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + "; trying the previous one",
+                flush=True,
+            )
     return None
 
 
@@ -110,25 +118,40 @@ def save_checkpoint(c, step: int, counters: dict) -> Path:
     dist.barrier()
     extra = {"lora": to_dict(c.cfg)["lora"]}
     hf_config = dict(c.cfg.model.architecture) if c.cfg.model.architecture else None
-    save_model_checkpoint(c.model, tmp / "model", c.arch, hf_config, adapters_only=c.cfg.lora is not None,
-                          extra=extra)
+    save_model_checkpoint(
+        c.model, tmp / "model", c.arch, hf_config, adapters_only=c.cfg.lora is not None, extra=extra
+    )
     if dist.get_rank() == 0:
         (tmp / "optimizer").mkdir()
     dist.barrier()
     save_optimizer(c.model, c.optimizer, tmp / "optimizer")
-    torch.save({"scheduler": c.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "sampler_calls": c.sampler.calls}, tmp / f"rank{dist.get_rank():05d}.pt")
+    torch.save(
+        {
+            "scheduler": c.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "sampler_calls": c.sampler.calls,
+        },
+        tmp / f"rank{dist.get_rank():05d}.pt",
+    )
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(to_yaml(c.cfg))
-        state = {"step": step, "counters": counters, "layout": _layout(c), "optimizer_format": FORMAT,
-                 "optimizer_kind": optimizer_kind(c.optimizer), "manifest": manifest.MANIFEST}
+        state = {
+            "step": step,
+            "counters": counters,
+            "layout": _layout(c),
+            "optimizer_format": FORMAT,
+            "optimizer_kind": optimizer_kind(c.optimizer),
+            "manifest": manifest.MANIFEST,
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     dist.barrier()
     names = [manifest.files_of(tmp)] if dist.get_rank() == 0 else [None]
     dist.broadcast_object_list(names, src=0)
     shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, manifest.describe(tmp, names[0][dist.get_rank()::dist.get_world_size()]))
+    dist.all_gather_object(
+        shares, manifest.describe(tmp, names[0][dist.get_rank() :: dist.get_world_size()])
+    )
     if dist.get_rank() == 0:
         manifest.write_manifest(tmp, {k: v for share in shares for k, v in share.items()})
         if final.exists():
@@ -150,17 +173,27 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     state = read_state(ckpt)
     load_model_checkpoint(c.model, ckpt / "model", adapters_only=c.cfg.lora is not None)
     if (ckpt / "optimizer").is_dir():
-        load_optimizer(c.model, c.optimizer, ckpt / "optimizer", state.get("optimizer_format"),
-                       state.get("optimizer_kind"))
+        load_optimizer(
+            c.model,
+            c.optimizer,
+            ckpt / "optimizer",
+            state.get("optimizer_format"),
+            state.get("optimizer_kind"),
+        )
     same_layout = state["layout"] == _layout(c)
-    rank_state = torch.load(ckpt / f"rank{dist.get_rank() if same_layout else 0:05d}.pt", weights_only=True)
+    rank_state = torch.load(
+        ckpt / f"rank{dist.get_rank() if same_layout else 0:05d}.pt", weights_only=True
+    )
     c.scheduler.load_state_dict(rank_state["scheduler"])
     c.sampler.calls = rank_state["sampler_calls"]
     if same_layout:
         torch.set_rng_state(rank_state["torch_rng"])
     elif dist.get_rank() == 0:
-        print(f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with resharded weights "
-              f"and optimizer state, fresh RNG streams", flush=True)
+        print(
+            f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with resharded weights "
+            f"and optimizer state, fresh RNG streams",
+            flush=True,
+        )
     return state["step"], state["counters"]
 
 

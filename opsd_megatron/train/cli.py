@@ -18,12 +18,12 @@ from pathlib import Path
 
 from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
 from opsd_megatron.errors import UserError, guarded, report
+from opsd_megatron.models.from_config import arch_of
 from opsd_megatron.plan_config import refuse_unfit_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.preflight import check_training_run
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
 from opsd_megatron.train.resume import plan_resume
-from opsd_megatron.models.from_config import arch_of
 
 
 def _gpu_gib() -> float:
@@ -49,24 +49,43 @@ def main(argv=None) -> int:
     """``opsd-train``: check the recipe, paths, data, layout fit and resume plan before any rank
     starts (one-line errors, exit 2), then run the ranks (spawned on CPU, or as torchrun's);
     returns the exit code (130 on Ctrl-C, the preemption code for a requeue)."""
-    p = argparse.ArgumentParser(prog="opsd-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="opsd-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10 loss.beta=0")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the recipe, paths, data and resume decision, print the config and layout, exit")
-    p.add_argument("--force", action="store_true", help="start even if opsd-plan says the layout does not fit")
-    p.add_argument("--gpu-gib", type=float, default=None,
-                   help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an input error, not just its line")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10 loss.beta=0"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe, paths, data and resume decision, print the config and layout, exit",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="start even if opsd-plan says the layout does not fit"
+    )
+    p.add_argument(
+        "--gpu-gib",
+        type=float,
+        default=None,
+        help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an input error, not just its line",
+    )
     args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # everything a user can get wrong is found here, before any rank or model exists
         cfg = load_config(args.recipe, args.overrides)
         check_training_run(cfg)
         layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
         plan = plan_resume(cfg)
-        refusal = None if args.force or plan.action == "finished" else refuse_unfit_layout(
-            cfg, layout, args.gpu_gib or _gpu_gib())
+        refusal = (
+            None
+            if args.force or plan.action == "finished"
+            else refuse_unfit_layout(cfg, layout, args.gpu_gib or _gpu_gib())
+        )
         if refusal:
             raise ConfigError(refusal)
     except UserError as err:
@@ -74,20 +93,40 @@ def main(argv=None) -> int:
     for note in plan.notes:
         print(f"[opsd] {note}", flush=True)
     if plan.action == "finished":  # nothing is rewritten
-        print(f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); nothing to do "
-              f"(to train further: trainer.max_steps=<more>)", flush=True)
+        print(
+            f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); nothing to do "
+            f"(to train further: trainer.max_steps=<more>)",
+            flush=True,
+        )
         return 0
     print(to_yaml(cfg))
     print(f"[opsd] layout: {layout.describe()}", flush=True)
     if plan.action == "resume":
-        print(f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest verifies", flush=True)
+        print(
+            f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest verifies",
+            flush=True,
+        )
     if args.dry_run:
         return 0
-    if launched_world_size() is None:  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
+    if (
+        launched_world_size() is None
+    ):  # local ranks: SIGUSR1 to this launcher asks them to checkpoint and stop
         flag = Path(cfg.trainer.output_dir) / FLAG_FILE
-        signal.signal(signal.SIGUSR1, lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()))
-    code, results = guarded("opsd-train", args.debug, lambda: run_ranks(
-        _rank_entry, layout.world_size, args.recipe, args.overrides, threads_per_rank=cfg.trainer.threads_per_rank))
+        signal.signal(
+            signal.SIGUSR1,
+            lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()),
+        )
+    code, results = guarded(
+        "opsd-train",
+        args.debug,
+        lambda: run_ranks(
+            _rank_entry,
+            layout.world_size,
+            args.recipe,
+            args.overrides,
+            threads_per_rank=cfg.trainer.threads_per_rank,
+        ),
+    )
     if code is not None:  # Ctrl-C: the last complete checkpoint stands
         return code
     if any(isinstance(r, dict) and r.get("preempted") for r in results):

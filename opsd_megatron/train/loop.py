@@ -12,8 +12,14 @@ import torch.distributed as dist
 from opsd_megatron.config import OPSDConfig, to_yaml
 from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train import preemption
-from opsd_megatron.train.checkpointing import (latest_checkpoint, load_checkpoint, read_state, save_base_model,
-                                               save_checkpoint, select_checkpoint)
+from opsd_megatron.train.checkpointing import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_base_model,
+    save_checkpoint,
+    select_checkpoint,
+)
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
 from opsd_megatron.train.resume import archive_previous_run
 from opsd_megatron.train.setup import build_components
@@ -27,11 +33,15 @@ def run(cfg: OPSDConfig) -> dict:
     rank0 = dist.get_rank() == 0
     preemption.install()
     out = Path(cfg.trainer.output_dir)
-    ckpt = select_checkpoint(cfg) if cfg.checkpoint.resume is not False else None  # verified against its manifest
+    ckpt = (
+        select_checkpoint(cfg) if cfg.checkpoint.resume is not False else None
+    )  # verified against its manifest
     saved_step = read_state(ckpt)["step"] if ckpt is not None else 0
     if saved_step >= cfg.trainer.max_steps:
         if rank0:
-            print(f"[opsd] {out}: finished at step {saved_step} ({ckpt}); nothing to do", flush=True)
+            print(
+                f"[opsd] {out}: finished at step {saved_step} ({ckpt}); nothing to do", flush=True
+            )
         return {"steps": saved_step, "finished": True}
     if ckpt is None and rank0:  # a fresh start never overwrites an earlier run's files
         moved = archive_previous_run(out, time.strftime("%Y%m%d-%H%M%S"))
@@ -58,17 +68,29 @@ def run(cfg: OPSDConfig) -> dict:
             last = train_step(c, c.algorithm, step)
             counters["generated_tokens"] += last["generated_tokens"]
             counters["skipped_steps"] += last["skipped"]
-            last.update(total_generated_tokens=counters["generated_tokens"], skipped_steps=counters["skipped_steps"])
+            last.update(
+                total_generated_tokens=counters["generated_tokens"],
+                skipped_steps=counters["skipped_steps"],
+            )
             if not math.isfinite(last["loss"]) and rank0:
                 print(f"[opsd] step {step + 1}: non-finite loss, update skipped", flush=True)
             done = step + 1
             if cfg.eval.interval and cfg.eval.benchmarks and done % cfg.eval.interval == 0:
-                report = evaluate(c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}")
+                report = evaluate(
+                    c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}"
+                )
                 if report is not None:
                     last.update({f"eval/{k}": v for k, v in report["average"].items()})
                 if cfg.eval.teacher_too:
-                    report = evaluate(c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}_teacher",
-                                      with_reference=True)
+                    report = evaluate(
+                        c.model,
+                        c.tokenizer,
+                        cfg,
+                        c.arch,
+                        c.groups,
+                        tag=f"step_{done:06d}_teacher",
+                        with_reference=True,
+                    )
                     if report is not None:
                         last.update({f"eval_teacher/{k}": v for k, v in report["average"].items()})
             logger.log(last)
@@ -78,17 +100,28 @@ def run(cfg: OPSDConfig) -> dict:
             if stop:
                 if rank0:
                     preemption.acknowledge(cfg.trainer.output_dir, done)
-                    print(f"[opsd] preempted: checkpoint at step {done} written, stopping for requeue", flush=True)
+                    print(
+                        f"[opsd] preempted: checkpoint at step {done} written, stopping for requeue",
+                        flush=True,
+                    )
                 return {"steps": done, "preempted": True}
     finally:
         logger.close()
-    summary = {"steps": cfg.trainer.max_steps, "start_step": start, "final_loss": last.get("loss"),
-               "generated_tokens": counters["generated_tokens"], "skipped_steps": counters["skipped_steps"],
-               "wall_time_s": time.perf_counter() - t0, "layout": c.layout.describe(),
-               "checkpoint": str(latest_checkpoint(cfg)),
-               # what the built model really ran with (not just what the config asked for)
-               "features": {"sequence_parallel": bool(c.model.config.sequence_parallel),
-                            "recompute": c.model.config.recompute_granularity == "full"}}
+    summary = {
+        "steps": cfg.trainer.max_steps,
+        "start_step": start,
+        "final_loss": last.get("loss"),
+        "generated_tokens": counters["generated_tokens"],
+        "skipped_steps": counters["skipped_steps"],
+        "wall_time_s": time.perf_counter() - t0,
+        "layout": c.layout.describe(),
+        "checkpoint": str(latest_checkpoint(cfg)),
+        # what the built model really ran with (not just what the config asked for)
+        "features": {
+            "sequence_parallel": bool(c.model.config.sequence_parallel),
+            "recompute": c.model.config.recompute_granularity == "full",
+        },
+    }
     if rank0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if (out / "metrics.jsonl").exists():

@@ -15,7 +15,11 @@ FORMAT = "opsd-manifest-v1"
 
 def files_of(ckpt: Path) -> list[str]:
     """Every file below ``ckpt`` except the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(
+        p.relative_to(ckpt).as_posix()
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    )
 
 
 def digest(path: Path) -> str:
@@ -46,8 +50,9 @@ def read_manifest(ckpt: Path) -> dict[str, dict]:
     return files
 
 
-def check_files(ckpt: Path, recorded: dict[str, dict], names: list[str] | None = None,
-                checksums: bool = True) -> list[str]:
+def check_files(
+    ckpt: Path, recorded: dict[str, dict], names: list[str] | None = None, checksums: bool = True
+) -> list[str]:
     """Problems with ``names`` (default: all recorded) against the manifest; [] when they verify.
     Without ``checksums`` only presence and sizes are checked (cheap: for the launcher)."""
     problems = []
@@ -56,7 +61,9 @@ def check_files(ckpt: Path, recorded: dict[str, dict], names: list[str] | None =
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != want["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {want['bytes']}")
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+            )
         elif checksums and digest(path) != want["sha256"]:
             problems.append(f"{path}: contents changed (SHA-256 differs from the manifest)")
     return problems

@@ -25,8 +25,14 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_step == 0 and self.path.exists():
             self.path.unlink()
-        elif self.path.exists():  # resumed: drop lines past the checkpoint (they will be recomputed)
-            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+        elif (
+            self.path.exists()
+        ):  # resumed: drop lines past the checkpoint (they will be recomputed)
+            lines = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if json.loads(ln)["step"] <= start_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in lines))
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -35,13 +41,28 @@ class MetricsLogger:
         if cfg.logging.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=cfg.trainer.output_dir, resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, dir=cfg.trainer.output_dir, resume="allow"
+            )
         if cfg.logging.progress_bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
-            self.progress = Progress(TextColumn("[bold]opsd"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress = Progress(
+                TextColumn("[bold]opsd"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self.task = self.progress.add_task(
+                "train", total=total_steps, completed=start_step, info=""
+            )
             self.progress.start()
 
     def log(self, metrics: dict) -> None:

@@ -48,10 +48,18 @@ def wrap_and_build(cfg: OPSDConfig, model: torch.nn.Module, dtype: torch.dtype):
     )
     ddp = DistributedDataParallel(model.config, ddp_cfg, model)
     opt_cfg = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip if o.grad_clip > 0 else 0.0,
-        bf16=master_fp32 and dtype == torch.bfloat16, fp16=master_fp32 and dtype == torch.float16,
-        params_dtype=dtype, use_distributed_optimizer=distributed,
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_eps=o.eps,
+        clip_grad=o.grad_clip if o.grad_clip > 0 else 0.0,
+        bf16=master_fp32 and dtype == torch.bfloat16,
+        fp16=master_fp32 and dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=distributed,
     )
     optimizer = get_megatron_optimizer(opt_cfg, [ddp])
     return ddp, optimizer

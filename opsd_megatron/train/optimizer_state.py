@@ -24,8 +24,11 @@ class OldOptimizerFormat(UserError):
 
 
 def _sharded(model, optimizer, is_loading: bool) -> dict:
-    return {"optimizer": optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=is_loading,
-                                                      metadata=SHARDING)}
+    return {
+        "optimizer": optimizer.sharded_state_dict(
+            model.sharded_state_dict(), is_loading=is_loading, metadata=SHARDING
+        )
+    }
 
 
 def _inner(optimizer) -> list:
@@ -42,8 +45,11 @@ def _init_adam_state(optimizer) -> None:
         for group in torch_opt.param_groups:
             for p in group["params"]:
                 if not torch_opt.state[p]:
-                    torch_opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                          "exp_avg_sq": torch.zeros_like(p)}
+                    torch_opt.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
 
 
 def _keep_step_on_load(optimizer) -> None:
@@ -86,12 +92,16 @@ def load_optimizer(model, optimizer, directory: Path, fmt: str | None, kind: str
     from megatron.core import dist_checkpointing
 
     if fmt != FORMAT:
-        raise OldOptimizerFormat(f"{directory}: optimizer state is from an older format ({fmt or 'plain AdamW'}); "
-                                 f"resume with checkpoint.resume=false or load only the weights")
+        raise OldOptimizerFormat(
+            f"{directory}: optimizer state is from an older format ({fmt or 'plain AdamW'}); "
+            f"resume with checkpoint.resume=false or load only the weights"
+        )
     if kind != optimizer_kind(optimizer):
-        raise OldOptimizerFormat(f"{directory}: optimizer state was written by the {kind} optimizer, this run uses "
-                                 f"the {optimizer_kind(optimizer)} one: set optimizer.distributed="
-                                 f"{str(kind == 'distributed').lower()} to resume")
+        raise OldOptimizerFormat(
+            f"{directory}: optimizer state was written by the {kind} optimizer, this run uses "
+            f"the {optimizer_kind(optimizer)} one: set optimizer.distributed="
+            f"{str(kind == 'distributed').lower()} to resume"
+        )
     _init_adam_state(optimizer)
     _keep_step_on_load(optimizer)
     loaded = dist_checkpointing.load(_sharded(model, optimizer, True), str(directory))["optimizer"]

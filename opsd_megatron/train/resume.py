@@ -20,14 +20,45 @@ from opsd_megatron.config import OPSDConfig, to_dict
 from opsd_megatron.errors import UserError
 from opsd_megatron.train.checkpointing import candidates, problems_with, read_state
 
-COMPARED = ("algorithm", "model.", "lora", "teacher.", "rollout.", "loss.", "grpo.", "sft.", "optimizer.",
-            "data.", "trainer.")
-NOT_COMPARED = ("model.recompute", "model.dtype", "teacher.offload", "rollout.engine", "rollout.vllm.",
-                "optimizer.distributed", "optimizer.overlap_grad_reduce", "optimizer.bucket_mb",
-                "trainer.micro_batch_size", "trainer.output_dir", "trainer.save_rollouts",
-                "trainer.threads_per_rank", "trainer.max_steps")
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "loss.png", "tensorboard", "checkpoints",
-             "base_model", "rollouts", "eval")
+COMPARED = (
+    "algorithm",
+    "model.",
+    "lora",
+    "teacher.",
+    "rollout.",
+    "loss.",
+    "grpo.",
+    "sft.",
+    "optimizer.",
+    "data.",
+    "trainer.",
+)
+NOT_COMPARED = (
+    "model.recompute",
+    "model.dtype",
+    "teacher.offload",
+    "rollout.engine",
+    "rollout.vllm.",
+    "optimizer.distributed",
+    "optimizer.overlap_grad_reduce",
+    "optimizer.bucket_mb",
+    "trainer.micro_batch_size",
+    "trainer.output_dir",
+    "trainer.save_rollouts",
+    "trainer.threads_per_rank",
+    "trainer.max_steps",
+)
+RUN_FILES = (
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "loss.png",
+    "tensorboard",
+    "checkpoints",
+    "base_model",
+    "rollouts",
+    "eval",
+)
 
 
 class ResumeMismatch(UserError):
@@ -52,8 +83,9 @@ def _flat(d, prefix="") -> dict:
 
 
 def _compared(key: str) -> bool:
-    hit = lambda prefixes: any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
-                               for p in prefixes)
+    hit = lambda prefixes: any(
+        key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes
+    )
     return hit(COMPARED) and not hit(NOT_COMPARED)
 
 
@@ -61,7 +93,11 @@ def config_diff(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, saved, current) for every compared key whose value differs ('<absent>' if missing)."""
     a, b = _flat(saved), _flat(current)
     keys = sorted(k for k in set(a) | set(b) if _compared(k))
-    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return [
+        (k, a.get(k, "<absent>"), b.get(k, "<absent>"))
+        for k in keys
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
 
 
 def plan_resume(cfg: OPSDConfig) -> ResumePlan:
@@ -71,8 +107,13 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
     if newest is None:
         return ResumePlan("fresh")
     if mode is False:
-        return ResumePlan("fresh", notes=[f"checkpoint.resume=false: the previous run's files in "
-                                          f"{cfg.trainer.output_dir} move to {cfg.trainer.output_dir}/previous/"])
+        return ResumePlan(
+            "fresh",
+            notes=[
+                f"checkpoint.resume=false: the previous run's files in "
+                f"{cfg.trainer.output_dir} move to {cfg.trainer.output_dir}/previous/"
+            ],
+        )
     step = int(read_state(newest)["step"])
     try:
         saved = yaml.safe_load((newest / "config.yaml").read_text())
@@ -81,31 +122,49 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
     notes = []
     if not isinstance(saved, dict):
         if mode != "force":
-            raise ResumeMismatch(f"{newest / 'config.yaml'} is missing or unreadable, so this run cannot be checked "
-                                 f"against it; {_ways_forward(cfg)}")
-        notes.append(f"{newest / 'config.yaml'} unreadable; resuming anyway (checkpoint.resume=force)")
+            raise ResumeMismatch(
+                f"{newest / 'config.yaml'} is missing or unreadable, so this run cannot be checked "
+                f"against it; {_ways_forward(cfg)}"
+            )
+        notes.append(
+            f"{newest / 'config.yaml'} unreadable; resuming anyway (checkpoint.resume=force)"
+        )
     else:
         diffs = config_diff(saved, to_dict(cfg))
         if diffs and mode != "force":
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs[:8])
             more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
-            raise ResumeMismatch(f"{cfg.trainer.output_dir} holds a checkpoint at step {step} ({newest}) of a "
-                                 f"different run: {listed}{more}; {_ways_forward(cfg)}")
+            raise ResumeMismatch(
+                f"{cfg.trainer.output_dir} holds a checkpoint at step {step} ({newest}) of a "
+                f"different run: {listed}{more}; {_ways_forward(cfg)}"
+            )
         if diffs:
-            notes.append("resuming despite " + ", ".join(k for k, _, _ in diffs) + " (checkpoint.resume=force)")
+            notes.append(
+                "resuming despite "
+                + ", ".join(k for k, _, _ in diffs)
+                + " (checkpoint.resume=force)"
+            )
         old_steps = _flat(saved).get("trainer.max_steps")
-        if old_steps is not None and old_steps != cfg.trainer.max_steps and step < cfg.trainer.max_steps:
-            notes.append(f"trainer.max_steps {old_steps} -> {cfg.trainer.max_steps}: the LR schedule is recomputed "
-                         f"over {cfg.trainer.max_steps} steps")
+        if (
+            old_steps is not None
+            and old_steps != cfg.trainer.max_steps
+            and step < cfg.trainer.max_steps
+        ):
+            notes.append(
+                f"trainer.max_steps {old_steps} -> {cfg.trainer.max_steps}: the LR schedule is recomputed "
+                f"over {cfg.trainer.max_steps} steps"
+            )
     if step >= cfg.trainer.max_steps:
         return ResumePlan("finished", newest, step, notes)
     return ResumePlan("resume", newest, step, notes)
 
 
 def _ways_forward(cfg) -> str:
-    return (f"start a new run with trainer.output_dir=<another dir>, start this one fresh with "
-            f"checkpoint.resume=false (the old files move to {cfg.trainer.output_dir}/previous/), or continue it "
-            f"on purpose with checkpoint.resume=force")
+    return (
+        f"start a new run with trainer.output_dir=<another dir>, start this one fresh with "
+        f"checkpoint.resume=false (the old files move to {cfg.trainer.output_dir}/previous/), or continue it "
+        f"on purpose with checkpoint.resume=force"
+    )
 
 
 def archive_previous_run(out: Path, stamp: str) -> Path | None:

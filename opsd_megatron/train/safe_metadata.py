@@ -15,11 +15,23 @@ import torch
 
 DCP = "torch.distributed.checkpoint"
 ALLOWED = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
     (f"{DCP}.filesystem", "_StorageInfo"),
-    *((f"{DCP}.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                       "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                                       "_MEM_FORMAT_ENCODING")),
+    *(
+        (f"{DCP}.metadata", n)
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     *((f"{DCP}.planner", n) for n in ("SavePlan", "TensorWriteData", "WriteItem", "WriteItemType")),
 }
 
@@ -34,10 +46,14 @@ class _Restricted(pickle.Unpickler):
         self.where = where
 
     def find_class(self, module: str, name: str):
-        if (module, name) in ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in ALLOWED or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
-        raise UnsafeCheckpoint(f"{self.where}: refers to {module}.{name}, which checkpoint metadata never "
-                               f"needs; not loading it (it could run code)")
+        raise UnsafeCheckpoint(
+            f"{self.where}: refers to {module}.{name}, which checkpoint metadata never "
+            f"needs; not loading it (it could run code)"
+        )
 
 
 def load_metadata(path: Path):
@@ -47,7 +63,9 @@ def load_metadata(path: Path):
     except UnsafeCheckpoint:
         raise
     except Exception as err:  # noqa: BLE001 - truncated or garbage
-        raise UnsafeCheckpoint(f"{path}: not a readable checkpoint index ({type(err).__name__}: {err})") from None
+        raise UnsafeCheckpoint(
+            f"{path}: not a readable checkpoint index ({type(err).__name__}: {err})"
+        ) from None
 
 
 def check_untrusted(ckpt: Path) -> list[str]:
@@ -62,5 +80,7 @@ def check_untrusted(ckpt: Path) -> list[str]:
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - weights_only refuses anything but tensors and plain data
-            problems.append(f"{path}: refused by torch.load(weights_only=True) ({str(err).splitlines()[0][:200]})")
+            problems.append(
+                f"{path}: refused by torch.load(weights_only=True) ({str(err).splitlines()[0][:200]})"
+            )
     return problems

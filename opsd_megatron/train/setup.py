@@ -43,7 +43,9 @@ class Components:
     algorithm: Algorithm
 
 
-def _sampler(cfg: OPSDConfig, model, arch: ArchSpec, tokenizer: Tokenizer, groups: ParallelGroups) -> RolloutEngine:
+def _sampler(
+    cfg: OPSDConfig, model, arch: ArchSpec, tokenizer: Tokenizer, groups: ParallelGroups
+) -> RolloutEngine:
     from opsd_megatron.data.tokenizer import stop_token_ids
 
     r = cfg.rollout
@@ -53,9 +55,17 @@ def _sampler(cfg: OPSDConfig, model, arch: ArchSpec, tokenizer: Tokenizer, group
         return VLLMEngine(model, arch, cfg, tokenizer, stop_token_ids(tokenizer), groups)
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
-    return MegatronSampler(model, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                           stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                           vocab_size=arch.vocab_size, seed=r.seed, groups=groups)
+    return MegatronSampler(
+        model,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        stop_ids=stop_token_ids(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=arch.vocab_size,
+        seed=r.seed,
+        groups=groups,
+    )
 
 
 def build_components(cfg: OPSDConfig) -> Components:
@@ -72,7 +82,9 @@ def build_components(cfg: OPSDConfig) -> Components:
     groups = initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     if len(tokenizer) > arch.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {arch.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {arch.vocab_size}"
+        )
     dtype = params_dtype(cfg.model)
     model = build_model(cfg, arch, dtype)
     if cfg.lora is not None:
@@ -85,11 +97,35 @@ def build_components(cfg: OPSDConfig) -> Components:
         model.config.no_sync_func = ddp.no_sync
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
     sampler = _sampler(cfg, model, arch, tokenizer, groups)
-    problems = load_problems(cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))).rows
+    problems = load_problems(
+        cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    ).rows
     t = cfg.trainer
-    source = RolloutSource(problems, t.global_batch_size, t.micro_batch_size, tokenizer, cfg.data, sampler,
-                           cfg.rollout.max_new_tokens, groups,
-                           Path(t.output_dir) / "rollouts" if t.save_rollouts else None)
+    source = RolloutSource(
+        problems,
+        t.global_batch_size,
+        t.micro_batch_size,
+        tokenizer,
+        cfg.data,
+        sampler,
+        cfg.rollout.max_new_tokens,
+        groups,
+        Path(t.output_dir) / "rollouts" if t.save_rollouts else None,
+    )
     algorithm = build_algorithm(cfg, source, teacher, arch.vocab_size)
-    return Components(cfg, layout, groups, arch, tokenizer, model, ddp, teacher, optimizer, scheduler, sampler,
-                      problems, dtype, algorithm)
+    return Components(
+        cfg,
+        layout,
+        groups,
+        arch,
+        tokenizer,
+        model,
+        ddp,
+        teacher,
+        optimizer,
+        scheduler,
+        sampler,
+        problems,
+        dtype,
+        algorithm,
+    )

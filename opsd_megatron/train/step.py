@@ -39,7 +39,9 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
     scored = algorithm.score(rollouts)
     t1 = time.perf_counter()
     mbs = scored.micro_batches
-    normalizer = global_normalizer([mb.response_mask_BR for mb in mbs], c.cfg.loss.reduction, c.groups.dp)
+    normalizer = global_normalizer(
+        [mb.response_mask_BR for mb in mbs], c.cfg.loss.reduction, c.groups.dp
+    )
     lr = c.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
     zero_grads(c.ddp, c.optimizer)
     c.model.train()
@@ -51,21 +53,35 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
     c.scheduler.step()
     t2 = time.perf_counter()
     sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in mbs) else []
-    out = share_stats(stats, ["loss", "divergence", *algorithm.stat_names, *sampled], {"loss"}, c.groups)
-    counts = share_stats(scored.counts, list(scored.counts), set(scored.counts), c.groups)  # summed over DP
+    out = share_stats(
+        stats, ["loss", "divergence", *algorithm.stat_names, *sampled], {"loss"}, c.groups
+    )
+    counts = share_stats(
+        scored.counts, list(scored.counts), set(scored.counts), c.groups
+    )  # summed over DP
     if "reward_sum" in counts:
         out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
     tokens = counts.pop("generated_tokens")
     out.update(counts)
-    out.update(step=step + 1, grad_norm=grad_norm, skipped=0 if finite else 1, lr=lr,
-               response_length=tokens / c.cfg.trainer.global_batch_size, generated_tokens=tokens,
-               rollout_time=t1 - t0, train_time=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
+    out.update(
+        step=step + 1,
+        grad_norm=grad_norm,
+        skipped=0 if finite else 1,
+        lr=lr,
+        response_length=tokens / c.cfg.trainer.global_batch_size,
+        generated_tokens=tokens,
+        rollout_time=t1 - t0,
+        train_time=t2 - t1,
+        tokens_per_s=tokens / max(t2 - t0, 1e-9),
+    )
     if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
         out["refit_time"] = c.sampler.last_refit_s
     return out
 
 
-def student_pass(c: Components, algorithm: Algorithm, micro_batches: list[MicroBatch], normalizer) -> dict:
+def student_pass(
+    c: Components, algorithm: Algorithm, micro_batches: list[MicroBatch], normalizer
+) -> dict:
     """Forward + backward of every micro-batch through megatron's schedule; returns summed stats
     (on the last pipeline stage; empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -74,14 +90,19 @@ def student_pass(c: Components, algorithm: Algorithm, micro_batches: list[MicroB
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
-        tokens, positions = pad_for_sequence_parallel(model, mb.student.tokens_BT, mb.student.position_ids_BT)
+        tokens, positions = pad_for_sequence_parallel(
+            model, mb.student.tokens_BT, mb.student.position_ids_BT
+        )
         logits = model(tokens, positions, attention_mask=None)
 
         def loss_fn(logits_BTV):
             student = response_rows(logits_BTV, mb.student, mb.response_mask_BR.shape[1])
             per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
-            stats = {"loss": loss.detach().clone(), "divergence": masked_mean(per_token.detach(), mb.response_mask_BR)}
+            stats = {
+                "loss": loss.detach().clone(),
+                "divergence": masked_mean(per_token.detach(), mb.response_mask_BR),
+            }
             stats.update({k: masked_mean(v.detach(), mb.response_mask_BR) for k, v in diag.items()})
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb)
@@ -90,9 +111,14 @@ def student_pass(c: Components, algorithm: Algorithm, micro_batches: list[MicroB
         return logits, loss_fn
 
     results = get_forward_backward_func()(
-        forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[c.ddp],
-        num_microbatches=len(micro_batches), seq_length=_schedule_seq_length(c.model, micro_batches),
-        micro_batch_size=c.cfg.trainer.micro_batch_size, forward_only=False)
+        forward_step_func=step_fn,
+        data_iterator=iter(micro_batches),
+        model=[c.ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=_schedule_seq_length(c.model, micro_batches),
+        micro_batch_size=c.cfg.trainer.micro_batch_size,
+        forward_only=False,
+    )
     summed = {}
     for r in results or []:
         for k, v in r.items():
@@ -110,12 +136,19 @@ def share_stats(stats: dict, keys: list[str], summed: set[str], groups: Parallel
     return {k: v if k in summed else v / groups.dp_size for k, v in zip(keys, t.tolist())}
 
 
-def _sampler_logprob_error(c: Components, student_BRV: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+def _sampler_logprob_error(
+    c: Components, student_BRV: torch.Tensor, mb: MicroBatch
+) -> torch.Tensor:
     """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, at the sampling temperature:
     ~0 when the rollout engine samples from the weights being trained (catches a stale or wrong
     vLLM refit). Exact without top-k/top-p, which renormalise the sampler's distribution."""
-    lp = vocab_parallel_token_logprobs(student_BRV, mb.response_tokens_BR, temperature=c.cfg.rollout.temperature,
-                                       vocab_size=c.arch.vocab_size, group=c.groups.tp)
+    lp = vocab_parallel_token_logprobs(
+        student_BRV,
+        mb.response_tokens_BR,
+        temperature=c.cfg.rollout.temperature,
+        vocab_size=c.arch.vocab_size,
+        group=c.groups.tp,
+    )
     return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
 

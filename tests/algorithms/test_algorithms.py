@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 import torch
 
+from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.grpo import GRPO, group_advantages
 from opsd_megatron.config import load_config
 from opsd_megatron.data.prompts import pack
-from opsd_megatron.testing import run_distributed
-from opsd_megatron.algorithms.batches import MicroBatch
-from opsd_megatron.train.cli import _rank_entry
 from opsd_megatron.models.from_config import arch_of
+from opsd_megatron.testing import run_distributed
+from opsd_megatron.train.cli import _rank_entry
 from tests.train.tiny import RECIPE, metrics, overrides
 
 
@@ -23,7 +23,9 @@ def _hf_reference_model(cfg):
     from opsd_megatron.models.random_init import RandomHFWeights
 
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
-    weights = RandomHFWeights(arch_of(cfg.model), cfg.model.init_seed, cfg.model.init_std).state_dict()
+    weights = RandomHFWeights(
+        arch_of(cfg.model), cfg.model.init_seed, cfg.model.init_std
+    ).state_dict()
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     hf.load_state_dict(weights)
     return hf.double().eval()
@@ -35,7 +37,9 @@ def test_sft_first_loss_matches_reference(tmp_path):
     from opsd_megatron.data.tokenizer import load_tokenizer
 
     out = tmp_path / "sft"
-    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=["algorithm=sft"]), timeout=300)
+    run_distributed(
+        _rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=["algorithm=sft"]), timeout=300
+    )
     rows = metrics(out)
     assert rows[0]["generated_tokens"] == 0 and rows[1]["loss"] < rows[0]["loss"]
     cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
@@ -46,14 +50,18 @@ def test_sft_first_loss_matches_reference(tmp_path):
         prompt = student_prompt_ids(tok, cfg.data, p["problem"])
         target = tok.encode(p["solution"], add_special_tokens=False) + [tok.eos_token_id]
         with torch.no_grad():
-            logits = hf(torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1]
-        per_seq.append(-torch.log_softmax(logits, -1).gather(1, torch.tensor(target)[:, None]).mean())
+            logits = hf(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+        per_seq.append(
+            -torch.log_softmax(logits, -1).gather(1, torch.tensor(target)[:, None]).mean()
+        )
     want = torch.stack(per_seq).mean().item()
     assert abs(rows[0]["loss"] - want) <= 1e-5 * want, (rows[0]["loss"], want)
 
 
 def test_group_advantages():
-    adv, informative = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1, 1, 0]]))
+    adv, informative = group_advantages(
+        torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1, 1, 0]])
+    )
     assert informative.tolist() == [True, False, True]
     assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
     assert torch.equal(adv[1], torch.zeros(4))
@@ -65,24 +73,44 @@ def test_grpo_loss_equals_plain_formula():
     v, r = 11, 5
     logits = torch.randn(2, r, v, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, v, (2, r), generator=g)
-    old = torch.log_softmax(logits.detach() / 0.9, -1).gather(-1, tokens[..., None])[..., 0] + \
-        0.4 * torch.randn(2, r, generator=g, dtype=torch.float64)  # off-policy enough for clipping to bind
-    ref = torch.log_softmax(torch.randn(2, r, v, generator=g, dtype=torch.float64), -1).gather(-1, tokens[..., None])[..., 0]
+    old = torch.log_softmax(logits.detach() / 0.9, -1).gather(-1, tokens[..., None])[
+        ..., 0
+    ] + 0.4 * torch.randn(
+        2, r, generator=g, dtype=torch.float64
+    )  # off-policy enough for clipping to bind
+    ref = torch.log_softmax(torch.randn(2, r, v, generator=g, dtype=torch.float64), -1).gather(
+        -1, tokens[..., None]
+    )[..., 0]
     adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
-    grpo = GRPO(None, SimpleNamespace(clip_eps=0.2, kl_coef=0.1), temperature=0.9, reference=None, grader=None,
-                vocab_size=v)
-    mb = MicroBatch(pack([[1]] * 2, [[0] * r] * 2, 0), torch.ones(2, r, dtype=torch.bool), tokens, old, True,
-                    {"advantage_B": adv, "ref_logprobs_BR": ref})
+    grpo = GRPO(
+        None,
+        SimpleNamespace(clip_eps=0.2, kl_coef=0.1),
+        temperature=0.9,
+        reference=None,
+        grader=None,
+        vocab_size=v,
+    )
+    mb = MicroBatch(
+        pack([[1]] * 2, [[0] * r] * 2, 0),
+        torch.ones(2, r, dtype=torch.bool),
+        tokens,
+        old,
+        True,
+        {"advantage_B": adv, "ref_logprobs_BR": ref},
+    )
     loss, diag = grpo.per_token_loss(logits, mb, None)
     loss.sum().backward()
     x = logits.detach().clone().requires_grad_(True)
     lp = torch.log_softmax(x / 0.9, -1).gather(-1, tokens[..., None])[..., 0]
     ratio = torch.exp(lp - old)
-    want = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) + \
-        0.1 * (torch.exp(ref - lp) - (ref - lp) - 1)
+    want = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) + 0.1 * (
+        torch.exp(ref - lp) - (ref - lp) - 1
+    )
     want.sum().backward()
     assert ((ratio < 0.8) | (ratio > 1.2)).any(), "the test must exercise the clip"
-    assert torch.allclose(loss, want, atol=1e-10) and torch.allclose(logits.grad, x.grad, atol=1e-10)
+    assert torch.allclose(loss, want, atol=1e-10) and torch.allclose(
+        logits.grad, x.grad, atol=1e-10
+    )
     assert "kl" in diag
 
 
@@ -106,16 +134,34 @@ def _sft_prompt_mix():
     from opsd_megatron.platform import initialize_model_parallel
 
     groups = initialize_model_parallel(1, 1)
-    cfg = load_config(RECIPE, ["algorithm=sft", "sft.teacher_prompt_fraction=0.5", "trainer.global_batch_size=16",
-                               "trainer.micro_batch_size=16"])
+    cfg = load_config(
+        RECIPE,
+        [
+            "algorithm=sft",
+            "sft.teacher_prompt_fraction=0.5",
+            "trainer.global_batch_size=16",
+            "trainer.micro_batch_size=16",
+        ],
+    )
     tok = load_tokenizer(cfg.model.tokenizer)
-    source = RolloutSource(load_problems(cfg.data).rows, 16, 16, tok, cfg.data, sampler=None, max_new_tokens=1,
-                           groups=groups)
+    source = RolloutSource(
+        load_problems(cfg.data).rows,
+        16,
+        16,
+        tok,
+        cfg.data,
+        sampler=None,
+        max_new_tokens=1,
+        groups=groups,
+    )
     sft = SFT(source, cfg.sft, vocab_size=128)
 
     def texts_of_step_0():
-        return [tok.decode(row) for mb in sft.score(sft.rollout(0)).micro_batches
-                for row in mb.student.tokens_BT.tolist()]
+        return [
+            tok.decode(row)
+            for mb in sft.score(sft.rollout(0)).micro_batches
+            for row in mb.student.tokens_BT.tolist()
+        ]
 
     texts, again = texts_of_step_0(), texts_of_step_0()
     return sum("Reference Solution Begin" in t for t in texts), len(texts), texts == again

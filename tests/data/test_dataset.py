@@ -16,7 +16,9 @@ from opsd_megatron.errors import UserError
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-@pytest.mark.skipif(not (SHARED / "math_train_sample.jsonl").exists(), reason="shared data not present")
+@pytest.mark.skipif(
+    not (SHARED / "math_train_sample.jsonl").exists(), reason="shared data not present"
+)
 def test_loads_math_train_sample_with_field_mapping():
     cfg = DataConfig(source=str(SHARED / "math_train_sample.jsonl"))
     ps = load_problems(cfg)
@@ -25,8 +27,13 @@ def test_loads_math_train_sample_with_field_mapping():
     assert [r["id"] for r in ps.rows] == [r["id"] for r in again.rows], "seeded shuffle"
     other = load_problems(DataConfig(source=cfg.source, shuffle_seed=1))
     assert [r["id"] for r in ps.rows] != [r["id"] for r in other.rows]
-    gsm = load_problems(DataConfig(source=str(SHARED / "gsm8k_train_sample.jsonl"), problem_field="problem",
-                                   solution_field="solution"))
+    gsm = load_problems(
+        DataConfig(
+            source=str(SHARED / "gsm8k_train_sample.jsonl"),
+            problem_field="problem",
+            solution_field="solution",
+        )
+    )
     assert len(gsm.rows) > 900
 
 
@@ -36,10 +43,15 @@ def _write(path: Path, rows):
 
 
 def test_malformed_rows_error_or_skip(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [{"q": "1+1", "a": "2"}, {"q": "2+2"}, "{not json", [1, 2], {"q": "1+1", "a": "x"}])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [{"q": "1+1", "a": "2"}, {"q": "2+2"}, "{not json", [1, 2], {"q": "1+1", "a": "x"}],
+    )
     with pytest.raises(DataError, match=r"d.jsonl:2: field 'a' is missing"):
         load_problems(DataConfig(source=str(f), problem_field="q", solution_field="a"))
-    ps = load_problems(DataConfig(source=str(f), problem_field="q", solution_field="a", skip_malformed=True))
+    ps = load_problems(
+        DataConfig(source=str(f), problem_field="q", solution_field="a", skip_malformed=True)
+    )
     assert (len(ps.rows), ps.skipped_malformed, ps.dropped_duplicates) == (1, 3, 1)
     bad_json = _write(tmp_path / "e.jsonl", [{"q": "a", "a": "b"}, {"q": "c", "a": "d"}, "{bad"])
     with pytest.raises(DataError, match=r"e.jsonl:3: not valid JSON"):
@@ -47,7 +59,10 @@ def test_malformed_rows_error_or_skip(tmp_path):
 
 
 def test_length_filter_and_missing_file(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [{"problem": "short", "solution": "s"}, {"problem": "x" * 50, "solution": "s"}])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [{"problem": "short", "solution": "s"}, {"problem": "x" * 50, "solution": "s"}],
+    )
     ps = load_problems(DataConfig(source=str(f), max_problem_tokens=10), count_tokens=len)
     assert len(ps.rows) == 1 and ps.dropped_too_long == 1
     with pytest.raises(UserError, match="nope.jsonl'?: no such file or directory"):

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from opsd_megatron.config import DataConfig
-from opsd_megatron.data.prompts import pack, response_logit_rows, student_prompt_ids, teacher_prompt_ids
+from opsd_megatron.data.prompts import (
+    pack,
+    response_logit_rows,
+    student_prompt_ids,
+    teacher_prompt_ids,
+)
 from opsd_megatron.data.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
 
@@ -20,34 +25,57 @@ def merging_bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ["</think>\n\nThe answer is 3", "\n\nThe answer", "assistant\nThe", "Problem: 1+2"] * 50
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    corpus = [
+        "</think>\n\nThe answer is 3",
+        "\n\nThe answer",
+        "assistant\nThe",
+        "Problem: 1+2",
+    ] * 50
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-@pytest.mark.parametrize("make", [builtin_tokenizer, merging_bpe_tokenizer], ids=["chars", "merging-bpe"])
+@pytest.mark.parametrize(
+    "make", [builtin_tokenizer, merging_bpe_tokenizer], ids=["chars", "merging-bpe"]
+)
 def test_response_aligns_token_for_token(make):
     tok = make()
     cfg = DataConfig()
     sp = student_prompt_ids(tok, cfg, "1+2")
     tp = teacher_prompt_ids(tok, cfg, "1+2", "1+2=3. \\boxed{3}")
-    assert tok.decode(sp).endswith("<think>\n\n</think>\n\n"), "student: thinking off (empty think block)"
+    assert tok.decode(sp).endswith("<think>\n\n</think>\n\n"), (
+        "student: thinking off (empty think block)"
+    )
     assert tok.decode(tp).endswith("<|im_start|>assistant\n"), "teacher: thinking on"
     response = tok.encode("The answer is 3", add_special_tokens=False) + [tok.eos_token_id]
     if make is merging_bpe_tokenizer:  # the case that makes re-tokenising wrong
         joined = tok.encode(tok.decode(sp + response), add_special_tokens=False)
-        assert joined != sp + response, "this tokenizer should merge across the prompt/response boundary"
+        assert joined != sp + response, (
+            "this tokenizer should merge across the prompt/response boundary"
+        )
     s, t = pack([sp], [response], tok.pad_token_id), pack([tp], [response], tok.pad_token_id)
     for batch, prompt in ((s, sp), (t, tp)):
         seq = batch.tokens_BT[0].tolist()
-        assert seq[:len(prompt)] == prompt and seq[len(prompt):len(prompt) + len(response)] == response
+        assert (
+            seq[: len(prompt)] == prompt
+            and seq[len(prompt) : len(prompt) + len(response)] == response
+        )
         rows = response_logit_rows(batch)[0]
         assert batch.targets_BT[0, rows].tolist() == response, "masked positions predict exactly ŷ"
-    assert torch.equal(s.targets_BT[0, response_logit_rows(s)[0]], t.targets_BT[0, response_logit_rows(t)[0]])
+    assert torch.equal(
+        s.targets_BT[0, response_logit_rows(s)[0]], t.targets_BT[0, response_logit_rows(t)[0]]
+    )
 
 
 def test_no_padding_between_prompt_and_response_and_contiguous_positions():
@@ -55,8 +83,8 @@ def test_no_padding_between_prompt_and_response_and_contiguous_positions():
     batch = pack([[5, 6, 7], [5, 6, 7, 8, 9, 10]], [[11, 12], [13]], pad)
     for i, (p, r) in enumerate([(3, 2), (6, 1)]):
         row = batch.tokens_BT[i].tolist()
-        assert pad not in row[:p + r], "padding only after the response"
-        assert all(x == pad for x in row[p + r:])
+        assert pad not in row[: p + r], "padding only after the response"
+        assert all(x == pad for x in row[p + r :])
         assert batch.position_ids_BT[i].tolist() == list(range(batch.tokens_BT.shape[1]))
         mask = batch.response_mask_BT[i]
         assert mask.sum() == r and torch.nonzero(mask)[0].item() == p - 1
@@ -67,9 +95,15 @@ def test_no_padding_between_prompt_and_response_and_contiguous_positions():
 def test_default_templates_are_the_official_codes():
     cfg = DataConfig()
     s = cfg.student_template.format(problem="P")
-    assert s == "Problem: P\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert (
+        s == "Problem: P\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     t = cfg.teacher_template.format(problem="P", solution="S")
-    assert t.startswith("Problem: P\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin"
-                        " ===\nS\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above")
-    assert t.endswith("if something doesn't work out:\n\nPlease reason step by step, and put your final answer "
-                      "within \\boxed{}.")
+    assert t.startswith(
+        "Problem: P\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin"
+        " ===\nS\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above"
+    )
+    assert t.endswith(
+        "if something doesn't work out:\n\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}."
+    )

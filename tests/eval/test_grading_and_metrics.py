@@ -53,7 +53,9 @@ def test_pathological_outputs(grader):
     assert grader.grade("x" * 100_000 + " \\boxed{7}", "7").correct
     hang = grader.grade("\\boxed{9^{9^{9^{9^{9}}}}}", "1")  # the worker's hard timeout fires
     assert hang.correct is False and hang.method == "timeout"
-    assert grader.grade("\\boxed{2}", "2").correct, "the grader recovers after killing a hung worker"
+    assert grader.grade("\\boxed{2}", "2").correct, (
+        "the grader recovers after killing a hung worker"
+    )
 
 
 @pytest.mark.skipif(not AMO.exists(), reason="shared data not present")
@@ -63,8 +65,13 @@ def test_free_text_answers_are_ungraded(grader):
     assert desc
     g = grader.grade("\\boxed{anything}", desc[0]["answer"], desc[0]["answer_type"])
     assert g.correct is None and g.method == "ungraded"
-    s = summarize([{"correct": [None, None], "extracted": ["a", "b"]}, {"correct": [True, False], "extracted": ["1", "2"]}],
-                  ks=[1, 2])
+    s = summarize(
+        [
+            {"correct": [None, None], "extracted": ["a", "b"]},
+            {"correct": [True, False], "extracted": ["1", "2"]},
+        ],
+        ks=[1, 2],
+    )
     assert s["ungraded"] == 1 and s["graded"] == 1 and s["avg@2"] == 0.5
 
 
@@ -86,21 +93,47 @@ def test_maj_at_n():
 
 # (model's boxed answer, reference): equal only up to mathematics, so exact or normalised string
 # comparison cannot accept them; measured here: all 13 accepted by math-verify.
-NEEDS_MATH_VERIFY = [("\\dfrac{1}{2}", "0.5"), ("\\frac12", "\\frac{1}{2}"), ("x=3", "3"),
-                     ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"), ("5\\text{ cm}", "5"), ("\\text{(B)}", "B"),
-                     ("50\\%", "50"), ("\\frac{3}{6}", "\\frac{1}{2}"), ("1,2,3", "3,2,1"), ("10^{3}", "1000"),
-                     ("-\\frac{1}{4}", "-0.25"), ("\\frac{2}{4}", "0.5"), ("(x+1)^2", "x^2+2x+1")]
+NEEDS_MATH_VERIFY = [
+    ("\\dfrac{1}{2}", "0.5"),
+    ("\\frac12", "\\frac{1}{2}"),
+    ("x=3", "3"),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"),
+    ("5\\text{ cm}", "5"),
+    ("\\text{(B)}", "B"),
+    ("50\\%", "50"),
+    ("\\frac{3}{6}", "\\frac{1}{2}"),
+    ("1,2,3", "3,2,1"),
+    ("10^{3}", "1000"),
+    ("-\\frac{1}{4}", "-0.25"),
+    ("\\frac{2}{4}", "0.5"),
+    ("(x+1)^2", "x^2+2x+1"),
+]
 # Close as strings (a bracket, a sign, a digit order, a truncation), different as mathematics.
-NOT_EQUAL = [("[1,2]", "[1,2)"), ("\\frac{1}{3}", "0.33"), ("12", "21"), ("(1,2)", "[1,2]"), ("x=4", "3"),
-             ("\\sqrt{3}", "\\sqrt{2}"), ("-0.5", "0.5"), ("2\\pi", "\\pi"), ("1,2", "1,2,3")]
+NOT_EQUAL = [
+    ("[1,2]", "[1,2)"),
+    ("\\frac{1}{3}", "0.33"),
+    ("12", "21"),
+    ("(1,2)", "[1,2]"),
+    ("x=4", "3"),
+    ("\\sqrt{3}", "\\sqrt{2}"),
+    ("-0.5", "0.5"),
+    ("2\\pi", "\\pi"),
+    ("1,2", "1,2,3"),
+]
 
 
 def test_equivalences_that_need_math_verify_and_near_misses(grader):
-    accepted = [(o, a) for o, a in NEEDS_MATH_VERIFY if grader.grade(f"so \\boxed{{{o}}}", a).correct]
+    accepted = [
+        (o, a) for o, a in NEEDS_MATH_VERIFY if grader.grade(f"so \\boxed{{{o}}}", a).correct
+    ]
     methods = {grader.grade(f"\\boxed{{{o}}}", a).method for o, a in NEEDS_MATH_VERIFY}
-    rejected = [(o, a) for o, a in NOT_EQUAL if grader.grade(f"so \\boxed{{{o}}}", a).correct is False]
-    print(f"math-verify equivalences accepted {len(accepted)}/{len(NEEDS_MATH_VERIFY)}, "
-          f"near misses rejected {len(rejected)}/{len(NOT_EQUAL)}")
+    rejected = [
+        (o, a) for o, a in NOT_EQUAL if grader.grade(f"so \\boxed{{{o}}}", a).correct is False
+    ]
+    print(
+        f"math-verify equivalences accepted {len(accepted)}/{len(NEEDS_MATH_VERIFY)}, "
+        f"near misses rejected {len(rejected)}/{len(NOT_EQUAL)}"
+    )
     assert len(accepted) == len(NEEDS_MATH_VERIFY), set(NEEDS_MATH_VERIFY) - set(accepted)
     assert methods == {"math_verify"}, methods
     assert len(rejected) == len(NOT_EQUAL), set(NOT_EQUAL) - set(rejected)

@@ -9,11 +9,18 @@ from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry as train_entry
 from tests.train.tiny import RECIPE, metrics, overrides
 
-EVAL = ["eval.benchmarks=[synthetic:arith:6]", "eval.n_samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=8"]
+EVAL = [
+    "eval.benchmarks=[synthetic:arith:6]",
+    "eval.n_samples=2",
+    "eval.ks=[1,2]",
+    "eval.max_new_tokens=8",
+]
 
 
 def test_eval_report_at_tp2(tmp_path):
-    reports = run_distributed(_rank_entry, 2, RECIPE, [f"trainer.output_dir={tmp_path}", *EVAL], None, "base")
+    reports = run_distributed(
+        _rank_entry, 2, RECIPE, [f"trainer.output_dir={tmp_path}", *EVAL], None, "base"
+    )
     report = reports[0]
     assert reports[1] is None, "rank 0 reports"
     s = report["benchmarks"]["synthetic_arith"]
@@ -24,19 +31,29 @@ def test_eval_report_at_tp2(tmp_path):
 
 def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     out = tmp_path / "run"
-    run_distributed(train_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "eval.interval=2"]), timeout=300)
+    run_distributed(
+        train_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "eval.interval=2"]), timeout=300
+    )
     rows = metrics(out)
     assert "eval/avg@2" not in rows[0] and "eval/avg@2" in rows[1]
     periodic = json.loads((out / "eval" / "step_000002.json").read_text())
     # opsd-eval --checkpoint on the step-2 checkpoint rebuilds the same model (base + saved adapters)
     # and, with the same eval seed, samples and grades exactly what the in-training evaluation did
     ckpt = str(out / "checkpoints" / "step_000002")
-    again = run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=EVAL), ckpt, "from_ckpt")[0]
+    again = run_distributed(
+        _rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=EVAL), ckpt, "from_ckpt"
+    )[0]
     assert again["benchmarks"] == periodic["benchmarks"]
     # another lora section in the recipe (rank and alpha) must not change what is evaluated: the
     # checkpoint's recorded adapters are used (before: a shape-mismatch crash, or silently a 4x scale)
-    other = run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "lora.rank=2",
-                                                                                "lora.alpha=64"]), ckpt, "other")[0]
+    other = run_distributed(
+        _rank_entry,
+        2,
+        RECIPE,
+        overrides(out, 2, 1, extra=[*EVAL, "lora.rank=2", "lora.alpha=64"]),
+        ckpt,
+        "other",
+    )[0]
     assert other["benchmarks"] == periodic["benchmarks"]
     # (the random tiny model answers nothing right before or after 2 steps, so this shows the path
     # runs and reproduces, not that a wrong adapter would be caught: test_lora covers the loading)

@@ -14,34 +14,56 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2", "rollout.max_new_tokens=8",
-        "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_interval=100"]
+ARGS = [
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "rollout.max_new_tokens=8",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "checkpoint.save_interval=100",
+]
 
 
 def _cluster_up() -> str | None:
     if shutil.which("sbatch") is None:
         return "SLURM is not installed (run .ci/slurm_cluster.sh as root to install and start a one-node cluster)"
     try:
-        idle = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+        idle = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10
+        ).stdout
     except subprocess.TimeoutExpired:
         return "sinfo timed out: no slurmctld answers (run .ci/slurm_cluster.sh)"
-    return None if "idle" in idle.split() else f"no idle SLURM node (sinfo: {idle.strip()!r}; run .ci/slurm_cluster.sh)"
+    return (
+        None
+        if "idle" in idle.split()
+        else f"no idle SLURM node (sinfo: {idle.strip()!r}; run .ci/slurm_cluster.sh)"
+    )
 
 
 pytestmark = pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))
 
 
-def _sbatch(tmp_path: Path, out: Path, *args: str, wait: bool = False) -> tuple[int, subprocess.CompletedProcess]:
-    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
-           "OPSD_OUTPUT_DIR": str(out)}
-    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out"] + (["--wait"] if wait else []) \
+def _sbatch(
+    tmp_path: Path, out: Path, *args: str, wait: bool = False
+) -> tuple[int, subprocess.CompletedProcess]:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
+        "OPSD_OUTPUT_DIR": str(out),
+    }
+    cmd = (
+        ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out"]
+        + (["--wait"] if wait else [])
         + [str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS, *args]
+    )
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return int(res.stdout.strip().split(";")[0].splitlines()[0]), res
 
 
 def _job(job_id: int) -> dict:
-    text = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
@@ -67,7 +89,11 @@ def test_real_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
     assert res.returncode == 0, res.stderr
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").is_file() or not _steps(out):
-        assert time.monotonic() < deadline and _job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        assert time.monotonic() < deadline and _job(job_id).get("JobState") in (
+            "PENDING",
+            "RUNNING",
+            "CONFIGURING",
+        )
         time.sleep(0.2)
     # what `#SBATCH --signal=B:USR1@120` delivers before a preemption or the time limit
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True)
@@ -81,4 +107,6 @@ def test_real_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
     assert "stopped for preemption at step" in log and "resumed from" in log, log[-3000:]
     assert stopped_at is None, "the resumed run clears the preemption marker"
     assert job["ExitCode"] == "0:0"
-    assert _steps(out) == list(range(1, 9)), "the requeued run continues from the checkpoint, no step lost or repeated"
+    assert _steps(out) == list(range(1, 9)), (
+        "the requeued run continues from the checkpoint, no step lost or repeated"
+    )

@@ -40,20 +40,38 @@ def _env(tmp_path, out):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     python_dir = Path(os.sys.executable).parent
-    return {**os.environ, "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-            "SLURM_JOB_NAME": "opsd-tiny", "SLURM_NNODES": "1", "SLURM_SUBMIT_DIR": str(ROOT),
-            "OPSD_OUTPUT_DIR": str(out), "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "opsd-tiny",
+        "SLURM_NNODES": "1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "OPSD_OUTPUT_DIR": str(out),
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+    }
 
 
-ARGS = ["trainer.max_steps=4", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-        "rollout.max_new_tokens=8", "logging.progress_bar=false", "logging.tensorboard=false",
-        "checkpoint.save_interval=100"]
+ARGS = [
+    "trainer.max_steps=4",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "rollout.max_new_tokens=8",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "checkpoint.save_interval=100",
+]
 
 
 def test_tiny_job_runs_and_writes_metrics_and_checkpoint(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS], env=_env(tmp_path, out),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["bash", str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS],
+        env=_env(tmp_path, out),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     assert (out / "checkpoints" / "step_000004" / "trainer_state.json").is_file()
@@ -62,9 +80,18 @@ def test_tiny_job_runs_and_writes_metrics_and_checkpoint(tmp_path):
 
 def test_preemption_warning_checkpoints_and_requeues(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS[:-1], "trainer.max_steps=8",
-                             "checkpoint.save_interval=100"], env=_env(tmp_path, out),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "launch" / "opsd_tiny.slurm"),
+            *ARGS[:-1],
+            "trainer.max_steps=8",
+            "checkpoint.save_interval=100",
+        ],
+        env=_env(tmp_path, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -75,9 +102,21 @@ def test_preemption_warning_checkpoints_and_requeues(tmp_path):
     step = int((out / "PREEMPTED").read_text())
     assert step < 8 and (out / "checkpoints" / f"step_{step:06d}").is_dir()
     # the requeued job: same job id, same output directory, resumes and finishes
-    res = subprocess.run(["bash", str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS[:-1], "trainer.max_steps=8",
-                          "checkpoint.save_interval=100"], env=_env(tmp_path, out), capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / "opsd_tiny.slurm"),
+            *ARGS[:-1],
+            "trainer.max_steps=8",
+            "checkpoint.save_interval=100",
+        ],
+        env=_env(tmp_path, out),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0
-    assert [int(ln.split('"step": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()] \
-        == list(range(1, 9))
+    assert [
+        int(ln.split('"step": ')[1].split(",")[0])
+        for ln in (out / "metrics.jsonl").read_text().splitlines()
+    ] == list(range(1, 9))

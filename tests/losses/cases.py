@@ -29,7 +29,9 @@ class Case:
 
 def all_cases(dtypes=(torch.float64, torch.float32)):
     out = []
-    for i, (beta, temp, kind, dtype) in enumerate(itertools.product(BETAS, TEMPERATURES, KINDS, dtypes)):
+    for i, (beta, temp, kind, dtype) in enumerate(
+        itertools.product(BETAS, TEMPERATURES, KINDS, dtypes)
+    ):
         if kind == "neg_inf_one_sided" and beta in (0.0, 1.0):
             continue  # one-sided -inf makes KL infinite at the ends: nothing finite to compare
         out.append(Case(beta, temp, kind, dtype, chunk_elements=48 if i % 2 else 1 << 20))
@@ -61,4 +63,4 @@ def make_inputs(case: Case, seed: int = 0, shape=(2, 5)):
 
 def shard(x: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     width = x.shape[-1] // tp
-    return x[..., rank * width:(rank + 1) * width].contiguous()
+    return x[..., rank * width : (rank + 1) * width].contiguous()

@@ -31,7 +31,9 @@ def jsd(student, teacher, beta, temperature=1.0, vocab_size=None, term_clip=None
     elif beta == 1:
         terms = _xlogy(ps, ls - lt)
     else:
-        mixture = torch.log((beta * pt + (1 - beta) * ps).clamp_min(1e-300))  # 0 only where both are 0
+        mixture = torch.log(
+            (beta * pt + (1 - beta) * ps).clamp_min(1e-300)
+        )  # 0 only where both are 0
         terms = beta * _xlogy(pt, lt - mixture) + (1 - beta) * _xlogy(ps, ls - mixture)
     if term_clip is not None:
         terms = torch.clamp(terms, max=term_clip)
@@ -47,12 +49,17 @@ def token_logprobs(logits, tokens, temperature=1.0, vocab_size=None):
     return log_probs(logits, temperature, vocab_size).gather(-1, tokens[..., None])[..., 0]
 
 
-def sampled_token_loss(student, teacher, tokens, temperature=1.0, sampler_logprobs=None, ratio_max=2.0):
+def sampled_token_loss(
+    student, teacher, tokens, temperature=1.0, sampler_logprobs=None, ratio_max=2.0
+):
     ls = token_logprobs(student, tokens, temperature)
     lt = token_logprobs(teacher, tokens, temperature)
     adv = (lt - ls).detach()
-    w = torch.ones_like(adv) if sampler_logprobs is None else torch.clamp(
-        torch.exp(ls.detach() - sampler_logprobs.double()), max=ratio_max)
+    w = (
+        torch.ones_like(adv)
+        if sampler_logprobs is None
+        else torch.clamp(torch.exp(ls.detach() - sampler_logprobs.double()), max=ratio_max)
+    )
     return -(w * adv) * ls
 
 
@@ -75,4 +82,12 @@ def rel_err(a, b, floor=1.0):
     return ((a - b).abs().max() / b.abs().max().clamp(min=floor)).item() if b.numel() else 0.0
 
 
-__all__ = ["jsd", "entropy", "token_logprobs", "sampled_token_loss", "value_and_grad", "rel_err", "math"]
+__all__ = [
+    "jsd",
+    "entropy",
+    "token_logprobs",
+    "sampled_token_loss",
+    "value_and_grad",
+    "rel_err",
+    "math",
+]

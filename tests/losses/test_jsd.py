@@ -24,9 +24,18 @@ def _sharded_results(tp: int, cases, group=None):
         s = shard(s_full, rank, tp).requires_grad_(True)
         t = shard(t_full, rank, tp)
         out = vocab_parallel_jsd_with_entropy(
-            s, t, beta=case.beta, temperature=case.temperature, vocab_size=REAL_VOCAB,
-            term_clip=case.term_clip, group=group, chunk_elements=case.chunk_elements)
-        weights = torch.linspace(0.5, 1.5, out.loss.numel(), dtype=out.loss.dtype).reshape(out.loss.shape)
+            s,
+            t,
+            beta=case.beta,
+            temperature=case.temperature,
+            vocab_size=REAL_VOCAB,
+            term_clip=case.term_clip,
+            group=group,
+            chunk_elements=case.chunk_elements,
+        )
+        weights = torch.linspace(0.5, 1.5, out.loss.numel(), dtype=out.loss.dtype).reshape(
+            out.loss.shape
+        )
         (out.loss * weights).sum().backward()
         results.append((out.loss.detach(), out.student_entropy, out.teacher_entropy, s.grad))
     return results
@@ -40,7 +49,12 @@ def _check(cases, per_rank):
     failures = []
     for i, case in enumerate(cases):
         s_full, t_full = make_inputs(case, seed=i)
-        kw = dict(beta=case.beta, temperature=case.temperature, vocab_size=REAL_VOCAB, term_clip=case.term_clip)
+        kw = dict(
+            beta=case.beta,
+            temperature=case.temperature,
+            vocab_size=REAL_VOCAB,
+            term_clip=case.term_clip,
+        )
         want, want_grad, _ = ref.value_and_grad(ref.jsd, s_full, t_full, **kw)
         losses = [r[i][0] for r in per_rank]
         grad = torch.cat([r[i][3] for r in per_rank], dim=-1)
@@ -50,17 +64,23 @@ def _check(cases, per_rank):
         assert losses[0].dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
         if case.kind == "identical":
             errs = (losses[0].abs().max().item(), grad.abs().max().item())
-            ok = all(e <= ABS_ZERO[case.dtype] for e in errs)  # all(): a NaN error fails (max() hid it)
+            ok = all(
+                e <= ABS_ZERO[case.dtype] for e in errs
+            )  # all(): a NaN error fails (max() hid it)
         else:
             errs = (ref.rel_err(losses[0], want), ref.rel_err(grad, want_grad))
             ok = all(e <= TOL[case.dtype] for e in errs)
         ok = ok and bool(torch.isfinite(losses[0]).all()) and bool(torch.isfinite(grad).all())
-        ent_errs = (ref.rel_err(per_rank[0][i][1], ref.entropy(s_full, case.temperature, REAL_VOCAB)),
-                    ref.rel_err(per_rank[0][i][2], ref.entropy(t_full, case.temperature, REAL_VOCAB)))
+        ent_errs = (
+            ref.rel_err(per_rank[0][i][1], ref.entropy(s_full, case.temperature, REAL_VOCAB)),
+            ref.rel_err(per_rank[0][i][2], ref.entropy(t_full, case.temperature, REAL_VOCAB)),
+        )
         ok = ok and all(e <= TOL[case.dtype] for e in ent_errs)
         if not ok:
             failures.append(f"{case}: loss/grad err {errs}, entropy err {ent_errs}")
-    assert not failures, "\n".join(failures[:10]) + f"\n({len(failures)} of {len(cases)} cases failed)"
+    assert not failures, (
+        "\n".join(failures[:10]) + f"\n({len(failures)} of {len(cases)} cases failed)"
+    )
 
 
 def test_tp1_matches_fp64_reference():
@@ -109,7 +129,9 @@ def test_clip_blocks_gradient_of_clamped_terms():
     loss.sum().backward()
     want, want_grad, _ = ref.value_and_grad(ref.jsd, s.detach(), t, beta=0.0, term_clip=clip)
     assert torch.allclose(loss, want, rtol=1e-12)
-    assert torch.allclose(s.grad, want_grad / torch.linspace(0.5, 1.5, 2, dtype=torch.float64)[:, None], rtol=1e-10)
+    assert torch.allclose(
+        s.grad, want_grad / torch.linspace(0.5, 1.5, 2, dtype=torch.float64)[:, None], rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize(

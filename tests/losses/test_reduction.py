@@ -62,7 +62,9 @@ def _dp_rank_fn(mode):
 def test_microbatches_across_data_parallel_ranks_equal_global_mean(mode):
     per_token, mask = _batch()
     weights = torch.zeros(8, 6, dtype=torch.float64, requires_grad=True)
-    want = partial_loss(per_token.nan_to_num() + weights, mask, mode, global_normalizer([mask], mode))
+    want = partial_loss(
+        per_token.nan_to_num() + weights, mask, mode, global_normalizer([mask], mode)
+    )
     want.backward()
     for total, grad in run_distributed(_dp_rank_fn, 2, mode):
         assert torch.allclose(total, want.detach(), rtol=1e-12)

@@ -24,7 +24,9 @@ def _inputs(dtype, seed=0, with_sampler=False):
     t = torch.randn(3, 6, PADDED_VOCAB, generator=g, dtype=torch.float64) * 3
     s[..., REAL_VOCAB:] = 40.0
     tokens = torch.randint(0, REAL_VOCAB, (3, 6), generator=g)
-    sampler = ref.token_logprobs(s, tokens, 1.2, REAL_VOCAB) + 0.3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    sampler = ref.token_logprobs(s, tokens, 1.2, REAL_VOCAB) + 0.3 * torch.randn(
+        3, 6, generator=g, dtype=torch.float64
+    )
     return s.to(dtype), t.to(dtype), tokens, (sampler if with_sampler else None)
 
 
@@ -36,9 +38,19 @@ def _run(tp, group, dtypes=(torch.float64, torch.float32)):
             s, t, tokens, sampler = _inputs(dtype, with_sampler=with_sampler)
             s_local = shard(s, rank, tp).requires_grad_(True)
             res = vocab_parallel_sampled_token_loss(
-                s_local, shard(t, rank, tp), tokens, temperature=1.2, vocab_size=REAL_VOCAB, group=group,
-                sampler_logprobs=sampler, importance_ratio_max=1.5, chunk_elements=50)
-            weights = torch.linspace(0.5, 1.5, res.loss.numel(), dtype=res.loss.dtype).reshape(res.loss.shape)
+                s_local,
+                shard(t, rank, tp),
+                tokens,
+                temperature=1.2,
+                vocab_size=REAL_VOCAB,
+                group=group,
+                sampler_logprobs=sampler,
+                importance_ratio_max=1.5,
+                chunk_elements=50,
+            )
+            weights = torch.linspace(0.5, 1.5, res.loss.numel(), dtype=res.loss.dtype).reshape(
+                res.loss.shape
+            )
             (res.loss * weights).sum().backward()
             out.append((res.loss.detach(), res.advantage, res.importance_weight, s_local.grad))
     return out
@@ -54,16 +66,27 @@ def _check(per_rank, dtypes=(torch.float64, torch.float32)):
         for with_sampler in (False, True):
             s, t, tokens, sampler = _inputs(dtype, with_sampler=with_sampler)
             want, want_grad, _ = ref.value_and_grad(
-                ref.sampled_token_loss, s[..., :REAL_VOCAB], t[..., :REAL_VOCAB], tokens, 1.2, sampler, 1.5)
+                ref.sampled_token_loss,
+                s[..., :REAL_VOCAB],
+                t[..., :REAL_VOCAB],
+                tokens,
+                1.2,
+                sampler,
+                1.5,
+            )
             loss, adv, weight, _ = per_rank[0][i]
             grad = torch.cat([r[i][3] for r in per_rank], dim=-1)
-            want_adv = ref.token_logprobs(t, tokens, 1.2, REAL_VOCAB) - ref.token_logprobs(s, tokens, 1.2, REAL_VOCAB)
+            want_adv = ref.token_logprobs(t, tokens, 1.2, REAL_VOCAB) - ref.token_logprobs(
+                s, tokens, 1.2, REAL_VOCAB
+            )
             assert ref.rel_err(loss, want) <= TOL[dtype], (dtype, with_sampler)
             assert ref.rel_err(adv, want_adv) <= TOL[dtype]
             assert ref.rel_err(grad[..., :REAL_VOCAB], want_grad) <= TOL[dtype]
             assert grad[..., REAL_VOCAB:].abs().max() == 0
             if with_sampler:
-                assert weight.max() <= 1.5 and weight.min() < 1.5, "the clip must bind on some tokens only"
+                assert weight.max() <= 1.5 and weight.min() < 1.5, (
+                    "the clip must bind on some tokens only"
+                )
             i += 1
 
 

@@ -33,7 +33,10 @@ def test_round_trip_tp2_pp2_is_bit_identical_and_loads_in_hf(tmp_path, family):
     src = make_hf_checkpoint(tmp_path / "hf", family)
     convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=2, dtype="float32", streaming=False)
     meta = json.loads((tmp_path / "mc" / "opsd_model.json").read_text())
-    assert meta["written_at"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    assert meta["written_at"] == {
+        "tensor_model_parallel_size": 2,
+        "pipeline_model_parallel_size": 2,
+    }
     convert_megatron_to_hf(tmp_path / "mc", tmp_path / "back", dtype="float32")
 
     want, got = _tensors(src), _tensors(tmp_path / "back")
@@ -43,7 +46,9 @@ def test_round_trip_tp2_pp2_is_bit_identical_and_loads_in_hf(tmp_path, family):
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(want)
     assert (tmp_path / "back" / "tokenizer.json").is_file()
-    assert torch.equal(hf_logits(tmp_path / "back", sample_tokens()), hf_logits(src, sample_tokens()))
+    assert torch.equal(
+        hf_logits(tmp_path / "back", sample_tokens()), hf_logits(src, sample_tokens())
+    )
 
 
 def _logits_from_checkpoint(tp, ckpt):
@@ -64,7 +69,7 @@ def _logits_from_checkpoint(tp, ckpt):
 def test_checkpoint_written_at_tp2_loads_at_tp1(tmp_path):
     src = make_hf_checkpoint(tmp_path / "hf", "qwen3_untied")
     convert_hf_to_megatron(src, tmp_path / "mc", tp=2, pp=1, dtype="float32", streaming=False)
-    (_, tp1_logits), = run_distributed(_logits_from_checkpoint, 1, 1, str(tmp_path / "mc"))
+    ((_, tp1_logits),) = run_distributed(_logits_from_checkpoint, 1, 1, str(tmp_path / "mc"))
     tp2 = sorted(run_distributed(_logits_from_checkpoint, 2, 2, str(tmp_path / "mc")))
     tp2_logits = torch.cat([l for _, l in tp2], dim=-1)
     assert torch.allclose(tp1_logits[..., :VOCAB], tp2_logits[..., :VOCAB], atol=1e-5)
@@ -89,14 +94,19 @@ def test_unsupported_architecture_names_the_field(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedConfigError, match=r"config.json: model_type='gpt2' is not supported"):
+    with pytest.raises(
+        UnsupportedConfigError, match=r"config.json: model_type='gpt2' is not supported"
+    ):
         convert_hf_to_megatron(src, tmp_path / "out")
     assert _no_leftovers(tmp_path, "out")
 
 
 def test_tp_not_dividing_heads_is_refused(tmp_path):
     src = make_hf_checkpoint(tmp_path / "hf", "qwen3_untied")
-    with pytest.raises(UnsupportedConfigError, match="tensor_model_parallel_size=3 does not divide num_attention_heads=4"):
+    with pytest.raises(
+        UnsupportedConfigError,
+        match="tensor_model_parallel_size=3 does not divide num_attention_heads=4",
+    ):
         convert_hf_to_megatron(src, tmp_path / "out", tp=3)
     assert _no_leftovers(tmp_path, "out")
 
@@ -117,8 +127,20 @@ def test_failure_inside_the_ranks_leaves_no_partial_output(tmp_path):
 
 def test_cli_help_and_error_exit(tmp_path):
     for tool in ("convert_hf_to_megatron.py", "convert_megatron_to_hf.py"):
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True
+        )
         assert out.returncode == 0 and "--tp" in out.stdout and "--out" in out.stdout
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-dir",
-                          str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "no config.json" in out.stderr

@@ -38,10 +38,15 @@ def megatron_logits(tp, pp, hf_dirs, sp=False, seq=12):
     return out
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True),
-                                      (2, 2, True)], ids=["tp1", "tp2", "pp2", "tp2pp2", "tp2-sp", "tp2pp2-sp"])
+@pytest.mark.parametrize(
+    "tp,pp,sp",
+    [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True), (2, 2, True)],
+    ids=["tp1", "tp2", "pp2", "tp2pp2", "tp2-sp", "tp2pp2-sp"],
+)
 def test_megatron_matches_hf(tp, pp, sp, hf_dirs):
-    seq = 13 if sp else 12  # sequence parallel: an odd length exercises the padding to a multiple of TP
+    seq = (
+        13 if sp else 12
+    )  # sequence parallel: an odd length exercises the padding to a multiple of TP
     per_rank = run_distributed(megatron_logits, tp * pp, tp, pp, hf_dirs, sp, seq)
     for fam, path in hf_dirs.items():
         want = hf_logits(path, sample_tokens(seq=seq))
@@ -53,8 +58,13 @@ def test_megatron_matches_hf(tp, pp, sp, hf_dirs):
         assert err <= TOL, f"{fam} at TP={tp} PP={pp}: max |logit diff| {err:.2e}"
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}  # the only values megatron-core takes
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}  # the only values megatron-core takes
 
 
 def _llama3_checkpoint(path, rope_scaling):
@@ -65,9 +75,16 @@ def _llama3_checkpoint(path, rope_scaling):
 
     from tests.models.fixtures import COMMON, build_tokenizer
 
-    cfg = transformers.LlamaConfig(**{**COMMON, "tie_word_embeddings": False, "rope_theta": 1e5,
-                                      "max_position_embeddings": 1024, "rope_scaling": rope_scaling,
-                                      "initializer_range": 0.15})
+    cfg = transformers.LlamaConfig(
+        **{
+            **COMMON,
+            "tie_word_embeddings": False,
+            "rope_theta": 1e5,
+            "max_position_embeddings": 1024,
+            "rope_scaling": rope_scaling,
+            "initializer_range": 0.15,
+        }
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).float().eval().save_pretrained(path, safe_serialization=True)
     build_tokenizer(path)
@@ -83,8 +100,12 @@ def test_llama3_rope_scaling_matches_hf_where_the_scaling_matters(tmp_path):
     want = hf_logits(scaled, tokens)
     unscaled = hf_logits(_llama3_checkpoint(tmp_path / "plain", None), tokens)
     sensitivity = (want - unscaled).abs().max().item()
-    assert sensitivity > 100 * TOL, f"the scaling barely changes the logits ({sensitivity:.1e}): the test is blind"
+    assert sensitivity > 100 * TOL, (
+        f"the scaling barely changes the logits ({sensitivity:.1e}): the test is blind"
+    )
     per_rank = run_distributed(megatron_logits, 2, 2, 1, {"llama3": scaled}, False, SEQ)
     full = torch.cat([s[1] for s in sorted(r["llama3"] for r in per_rank)], dim=-1)[..., :VOCAB]
     err = (full - want).abs().max().item()
-    assert err <= TOL, f"Llama-3 RoPE at TP=2: max |logit diff| {err:.2e} (dropping the scaling: {sensitivity:.1e})"
+    assert err <= TOL, (
+        f"Llama-3 RoPE at TP=2: max |logit diff| {err:.2e} (dropping the scaling: {sensitivity:.1e})"
+    )

@@ -30,12 +30,21 @@ def test_peft_adapter_matches_the_adapted_megatron_model(tmp_path):
     hf_dir = make_hf_checkpoint(tmp_path / "hf", "qwen3_untied")
     out = tmp_path / "adapter"
     results = run_distributed(_export, 4, 2, 2, hf_dir, out)
-    megatron = torch.cat([lg for _, lg in sorted((r for r in results if r[1] is not None), key=lambda r: r[0])],
-                         dim=-1)[..., :VOCAB]
+    megatron = torch.cat(
+        [lg for _, lg in sorted((r for r in results if r[1] is not None), key=lambda r: r[0])],
+        dim=-1,
+    )[..., :VOCAB]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     base = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     with torch.no_grad():
         plain = base(sample_tokens()).logits

@@ -21,15 +21,34 @@ def _build(tp, pp, dropout=0.0):
 
     initialize_model_parallel(tp, pp, seed=11)
     cfg = TransformerConfig(
-        num_layers=LAYERS, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-        use_cpu_initialization=True, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=dropout,
-        attention_dropout=dropout, qk_layernorm=True, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    return GPTModel(cfg, get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, position_embedding_type="rope", parallel_output=True,
-                    share_embeddings_and_output_weights=False,
-                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        num_layers=LAYERS,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        use_cpu_initialization=True,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        qk_layernorm=True,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+    )
+    return GPTModel(
+        cfg,
+        get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
 
 
 def _tokens(batch=4):
@@ -59,7 +78,9 @@ def test_gpt_tp2_equals_tp1():
     assert out[0][0].shape[-1] == VOCAB // 2, "logits must stay vocab-sharded"
     full = torch.cat([o[0] for o in out], dim=-1)
     assert (full - ref_logits).abs().max() < 1e-5
-    assert all(o[2] for o in out), "train-mode dropout must draw from the CPU generator (the step ran dropout)"
+    assert all(o[2] for o in out), (
+        "train-mode dropout must draw from the CPU generator (the step ran dropout)"
+    )
 
 
 def _layer_key(key, offset):
@@ -77,8 +98,14 @@ def _pipeline_step(tp, pp, full_state=None):
     model = _build(tp, pp)
     offset = ps.get_pipeline_model_parallel_rank() * (LAYERS // pp)
     if full_state is not None:  # load the PP=1/TP=1 weights into this stage (TP=1 only)
-        model.load_state_dict({k: full_state[_layer_key(k, offset)] for k in model.state_dict()
-                               if not k.endswith("_extra_state")}, strict=False)
+        model.load_state_dict(
+            {
+                k: full_state[_layer_key(k, offset)]
+                for k in model.state_dict()
+                if not k.endswith("_extra_state")
+            },
+            strict=False,
+        )
     tokens, pos = _tokens()
     batches = iter([(tokens[:2], pos[:2]), (tokens[2:], pos[2:])])
 
@@ -97,10 +124,24 @@ def _pipeline_step(tp, pp, full_state=None):
         return out, loss_fn
 
     losses = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=batches, model=[model], num_microbatches=2, seq_length=SEQ,
-        micro_batch_size=2, forward_only=False)
-    grads = {_layer_key(n, offset): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    state = {_layer_key(k, offset): v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+        forward_step_func=step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=2,
+        seq_length=SEQ,
+        micro_batch_size=2,
+        forward_only=False,
+    )
+    grads = {
+        _layer_key(n, offset): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    state = {
+        _layer_key(k, offset): v.clone()
+        for k, v in model.state_dict().items()
+        if "_extra_state" not in k
+    }
     return [l["loss"] for l in losses] if losses else None, grads, state
 
 

@@ -42,12 +42,17 @@ def test_streamed_weights_reproduce_megatron_logits_in_hf(hf_dir, merge):
     megatron = torch.cat([r[1] for r in last_stage], dim=-1)[..., :VOCAB]
     weights = results[0][2]
     for r in results[1:]:
-        assert r[2].keys() == weights.keys() and all(torch.equal(r[2][k], weights[k]) for k in weights), \
-            "every rank receives the same full weights"
+        assert r[2].keys() == weights.keys() and all(
+            torch.equal(r[2][k], weights[k]) for k in weights
+        ), "every rank receives the same full weights"
     for sizes, counts in ((r[3], r[4]) for r in results):
         assert len(sizes) > 3
-        assert all(s <= BUCKET or c == 1 for s, c in zip(sizes, counts)), "a bucket exceeds its bound"
-    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), torch_dtype=torch.float32).eval()
+        assert all(s <= BUCKET or c == 1 for s, c in zip(sizes, counts)), (
+            "a bucket exceeds its bound"
+        )
+    hf = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(hf_dir), torch_dtype=torch.float32
+    ).eval()
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"} - set(weights)
     with torch.no_grad():

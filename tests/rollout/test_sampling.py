@@ -36,7 +36,7 @@ def _draw(group=None, **kw):
     rank = dist.get_rank() if group is not None else 0
     tp = dist.get_world_size() if group is not None else 1
     width = LOGITS.shape[0] // tp
-    local = LOGITS[rank * width:(rank + 1) * width].expand(N, width)
+    local = LOGITS[rank * width : (rank + 1) * width].expand(N, width)
     gen = torch.Generator().manual_seed(1000 + rank)
     tokens, logprobs = sample_next_tokens(local, temperature=TEMP, generator=gen, group=group, **kw)
     return torch.bincount(tokens, minlength=LOGITS.shape[0]).double() / N, tokens, logprobs
@@ -50,7 +50,9 @@ def _check(freq, tokens, logprobs, kw):
     assert (freq[want == 0] == 0).all(), "sampled outside the top-k/top-p support"
     assert (freq - want).abs().max() < 0.012, (freq, want)  # ~5 sigma at N=40000
     full = torch.log_softmax(LOGITS.double() / TEMP, 0)
-    assert torch.allclose(logprobs.double(), full[tokens], atol=1e-6), "log-prob of the full distribution"
+    assert torch.allclose(logprobs.double(), full[tokens], atol=1e-6), (
+        "log-prob of the full distribution"
+    )
 
 
 @pytest.mark.parametrize("kw", CASES, ids=["temperature", "top_k", "top_p", "top_k+top_p"])
@@ -64,7 +66,7 @@ def _tp_rank_fn():
 
 def test_distribution_tp2():
     results = run_distributed(_tp_rank_fn, 2)
-    for (r0, r1, kw) in zip(results[0], results[1], CASES):
+    for r0, r1, kw in zip(results[0], results[1], CASES):
         assert torch.equal(r0[1], r1[1]), "TP ranks agree on every sampled token"
         _check(*r0, kw)
 
@@ -82,20 +84,42 @@ def _sampler_vs_trainer(tp, pp, seed):
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
     initialize_model_parallel(tp, pp)
-    arch = arch_from_hf_config(dict(model_type="qwen3", vocab_size=200, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    arch = arch_from_hf_config(
+        dict(
+            model_type="qwen3",
+            vocab_size=200,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = build_gpt_model(arch, initialize=False)
     load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
-    sampler = MegatronSampler(model, temperature=0.9, top_k=50, top_p=0.95, stop_ids=[3], pad_id=0,
-                              vocab_size=arch.vocab_size, seed=seed)
+    sampler = MegatronSampler(
+        model,
+        temperature=0.9,
+        top_k=50,
+        top_p=0.95,
+        stop_ids=[3],
+        pad_id=0,
+        vocab_size=arch.vocab_size,
+        seed=seed,
+    )
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     out = sampler.generate(prompts, max_new_tokens=6)
     batch = pack(prompts, out.responses, pad_id=0)
     logits = forward_logits(model, batch.tokens_BT)
     trainer_lp = None
     if logits is not None:
-        lp = vocab_parallel_token_logprobs(logits, batch.targets_BT, temperature=0.9, vocab_size=arch.vocab_size,
-                                           group=ps.get_tensor_model_parallel_group())
+        lp = vocab_parallel_token_logprobs(
+            logits,
+            batch.targets_BT,
+            temperature=0.9,
+            vocab_size=arch.vocab_size,
+            group=ps.get_tensor_model_parallel_group(),
+        )
         trainer_lp = [lp[i][batch.response_mask_BT[i]] for i in range(len(prompts))]
     return out.responses, out.logprobs, trainer_lp
 

@@ -19,12 +19,29 @@ ROOT = Path(__file__).resolve().parents[2]
 FAKE = Path(__file__).parent / "fake_vllm"
 
 
-def _train(tmp_path: Path, *overrides: str, fake: bool = True) -> tuple[list[dict], list[list[str]]]:
+def _train(
+    tmp_path: Path, *overrides: str, fake: bool = True
+) -> tuple[list[dict], list[list[str]]]:
     out, events = tmp_path / "out", tmp_path / "events"
-    env = {**os.environ, "PYTHONPATH": f"{FAKE}:{ROOT}" if fake else str(ROOT), "FAKE_VLLM_EVENTS": str(events)}
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", str(ROOT / "recipes" / "tiny_cpu.yaml"),
-           "rollout.engine=vllm", f"trainer.output_dir={out}", "trainer.max_steps=3", "rollout.max_new_tokens=12",
-           "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_interval=100", *overrides]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{FAKE}:{ROOT}" if fake else str(ROOT),
+        "FAKE_VLLM_EVENTS": str(events),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        str(ROOT / "recipes" / "tiny_cpu.yaml"),
+        "rollout.engine=vllm",
+        f"trainer.output_dir={out}",
+        "trainer.max_steps=3",
+        "rollout.max_new_tokens=12",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "checkpoint.save_interval=100",
+        *overrides,
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +60,11 @@ def test_vllm_rollouts_come_from_the_current_weights(tmp_path, mode):
     for log in logs:
         assert log[0] == f"init tp=2 lora={mode == 'adapter'}" and log[1] == "sleep 1"
         per_step = log[2:]
-        assert [e for i, e in enumerate(per_step) if i % 4 != 2] == ["wake weights", "wake kv_cache", "sleep 1"] * 3
+        assert [e for i, e in enumerate(per_step) if i % 4 != 2] == [
+            "wake weights",
+            "wake kv_cache",
+            "sleep 1",
+        ] * 3
         lora_ids = [line.split("lora=")[1] for line in per_step if line.startswith("generate")]
         assert lora_ids == (["1", "2", "3"] if mode == "adapter" else ["None"] * 3)
     if mode == "adapter":
@@ -57,14 +78,22 @@ def test_vllm_engine_needs_the_extra():
     from opsd_megatron.rollout.vllm_engine import VLLMEngine
 
     with pytest.raises(ImportError, match=r"pip install 'opsd-megatron\[vllm\]'"):
-        VLLMEngine(None, None, None, None, [])
+        VLLMEngine(None, None, None, None, [], None)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not __import__("torch").cuda.is_available(),
-                    reason="needs vLLM and a GPU (pip install 'opsd-megatron[vllm]' on a cluster); the adapter "
-                           "is tested above against an HF stand-in of vLLM's API")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not __import__("torch").cuda.is_available(),
+    reason="needs vLLM and a GPU (pip install 'opsd-megatron[vllm]' on a cluster); the adapter "
+    "is tested above against an HF stand-in of vLLM's API",
+)
 @pytest.mark.parametrize("mode", ["merged", "adapter"])
 def test_real_vllm_training_step(tmp_path, mode):
-    metrics, _ = _train(tmp_path, f"rollout.vllm.lora_mode={mode}", "parallel.tensor_model_parallel_size=1",
-                        fake=False)
-    assert all(m["sampler_logprob_error"] <= 2e-2 for m in metrics), metrics  # bf16 engine vs trainer
+    metrics, _ = _train(
+        tmp_path,
+        f"rollout.vllm.lora_mode={mode}",
+        "parallel.tensor_model_parallel_size=1",
+        fake=False,
+    )
+    assert all(m["sampler_logprob_error"] <= 2e-2 for m in metrics), (
+        metrics
+    )  # bf16 engine vs trainer

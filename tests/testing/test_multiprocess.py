@@ -15,8 +15,12 @@ from opsd_megatron.testing import DistributedRunError, run_distributed
 def _sum_ranks(scale):
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t * scale,
-            "threads": torch.get_num_threads()}
+    return {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "sum": t * scale,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _fail_on_rank_one():

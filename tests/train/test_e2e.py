@@ -1,28 +1,49 @@
-"""End-to-end 2-step runs at TP=2, PP=2 and DP=2 on CPU; step 1's loss equals a single-process
-fp64 reference (HF transformers on the run's own rollouts) to 1e-5 relative."""
+"""End-to-end 3-step runs on CPU at TP=2, PP=2, DP=2, TP=2 x PP=2 (LoRA) and full-parameter PP=2
+with tied embeddings. Step 1's loss equals a single-process fp64 reference (HF transformers on the
+run's own rollouts) to 1e-5 relative; steps 2 and 3 — where the adapters are no longer zero and
+the student differs from the teacher — equal an fp64 HF (+ peft) recomputation from the weights
+the run saved after the step before: loss to 1e-5, gradient norm to 1e-4 relative. The gradient
+norm is what a wrong DP sum, TP reduction or tied-embedding sum across stages changes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from opsd_megatron.config import load_config
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from tests.train.reference_steps import reference_step, saved_weights
 from tests.train.tiny import RECIPE, metrics, overrides, reference_first_step_loss, rollouts
 
+FULL = ["lora=null", "teacher.weights=frozen_copy"]
+LAYOUTS = [(2, 1, 2, []), (1, 2, 2, []), (1, 1, 2, []), (2, 2, 4, []), (1, 2, 2, FULL)]
 
-@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
-def test_two_steps_and_first_loss_matches_reference(tmp_path, tp, pp, world):
+
+@pytest.mark.parametrize(
+    "tp,pp,world,extra", LAYOUTS, ids=["tp2", "pp2", "dp2", "tp2xpp2", "full-pp2-tied"]
+)
+def test_three_steps_match_the_fp64_reference(tmp_path, tp, pp, world, extra):
     out = tmp_path / "run"
-    run_distributed(_rank_entry, world, RECIPE, overrides(out, tp, pp), timeout=300)
+    args = overrides(out, tp, pp, 3, [*extra, "checkpoint.keep_last=3"])
+    run_distributed(_rank_entry, world, RECIPE, args, timeout=400)
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["skipped"] == 0 for r in rows)
     assert len(rollouts(out, 1)) == 4
     want = reference_first_step_loss(out)
     assert want > 0
     assert abs(rows[0]["loss"] - want) <= 1e-5 * abs(want), (rows[0]["loss"], want)
-    assert (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
+    lora_cfg = load_config(RECIPE, extra).lora
+    lora = None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha}
+    weights = run_distributed(saved_weights, 1, str(out), [1, 2], timeout=300)[0]
+    for k in (2, 3):
+        loss, norm = reference_step(out, k, weights[k - 1], lora)
+        got = rows[k - 1]
+        assert abs(got["loss"] - loss) <= 1e-5 * abs(loss), (k, got["loss"], loss)
+        assert abs(got["grad_norm"] - norm) <= 1e-4 * norm, (k, got["grad_norm"], norm)
+    assert rows[1]["loss"] != rows[0]["loss"] and weights[1] != {}
+    assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
     assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
 
 
@@ -37,8 +58,11 @@ def test_trained_student_exports_to_hf(tmp_path):
     out = tmp_path / "run"
     run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1), timeout=300)
     convert_megatron_to_hf(out / "base_model", tmp_path / "base_hf")
-    convert_megatron_to_hf(out / "base_model", tmp_path / "student_hf",
-                           adapters=out / "checkpoints" / "step_000002" / "model")
+    convert_megatron_to_hf(
+        out / "base_model",
+        tmp_path / "student_hf",
+        adapters=out / "checkpoints" / "step_000002" / "model",
+    )
     base, student = _tensors(tmp_path / "base_hf"), _tensors(tmp_path / "student_hf")
     assert base.keys() == student.keys()
     moved = {k for k in base if not torch.equal(base[k], student[k])}

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from opsd_megatron.config import load_config
-from opsd_megatron.train.optimizer import LRSchedule
-from opsd_megatron.train.optimizer import lr_lambda
+from opsd_megatron.train.optimizer import LRSchedule, lr_lambda
 from tests.train.tiny import RECIPE
 
 
@@ -19,10 +18,15 @@ class _Groups:  # what LRSchedule touches of a megatron optimizer
 
 def _torch_reference(lr, min_lr, steps, warmup, schedule):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    after = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - warmup, eta_min=min_lr)
-             if schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
+    after = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - warmup, eta_min=min_lr)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    )
     if warmup:
-        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1)
+        ramp = torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1 / warmup, total_iters=warmup - 1
+        )
         sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, after], milestones=[warmup])
     else:
         sched = after
@@ -34,12 +38,22 @@ def _torch_reference(lr, min_lr, steps, warmup, schedule):
     return values
 
 
-@pytest.mark.parametrize("schedule,warmup_ratio,min_lr", [("cosine", 0.1, 0.0), ("cosine", 0.2, 1e-3),
-                                                          ("constant", 0.1, 0.0), ("cosine", 0.0, 0.0)])
+@pytest.mark.parametrize(
+    "schedule,warmup_ratio,min_lr",
+    [("cosine", 0.1, 0.0), ("cosine", 0.2, 1e-3), ("constant", 0.1, 0.0), ("cosine", 0.0, 0.0)],
+)
 def test_schedule_matches_torch_schedulers(schedule, warmup_ratio, min_lr):
     steps, lr = 50, 1e-2
-    cfg = load_config(RECIPE, [f"trainer.max_steps={steps}", f"optimizer.lr={lr}", f"optimizer.min_lr={min_lr}",
-                               f"optimizer.warmup_ratio={warmup_ratio}", f"optimizer.schedule={schedule}"])
+    cfg = load_config(
+        RECIPE,
+        [
+            f"trainer.max_steps={steps}",
+            f"optimizer.lr={lr}",
+            f"optimizer.min_lr={min_lr}",
+            f"optimizer.warmup_ratio={warmup_ratio}",
+            f"optimizer.schedule={schedule}",
+        ],
+    )
     groups = _Groups()
     ours = LRSchedule(groups, lr, lr_lambda(cfg))
     seen = []

@@ -22,9 +22,18 @@ from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
 from tests.train.tiny import RECIPE, metrics, overrides
 
-ARCH = dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-            tie_word_embeddings=True)
+ARCH = dict(
+    model_type="qwen3",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 
 
 def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
@@ -35,13 +44,25 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.models.random_init import RandomHFWeights
     from opsd_megatron.platform import initialize_model_parallel
-    from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, wrap_and_build, zero_grads
+    from opsd_megatron.train.optimizer import (
+        finish_gradients,
+        optimizer_step,
+        wrap_and_build,
+        zero_grads,
+    )
 
     initialize_model_parallel(1, 1)
     dtype = getattr(torch, dtype_name)
-    cfg = load_config(RECIPE, [f"optimizer.lr={lr}", f"optimizer.precision={precision}", "optimizer.grad_clip=0",
-                               "optimizer.distributed=false",  # its master copies map 1:1 to the params
-                               *([] if lora else ["lora=null", "teacher.weights=frozen_copy"])])
+    cfg = load_config(
+        RECIPE,
+        [
+            f"optimizer.lr={lr}",
+            f"optimizer.precision={precision}",
+            "optimizer.grad_clip=0",
+            "optimizer.distributed=false",  # its master copies map 1:1 to the params
+            *([] if lora else ["lora=null", "teacher.weights=frozen_copy"]),
+        ],
+    )
     arch = arch_from_hf_config(ARCH)
     model = build_gpt_model(arch, dtype, initialize=False)
     load_hf_weights(model, RandomHFWeights(arch, 0, 0.1), arch)
@@ -59,18 +80,24 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
     for _ in range(steps):
         zero_grads(ddp, opt)
         logits = ddp(tokens[:, :-1], None, attention_mask=None).float()
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[:, :128],
-                                          tokens[:, 1:].reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1])[:, :128], tokens[:, 1:].reshape(-1)
+        ).backward()
         finish_gradients(ddp)
         optimizer_step(opt, 0.0)
     masters = {}
     inner = opt.chained_optimizers[0]
-    if hasattr(inner, "fp32_from_float16_groups"):  # the fp32 master copies, same order as the params
+    if hasattr(
+        inner, "fp32_from_float16_groups"
+    ):  # the fp32 master copies, same order as the params
         for group, main_group in zip(inner.float16_groups, inner.fp32_from_float16_groups):
             for p, m in zip(group, main_group):
                 masters[id(p)] = m
-    return {n: masters.get(id(p), p).detach().float() - before[n]
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: masters.get(id(p), p).detach().float() - before[n]
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _relative_update_error(lora):
@@ -95,8 +122,18 @@ def test_bf16_params_with_fp32_master_weights_update_like_fp32(lora):
 
 
 def _sft(out, world, tp=1, pp=1, steps=3, extra=()):
-    ov = overrides(out, tp, pp, steps=steps, extra=("algorithm=sft", "optimizer.schedule=constant",
-                                                   "trainer.save_rollouts=false", *extra))
+    ov = overrides(
+        out,
+        tp,
+        pp,
+        steps=steps,
+        extra=(
+            "algorithm=sft",
+            "optimizer.schedule=constant",
+            "trainer.save_rollouts=false",
+            *extra,
+        ),
+    )
     run_distributed(_rank_entry, world, RECIPE, ov, timeout=300)
     return metrics(out)
 
@@ -106,11 +143,22 @@ def _adapters(out, step):
     from safetensors.torch import load_file
 
     export = out / f"export_{step}"
-    tool = [sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", str(out / "base_model"),
-            "--adapters", str(out / "checkpoints" / f"step_{step:06d}" / "model"), "--out", str(export),
-            "--dtype", "float32"]
+    tool = [
+        sys.executable,
+        "tools/convert_megatron_to_hf.py",
+        "--megatron-dir",
+        str(out / "base_model"),
+        "--adapters",
+        str(out / "checkpoints" / f"step_{step:06d}" / "model"),
+        "--out",
+        str(export),
+        "--dtype",
+        "float32",
+    ]
     subprocess.run(tool, check=True, capture_output=True, timeout=300)
-    return {k: v for f in sorted(export.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        k: v for f in sorted(export.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2xdp2", "pp2xdp2"])
@@ -119,7 +167,10 @@ def test_distributed_optimizer_dp2_equals_dp1(tmp_path, tp, pp):
     two = _sft(tmp_path / "dp2", 2 * tp * pp, tp, pp)  # the distributed optimizer (default)
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (
+            a["grad_norm"],
+            b["grad_norm"],
+        )
     if tp * pp > 1:  # steps 2-3 already depend on the updated weights; compare them once (dp2)
         return
     w1, w2 = _adapters(tmp_path / "dp1", 3), _adapters(tmp_path / "dp2", 3)
@@ -137,17 +188,32 @@ def _state_bytes(tp, dp_world):
     from opsd_megatron.train.setup import build_components
     from opsd_megatron.train.step import train_step
 
-    cfg = load_config(RECIPE, [f"parallel.tensor_model_parallel_size={tp}", "algorithm=sft", "model.dtype=bfloat16",
-                               "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "logging.tensorboard=false",
-                               "logging.progress_bar=false", "trainer.output_dir=/tmp/unused-opsd-test"])
+    cfg = load_config(
+        RECIPE,
+        [
+            f"parallel.tensor_model_parallel_size={tp}",
+            "algorithm=sft",
+            "model.dtype=bfloat16",
+            "trainer.global_batch_size=4",
+            "trainer.micro_batch_size=2",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "trainer.output_dir=/tmp/unused-opsd-test",
+        ],
+    )
     c = build_components(cfg)
     train_step(c, c.algorithm, 0)
     held = 0
     for inner in c.optimizer.chained_optimizers:
         for state in inner.optimizer.state.values():
-            held += sum(v.numel() * v.element_size() for k, v in state.items() if torch.is_tensor(v) and k != "step")
+            held += sum(
+                v.numel() * v.element_size()
+                for k, v in state.items()
+                if torch.is_tensor(v) and k != "step"
+            )
         for group in getattr(inner, "shard_fp32_from_float16_groups", None) or getattr(
-                inner, "fp32_from_float16_groups", []):
+            inner, "fp32_from_float16_groups", []
+        ):
             held += sum(p.numel() * p.element_size() for p in group)
     return held, plan(plan_input(cfg, c.layout))["optimizer_states"]
 
@@ -157,7 +223,9 @@ def test_optimizer_state_is_sharded_over_dp_as_planned():
     sharded = run_distributed(_state_bytes, 4, 2, 4)  # TP2xDP2, distributed optimizer
     for held, planned in alone + sharded:
         assert held == planned, (held, planned)
-    assert sum(h for h, _ in sharded) == sum(h for h, _ in alone), "DP ranks split the state, nothing more"
+    assert sum(h for h, _ in sharded) == sum(h for h, _ in alone), (
+        "DP ranks split the state, nothing more"
+    )
     assert sharded[0][0] == alone[0][0] / 2
 
 
@@ -168,7 +236,9 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_dp(tmp_path):
     resumed = _sft(out, 2, steps=4)
     keys = ("loss", "grad_norm", "lr")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert json.loads((out / "summary.json").read_text())["start_step"] == 2, "resumed, not restarted"
+    assert json.loads((out / "summary.json").read_text())["start_step"] == 2, (
+        "resumed, not restarted"
+    )
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
     other = tmp_path / "other_dp"
     _sft(other, 2, steps=2)
@@ -176,8 +246,10 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_dp(tmp_path):
     assert [r["step"] for r in at_dp1] == [1, 2, 3, 4]
     assert json.loads((other / "summary.json").read_text())["start_step"] == 2
     for a, b in zip(at_dp1[2:], straight[2:]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) <= \
-            1e-4 * b["grad_norm"], (a, b)
+        assert (
+            abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+            and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
+        ), (a, b)
 
 
 def test_checkpoint_of_the_older_optimizer_format_is_refused_in_one_line(tmp_path):
@@ -185,10 +257,23 @@ def test_checkpoint_of_the_older_optimizer_format_is_refused_in_one_line(tmp_pat
     _sft(out, 1, steps=1)
     state_file = out / "checkpoints" / "step_000001" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    del state["optimizer_format"], state["optimizer_kind"], state["manifest"]  # as the old trainer wrote it
+    del (
+        state["optimizer_format"],
+        state["optimizer_kind"],
+        state["manifest"],
+    )  # as the old trainer wrote it
     state_file.write_text(json.dumps(state))
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE,
-           *overrides(out, steps=2, extra=("algorithm=sft", "trainer.save_rollouts=false", "checkpoint.resume=force"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(
+            out,
+            steps=2,
+            extra=("algorithm=sft", "trainer.save_rollouts=false", "checkpoint.resume=force"),
+        ),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "optimizer state is from an older format" in res.stdout + res.stderr

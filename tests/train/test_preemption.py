@@ -15,9 +15,16 @@ from tests.train.tiny import RECIPE, metrics, overrides
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE,
-           *overrides(out, tp=2, steps=6, extra=["checkpoint.save_interval=100"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(out, tp=2, steps=6, extra=["checkpoint.save_interval=100"]),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -43,7 +50,9 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
@@ -54,7 +63,9 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
     except subprocess.TimeoutExpired:  # never leave the ranks behind; say where it stood
         os.killpg(proc.pid, sig.SIGKILL)
         _, err = proc.communicate()
-        raise AssertionError(f"still running 120 s after Ctrl-C; its stderr ended with: {err[-3000:]}") from None
+        raise AssertionError(
+            f"still running 120 s after Ctrl-C; its stderr ended with: {err[-3000:]}"
+        ) from None
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "opsd-train: interrupted"
     assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()

@@ -15,7 +15,13 @@ TIMING = {"rollout_time", "train_time", "tokens_per_s", "peak_memory_gib"}
 
 
 def _train(out, steps):
-    return [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=steps)]
+    return [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(out, tp=2, steps=steps),
+    ]
 
 
 def _strip(rows):
@@ -28,8 +34,12 @@ def test_kill_and_resume_reproduces_uninterrupted_metrics(tmp_path):
     subprocess.run(_train(straight, steps), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train(killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _train(killed, steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (killed / "checkpoints" / "step_000002" / "trainer_state.json").exists():
         assert proc.poll() is None, "training ended before it could be killed"
@@ -42,7 +52,9 @@ def test_kill_and_resume_reproduces_uninterrupted_metrics(tmp_path):
 
     subprocess.run(_train(killed, steps), check=True, capture_output=True, timeout=300)
     assert _strip(metrics(killed)) == _strip(metrics(straight))
-    remaining = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
+    remaining = sorted(
+        p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_")
+    )
     assert remaining == ["step_000003", "step_000004"], "keep_last=2"
 
 

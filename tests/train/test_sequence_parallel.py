@@ -19,8 +19,13 @@ FULL = ["lora=null", "teacher.weights=frozen_copy"]
 
 
 def _run(out, extra, sp, recompute):
-    flags = [f"parallel.sequence_parallel={str(sp).lower()}", f"model.recompute={str(recompute).lower()}"]
-    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), timeout=300)
+    flags = [
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"model.recompute={str(recompute).lower()}",
+    ]
+    run_distributed(
+        _rank_entry, 2, RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), timeout=300
+    )
     features = json.loads((out / "summary.json").read_text())["features"]
     assert features == {"sequence_parallel": sp, "recompute": recompute}, features
     return out
@@ -29,12 +34,20 @@ def _run(out, extra, sp, recompute):
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
-    return {"lora": _run(root / "lora", [], False, False), "full": _run(root / "full", FULL, False, False)}
+    return {
+        "lora": _run(root / "lora", [], False, False),
+        "full": _run(root / "full", FULL, False, False),
+    }
 
 
-@pytest.mark.parametrize("mode,sp,recompute", [("lora", True, False), ("lora", False, True), ("full", True, True)],
-                         ids=["lora-sp", "lora-recompute", "full-sp+recompute"])
-def test_sequence_parallel_and_recompute_train_exactly_like_plain_tp2(tmp_path, plain, mode, sp, recompute):
+@pytest.mark.parametrize(
+    "mode,sp,recompute",
+    [("lora", True, False), ("lora", False, True), ("full", True, True)],
+    ids=["lora-sp", "lora-recompute", "full-sp+recompute"],
+)
+def test_sequence_parallel_and_recompute_train_exactly_like_plain_tp2(
+    tmp_path, plain, mode, sp, recompute
+):
     run = _run(tmp_path / "run", FULL if mode == "full" else [], sp, recompute)
     ref, got = metrics(plain[mode]), metrics(run)
     assert [m["step"] for m in got] == [1, 2, 3]
@@ -43,5 +56,6 @@ def test_sequence_parallel_and_recompute_train_exactly_like_plain_tp2(tmp_path, 
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
         assert b["sampler_logprob_error"] <= 1e-4
     for step in (1, 2, 3):
-        assert [r["response_ids"] for r in rollouts(plain[mode], step)] == \
-            [r["response_ids"] for r in rollouts(run, step)]
+        assert [r["response_ids"] for r in rollouts(plain[mode], step)] == [
+            r["response_ids"] for r in rollouts(run, step)
+        ]

@@ -20,14 +20,31 @@ def test_torchrun_two_ranks_train_and_match_the_fp64_reference(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     assert torchrun.is_file() or shutil.which("torchrun"), "torch ships torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port for the rendezvous (torchrun's static rendezvous needs one)
+    with (
+        socket.socket() as s
+    ):  # a free port for the rendezvous (torchrun's static rendezvous needs one)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     under = tmp_path / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "opsd_megatron.train.cli",
-           RECIPE, *overrides(under, tp=2, steps=2)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group: a hang kills the ranks too
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(under, tp=2, steps=2),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )  # its own process group: a hang kills the ranks too
     try:
         _, err = proc.communicate(timeout=300)
     finally:

@@ -12,11 +12,22 @@ RECIPE = str(ROOT / "recipes" / "tiny_cpu.yaml")
 
 
 def overrides(out: Path, tp=1, pp=1, steps=2, extra=()):
-    return [f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.global_batch_size=4",
-            "trainer.micro_batch_size=2", "rollout.max_new_tokens=8", "trainer.save_rollouts=true",
-            "checkpoint.save_interval=1", "logging.tensorboard=false", "logging.progress_bar=false",
-            f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
-            "optimizer.warmup_ratio=0.0", "optimizer.lr=0.05", *extra]
+    return [
+        f"trainer.output_dir={out}",
+        f"trainer.max_steps={steps}",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "rollout.max_new_tokens=8",
+        "trainer.save_rollouts=true",
+        "checkpoint.save_interval=1",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+        f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.pipeline_model_parallel_size={pp}",
+        "optimizer.warmup_ratio=0.0",
+        "optimizer.lr=0.05",
+        *extra,
+    ]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -54,17 +65,24 @@ def reference_first_step_loss(out: Path, beta: float = 0.5) -> float:
     hf.load_state_dict(weights)
     hf = hf.double().eval()
     tok = load_tokenizer(cfg.model.tokenizer)
-    problems = {p["id"]: p for p in __import__("opsd_megatron.data.dataset", fromlist=["x"]).load_problems(cfg.data).rows}
+    problems = {
+        p["id"]: p
+        for p in __import__("opsd_megatron.data.dataset", fromlist=["x"])
+        .load_problems(cfg.data)
+        .rows
+    }
     per_seq = []
     for row in rollouts(out, 1):
         p = problems[row["id"]]
         resp = row["response_ids"]
         logits = {}
-        for role, prompt in (("s", student_prompt_ids(tok, cfg.data, p["problem"])),
-                             ("t", teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"]))):
+        for role, prompt in (
+            ("s", student_prompt_ids(tok, cfg.data, p["problem"])),
+            ("t", teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"])),
+        ):
             ids = torch.tensor([prompt + resp])
             with torch.no_grad():
                 full = hf(ids).logits[0]
-            logits[role] = full[len(prompt) - 1: len(prompt) + len(resp) - 1]
+            logits[role] = full[len(prompt) - 1 : len(prompt) + len(resp) - 1]
         per_seq.append(ref.jsd(logits["s"], logits["t"], beta).mean())
     return torch.stack(per_seq).mean().item()

@@ -30,7 +30,15 @@ class Logprob:
 
 
 class SamplingParams:
-    def __init__(self, temperature=1.0, top_k=-1, top_p=1.0, logprobs=None, max_tokens=16, stop_token_ids=None):
+    def __init__(
+        self,
+        temperature=1.0,
+        top_k=-1,
+        top_p=1.0,
+        logprobs=None,
+        max_tokens=16,
+        stop_token_ids=None,
+    ):
         assert top_k == -1 and top_p == 1.0, "the stand-in samples plain temperature only"
         self.temperature, self.logprobs, self.max_tokens = temperature, logprobs, max_tokens
         self.stop_token_ids = list(stop_token_ids or [])
@@ -49,7 +57,9 @@ class _Runner:
 
     def load_weights(self, weights):
         llm = self.llm
-        assert llm.awake == {"weights"}, f"load weights after waking the weights only (awake: {llm.awake})"
+        assert llm.awake == {"weights"}, (
+            f"load weights after waking the weights only (awake: {llm.awake})"
+        )
         state = llm.hf.state_dict()
         for name, tensor in weights:
             assert name in state, f"unknown HF weight {name}"
@@ -58,20 +68,39 @@ class _Runner:
 
 
 class LLM:
-    def __init__(self, model, tensor_parallel_size, distributed_executor_backend, enable_sleep_mode, load_format,
-                 logprobs_mode, seed, enable_lora=False, max_lora_rank=16, **_):
+    def __init__(
+        self,
+        model,
+        tensor_parallel_size,
+        distributed_executor_backend,
+        enable_sleep_mode,
+        load_format,
+        logprobs_mode,
+        seed,
+        enable_lora=False,
+        max_lora_rank=16,
+        **_,
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         assert distributed_executor_backend == "external_launcher" and enable_sleep_mode
         assert load_format == "dummy" and logprobs_mode == "processed_logprobs"
-        self.hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), torch_dtype=torch.float32).eval()
-        self.required = {n for n in self.hf.state_dict() if not (n == "lm_head.weight"
-                                                                  and self.hf.config.tie_word_embeddings)}
+        self.hf = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model), torch_dtype=torch.float32
+        ).eval()
+        self.required = {
+            n
+            for n in self.hf.state_dict()
+            if not (n == "lm_head.weight" and self.hf.config.tie_word_embeddings)
+        }
         self.loaded, self.awake, self.enable_lora = set(), {"weights", "kv_cache"}, enable_lora
         self.generator = torch.Generator().manual_seed(seed)
         runner = SimpleNamespace(model=_Runner(self))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))
+            )
+        )
         _event(f"init tp={tensor_parallel_size} lora={enable_lora}")
 
     def sleep(self, level=1):
@@ -80,15 +109,18 @@ class LLM:
 
     def wake_up(self, tags=None):
         tags = set(tags or ("weights", "kv_cache"))
-        assert not ("kv_cache" in tags and "weights" not in self.awake | tags - {"kv_cache"}), \
+        assert not ("kv_cache" in tags and "weights" not in self.awake | tags - {"kv_cache"}), (
             "wake the weights before the KV cache"
+        )
         self.awake |= tags
         _event(f"wake {','.join(sorted(tags))}")
 
     @torch.no_grad()
     def generate(self, prompts, params, lora_request=None, use_tqdm=False):
         assert self.awake == {"weights", "kv_cache"}, "generate while asleep"
-        assert self.required <= self.loaded, f"weights never loaded: {sorted(self.required - self.loaded)[:3]}"
+        assert self.required <= self.loaded, (
+            f"weights never loaded: {sorted(self.required - self.loaded)[:3]}"
+        )
         model = self.hf
         if lora_request is not None:
             from peft import PeftModel
@@ -109,5 +141,9 @@ class LLM:
                 if tok in params.stop_token_ids:
                     reason = "stop"
                     break
-            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=toks, logprobs=lps, finish_reason=reason)]))
+            outs.append(
+                SimpleNamespace(
+                    outputs=[SimpleNamespace(token_ids=toks, logprobs=lps, finish_reason=reason)]
+                )
+            )
         return outs

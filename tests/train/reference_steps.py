@@ -1,0 +1,135 @@
+"""Steps after the first, recomputed in one process: the weights a run saved after step k-1 (its
+adapters, or all weights in full-parameter training) loaded into an fp64 HF-transformers model
+(adapters through HF ``peft``), then step k's loss and gradient norm on the run's own step-k
+rollouts. Independent of the layout the run used, so a wrong DP/TP/PP gradient reduction, a
+missing tied-embedding sum or a wrong update shows up as a mismatch at step k."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from tests.train.tiny import RECIPE, rollouts
+
+FUSED_A = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "fc1", "up_proj": "fc1"}
+
+
+def saved_weights(out: str, steps: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Rank function (one process): HF-named tensors of what checkpoint step_k holds, per k —
+    PEFT-named adapters for a LoRA run, full HF weights for a full-parameter one."""
+    from opsd_megatron.config import LoRAConfig
+    from opsd_megatron.models import build_gpt_model
+    from opsd_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_metadata
+    from opsd_megatron.models.hf_weights import iter_stage_hf_tensors
+    from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.models.peft_export import stage_peft_tensors
+    from opsd_megatron.platform import initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
+    base = Path(out) / "base_model"
+    arch, _ = read_checkpoint_metadata(base)
+    result = {}
+    for k in steps:
+        ckpt = Path(out) / "checkpoints" / f"step_{k:06d}" / "model"
+        lora = read_checkpoint_metadata(ckpt)[1].get("lora")
+        model = build_gpt_model(arch, torch.float32, initialize=False)
+        load_model_checkpoint(model, base)
+        if lora:
+            apply_lora(model, LoRAConfig(**lora))
+            load_model_checkpoint(model, ckpt, adapters_only=True)
+            result[k] = {n: t.clone() for n, t in stage_peft_tensors(model, arch).items()}
+        else:
+            load_model_checkpoint(model, ckpt)
+            result[k] = {
+                n: t.clone()
+                for _, full in iter_stage_hf_tensors(model, arch, merge_lora=False)
+                for n, t in full.items()
+            }
+    return result
+
+
+def _base_hf(cfg):
+    import transformers
+
+    from opsd_megatron.models.from_config import arch_of
+    from opsd_megatron.models.random_init import RandomHFWeights
+
+    arch = arch_of(cfg.model)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
+    weights = RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std).state_dict()
+    if arch.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    hf.load_state_dict(weights)
+    return hf.double().eval()
+
+
+def _grad_norm_lora(model) -> float:
+    """Megatron fuses q/k/v (and gate/up) behind one shared A: its gradient is the sum of the three
+    PEFT A gradients; the B parts are separate rows of one fused B."""
+    a_groups, total = {}, 0.0
+    for name, p in model.named_parameters():
+        if "lora_" not in name or p.grad is None:
+            continue
+        module = name.split(".lora_")[0]
+        proj = module.rsplit(".", 1)[1]
+        if ".lora_A." in name and proj in FUSED_A:
+            key = (module.rsplit(".", 1)[0], FUSED_A[proj])
+            a_groups[key] = a_groups.get(key, 0) + p.grad
+        else:
+            total += float(p.grad.square().sum())
+    return math.sqrt(total + sum(float(g.square().sum()) for g in a_groups.values()))
+
+
+def reference_step(
+    out: Path, step: int, weights: dict[str, torch.Tensor], lora: dict | None, beta: float = 0.5
+) -> tuple[float, float]:
+    """(loss, gradient norm) of step ``step`` from the weights saved after the step before."""
+    from opsd_megatron.config import load_config
+    from opsd_megatron.data.dataset import load_problems
+    from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_megatron.data.tokenizer import load_tokenizer
+    from tests.losses import reference as ref
+
+    cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
+    teacher = _base_hf(cfg)
+    if lora:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        student = get_peft_model(
+            _base_hf(cfg),
+            LoraConfig(
+                r=lora["rank"], lora_alpha=lora["alpha"], target_modules=targets, lora_dropout=0.0
+            ),
+        )
+        student = student.double()
+        set_peft_model_state_dict(student, weights)
+    else:
+        student = _base_hf(cfg)
+        missing = student.load_state_dict(weights, strict=False).missing_keys
+        assert set(missing) <= {"lm_head.weight"}, missing  # tied: lm_head is embed_tokens
+        for p in student.parameters():
+            p.requires_grad_(True)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    problems = {p["id"]: p for p in load_problems(cfg.data).rows}
+    rows = rollouts(out, step)
+    per_seq = []
+    for row in rows:
+        p, resp = problems[row["id"]], row["response_ids"]
+        s_prompt = student_prompt_ids(tok, cfg.data, p["problem"])
+        t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"])
+        s = student(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
+        with torch.no_grad():
+            t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]
+        per_seq.append(ref.jsd(s, t, beta).mean())
+    loss = torch.stack(per_seq).mean()
+    loss.backward()
+    if lora:
+        norm = _grad_norm_lora(student)
+    else:
+        norm = math.sqrt(
+            sum(float(q.grad.square().sum()) for q in student.parameters() if q.grad is not None)
+        )
+    return float(loss), norm
