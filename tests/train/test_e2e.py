@@ -20,13 +20,29 @@ FULL = ["lora=null", "teacher.weights=frozen_copy"]
 LAYOUTS = [(2, 1, 2, []), (1, 2, 2, []), (1, 1, 2, []), (2, 2, 4, []), (1, 2, 2, FULL)]
 
 
-@pytest.mark.parametrize(
-    "tp,pp,world,extra", LAYOUTS, ids=["tp2", "pp2", "dp2", "tp2xpp2", "full-pp2-tied"]
-)
-def test_three_steps_match_the_fp64_reference(tmp_path, tp, pp, world, extra):
-    out = tmp_path / "run"
-    args = overrides(out, tp, pp, 3, [*extra, "checkpoint.keep_last=3"])
-    run_distributed(_rank_entry, world, RECIPE, args, timeout=400)
+IDS = ["tp2", "pp2", "dp2", "tp2xpp2", "full-pp2-tied"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each layout's 3-step run, once per module (the export test reuses the TP2 one)."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            tp, pp, world, extra = LAYOUTS[IDS.index(name)]
+            out = tmp_path_factory.mktemp(name) / "run"
+            args = overrides(out, tp, pp, 3, [*extra, "checkpoint.keep_last=3"])
+            run_distributed(_rank_entry, world, RECIPE, args, timeout=400)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("tp,pp,world,extra", LAYOUTS, ids=IDS)
+def test_three_steps_match_the_fp64_reference(trained, request, tp, pp, world, extra):
+    out = trained(request.node.callspec.id)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["skipped"] == 0 for r in rows)
@@ -47,21 +63,20 @@ def test_three_steps_match_the_fp64_reference(tmp_path, tp, pp, world, extra):
     assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
 
 
-def test_trained_student_exports_to_hf(tmp_path):
-    """A 2-step TP=2 run, exported through tools/convert_megatron_to_hf with its adapters merged,
+def test_trained_student_exports_to_hf(trained, tmp_path):
+    """The 3-step TP=2 run, exported through tools/convert_megatron_to_hf with its adapters merged,
     loads in transformers; adapted tensors moved away from the base, the rest did not."""
     from transformers import AutoModelForCausalLM
 
     from opsd_megatron.models.convert import convert_megatron_to_hf
     from tests.models.test_conversion import _tensors
 
-    out = tmp_path / "run"
-    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1), timeout=300)
+    out = trained("tp2")
     convert_megatron_to_hf(out / "base_model", tmp_path / "base_hf")
     convert_megatron_to_hf(
         out / "base_model",
         tmp_path / "student_hf",
-        adapters=out / "checkpoints" / "step_000002" / "model",
+        adapters=out / "checkpoints" / "step_000003" / "model",
     )
     base, student = _tensors(tmp_path / "base_hf"), _tensors(tmp_path / "student_hf")
     assert base.keys() == student.keys()
