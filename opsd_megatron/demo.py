@@ -151,6 +151,7 @@ def _plot(curves: dict, base: dict, out_png: Path) -> None:
 
 
 def run_demo(d: DemoConfig) -> dict:
+    """The whole demonstration for one seed triple; returns (and writes) its summary."""
     t0 = time.perf_counter()
     out = Path(d.output_dir)
     base_recipe = _stage_recipe(d, "base", d.base, None)

@@ -91,6 +91,7 @@ def check_benchmarks(cfg) -> None:
 
 
 def check_training_run(cfg) -> None:
+    """Every input of a training run (model, tokenizer, data, benchmarks), before any rank starts."""
     check_model(cfg)
     check_data(cfg)
     if cfg.eval.interval and cfg.eval.benchmarks:
@@ -98,6 +99,7 @@ def check_training_run(cfg) -> None:
 
 
 def check_eval_run(cfg, checkpoint: str | None) -> None:
+    """Every input of an evaluation (model, tokenizer, benchmarks, checkpoint), before any rank starts."""
     check_model(cfg)
     check_benchmarks(cfg)
     if checkpoint:

@@ -42,6 +42,8 @@ class Scored:
 
 
 class Algorithm(Protocol):
+    """What ``train_step`` calls on OPSD, SFT and GRPO alike."""
+
     stat_names: tuple[
         str, ...
     ]  # the per-token diagnostics ``per_token_loss`` returns (logged as means)

@@ -15,6 +15,8 @@ from opsd_megatron.data.prompts import PackedBatch, pack
 
 @dataclass
 class MicroBatch:
+    """One micro-batch of the student pass: packed student rows and per-response-token tensors."""
+
     student: PackedBatch
     response_mask_BR: torch.Tensor
     response_tokens_BR: torch.Tensor

@@ -36,6 +36,8 @@ def group_advantages(
 
 
 class GRPO:
+    """GRPO's phases: G samples per problem, grader rewards, the clipped surrogate (+ optional KL)."""
+
     def __init__(
         self,
         source: RolloutSource,
@@ -105,6 +107,7 @@ class GRPO:
     def per_token_loss(
         self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups | None
     ):
+        """−min(ρA, clip(ρ)A) (+ β_KL·k3) per response token, ρ against the sampler's log-probs."""
         logprobs = vocab_parallel_token_logprobs(
             student_BRV,
             mb.response_tokens_BR,

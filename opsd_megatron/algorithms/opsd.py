@@ -19,6 +19,8 @@ from opsd_megatron.platform.parallel import ParallelGroups
 
 
 class OPSD:
+    """OPSD's phases, built from the loss and data sections, the teacher and the rollout source."""
+
     def __init__(
         self,
         source: RolloutSource,
@@ -59,6 +61,8 @@ class OPSD:
         return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens)})
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+        """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over ``groups.tp``),
+        or the sampled-token objective; diagnostics: the two entropies, or the advantage."""
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
         teacher = mb.extras["teacher_logits_BRV"]
         if self.loss.kind == "jsd":

@@ -18,6 +18,8 @@ from opsd_megatron.rollout.base import RolloutEngine
 
 @dataclass
 class RolloutSource:
+    """What every algorithm's step draws from: problems, prompts, the rollout engine, packing."""
+
     problems: list[dict]
     global_batch_size: int
     micro_batch_size: int
@@ -39,6 +41,7 @@ class RolloutSource:
         return batch[self.groups.dp_rank * share : (self.groups.dp_rank + 1) * share]
 
     def student_prompts(self, problems: list[dict]) -> list[list[int]]:
+        """Chat-formatted student prompts (the problem alone) as token ids."""
         return [student_prompt_ids(self.tokenizer, self.data, p["problem"]) for p in problems]
 
     def sample(self, step: int, repeats: int = 1) -> Rollouts:
@@ -58,6 +61,7 @@ class RolloutSource:
         responses: list[list[int]],
         logprobs: list[list[float]] | None,
     ) -> list[MicroBatch]:
+        """The step's sequences as micro-batches of ``micro_batch_size`` rows, all of one width."""
         return micro_batches(
             prompts, responses, logprobs, self.micro_batch_size, self.tokenizer.pad_token_id
         )

@@ -18,6 +18,8 @@ from opsd_megatron.platform.parallel import ParallelGroups
 
 
 class SFT:
+    """SFT's phases: reference solutions as the responses, no scoring beyond packing."""
+
     stat_names: tuple[str, ...] = ()
 
     def __init__(self, source: RolloutSource, sft: SFTConfig, vocab_size: int):
@@ -42,6 +44,7 @@ class SFT:
         return Rollouts(step, problems, prompts, targets, None, 0)
 
     def score(self, rollouts: Rollouts) -> Scored:
+        """Pack the (prompt, reference) pairs; count the reference tokens trained on."""
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, None)
         return Scored(
             mbs,
@@ -52,6 +55,7 @@ class SFT:
         )
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+        """−log p_S(y*_n) per reference token."""
         logprobs = vocab_parallel_token_logprobs(
             student_BRV,
             mb.response_tokens_BR,

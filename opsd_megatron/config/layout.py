@@ -10,6 +10,8 @@ from opsd_megatron.config.schema import OPSDConfig
 
 @dataclass(frozen=True)
 class Layout:
+    """TP x PP x DP and the micro-batches each DP rank runs per step."""
+
     world_size: int
     tp: int
     pp: int

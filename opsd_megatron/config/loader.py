@@ -209,8 +209,10 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 
 def to_yaml(cfg: OPSDConfig) -> str:
+    """The config as YAML (what each checkpoint keeps as ``config.yaml``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: OPSDConfig) -> dict[str, Any]:
+    """The config as plain dicts and lists."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -32,6 +32,8 @@ from opsd_megatron.config.run_sections import (
 
 @dataclass
 class OPSDConfig:
+    """A run's whole configuration, one field per section."""
+
     algorithm: str = "opsd"  # opsd | sft | grpo
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

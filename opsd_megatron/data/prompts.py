@@ -17,6 +17,7 @@ import torch
 
 
 def chat_prompt_ids(tokenizer, text: str, thinking: bool) -> list[int]:
+    """``text`` as one user turn through the tokenizer's chat template, ready for the assistant."""
     out = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}],
         add_generation_prompt=True,
@@ -28,12 +29,14 @@ def chat_prompt_ids(tokenizer, text: str, thinking: bool) -> list[int]:
 
 
 def student_prompt_ids(tokenizer, data_cfg, problem: str) -> list[int]:
+    """The student's prompt: the problem in ``data.student_template``, chat-formatted."""
     return chat_prompt_ids(
         tokenizer, data_cfg.student_template.format(problem=problem), data_cfg.student_thinking
     )
 
 
 def teacher_prompt_ids(tokenizer, data_cfg, problem: str, solution: str) -> list[int]:
+    """The teacher's prompt: problem + reference solution in ``data.teacher_template``, chat-formatted."""
     text = data_cfg.teacher_template.format(problem=problem, solution=solution)
     return chat_prompt_ids(tokenizer, text, data_cfg.teacher_thinking)
 

@@ -52,6 +52,7 @@ class Tokenizer(Protocol):
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer directory (local or cached Hub name; never remote code), or ``builtin:arith``."""
     if spec == BUILTIN:
         return builtin_tokenizer()
     from transformers import AutoTokenizer

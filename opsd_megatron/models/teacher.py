@@ -28,6 +28,8 @@ from opsd_megatron.models.lora import adapters, adapters_disabled
 
 
 class Teacher:
+    """The teacher's weights (``teacher.weights``) and how they follow the student (``teacher.update``)."""
+
     def __init__(
         self,
         student: torch.nn.Module,

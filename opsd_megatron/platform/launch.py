@@ -10,10 +10,12 @@ import torch.distributed as dist
 
 
 def launched_world_size() -> int | None:
+    """The world size torchrun/SLURM launched with, or None when opsd-train starts the ranks itself."""
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
 def run_ranks(entry, world: int, *args, threads_per_rank: int | None = None):
+    """Run ``fn`` on every rank: this process under torchrun, else ``world`` local processes."""
     if launched_world_size() is not None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

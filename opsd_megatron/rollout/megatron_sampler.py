@@ -21,6 +21,8 @@ from opsd_megatron.rollout.sampling import sample_next_tokens
 
 
 class MegatronSampler:
+    """Samples with the training model itself (TP/PP, KV cache), seeded per call."""
+
     def __init__(
         self,
         model,
@@ -68,6 +70,7 @@ class MegatronSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        """Sample after each prompt with the model in eval mode and sequence parallelism off."""
         from opsd_megatron.models.forward import sequence_parallel_disabled
 
         with sequence_parallel_disabled(self.model):  # decoding feeds one position at a time

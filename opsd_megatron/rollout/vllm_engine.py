@@ -83,6 +83,8 @@ def write_model_dir(cfg, tokenizer, out_dir: Path) -> Path:
 
 
 class VLLMEngine:
+    """Colocated vLLM: sleeps beside training, woken and refitted with the current weights per batch."""
+
     def __init__(self, model, arch, cfg, tokenizer, stop_ids: list[int], groups: ParallelGroups):
         vllm = _require_vllm()
 
@@ -154,6 +156,7 @@ class VLLMEngine:
         return LoRARequest(f"opsd-v{self.version}", self.version, str(path))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        """Refit, wake, sample, sleep; returns ids and vLLM's log-probs."""
         vllm = _require_vllm()
         self.refit()
         self.calls += 1

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Components:
+    """Everything one rank of a run holds, built once by ``build_components``."""
+
     cfg: OPSDConfig
     layout: Layout
     groups: ParallelGroups
