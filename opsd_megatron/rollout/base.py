@@ -9,6 +9,7 @@ from typing import Protocol
 @dataclass
 class RolloutResult:
     """Sampled responses with the sampler's log-probs and whether each stopped."""
+
     responses: list[list[int]]  # sampled token ids per prompt, the stop token included if reached
     logprobs: list[list[float]]  # the sampler's log p(token) at the sampling temperature
     finished: list[bool]  # stopped at a stop token (False: hit max_new_tokens)
@@ -19,6 +20,9 @@ class RolloutResult:
 
 
 class RolloutEngine(Protocol):
-                                                                                        """Sample up to ``max_new_tokens`` after each prompt (token ids); collective over the model's ranks."""
     """A rollout engine: the Megatron-native sampler or colocated vLLM."""
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult: ...
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        """Sample up to ``max_new_tokens`` after each prompt (token ids); collective over the
+        model's ranks."""
+        ...
