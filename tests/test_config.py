@@ -261,7 +261,7 @@ def test_demo_cli_reports_bad_input(tmp_path):
         ("trainer.global_batch_size=0", "trainer.global_batch_size must be >= 1, got 0"),
         ("checkpoint.save_interval=0", "checkpoint.save_interval must be >= 1, got 0"),
         ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
-        ("rollout.temperature=0", "rollout.temperature must be > 0, got 0.0"),
+        ("rollout.temperature=-1", "rollout.temperature must be >= 0 (0: greedy), got -1.0"),
         ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1], got 1.5"),
         ("loss.temperature=0", "loss.temperature must be > 0, got 0.0"),
         ("optimizer.lr=0", "optimizer.lr must be > 0, got 0.0"),

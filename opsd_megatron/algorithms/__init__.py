@@ -28,7 +28,7 @@ def build_algorithm(
         return GRPO(
             source,
             cfg.grpo,
-            cfg.rollout.temperature,
+            cfg.rollout.logprob_temperature,
             teacher,
             Grader(cfg.eval.grade_timeout),
             vocab_size,

@@ -38,17 +38,24 @@ class RolloutConfig:
     engine: str = "megatron"  # megatron | vllm
     num_rollouts: int = 1
     max_new_tokens: int = 2048
-    temperature: float = 1.2
+    temperature: float = 1.2  # 0: greedy decoding
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the sampler's (and the trainer's) log-probs: greedy reports T=1."""
+        return self.temperature or 1.0
+
     def __post_init__(self):
         if self.engine not in ("megatron", "vllm"):
             raise ConfigError(f"rollout.engine must be megatron|vllm, got {self.engine!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ConfigError(
+                f"rollout.temperature must be >= 0 (0: greedy), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -125,7 +132,7 @@ class EvalConfig:
     max_problems: Optional[int] = None
     n_samples: int = 16
     ks: list = field(default_factory=lambda: [1, 4, 8, 16])
-    temperature: float = 1.2
+    temperature: float = 1.2  # 0: greedy decoding
     top_p: float = 0.95
     top_k: int = 0
     max_new_tokens: int = 38912
@@ -134,6 +141,9 @@ class EvalConfig:
     grade_timeout: float = 10.0
     interval: int = 0  # evaluate every N training steps (0: off)
     seed: int = 1234
+    save_outputs: bool = (
+        False  # every sample (prompt, text, extracted, verdict) to eval/<tag>.jsonl
+    )
 
     def __post_init__(self):
         if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
@@ -144,10 +154,10 @@ class EvalConfig:
         if (
             self.interval < 0
             or self.max_new_tokens < 1
-            or self.temperature <= 0
+            or self.temperature < 0
             or not 0 < self.top_p <= 1
         ):
             raise ConfigError(
-                f"eval: need interval >= 0, max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1 "
+                f"eval: need interval >= 0, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1 "
                 f"(got {self.interval}, {self.max_new_tokens}, {self.temperature}, {self.top_p})"
             )

@@ -78,10 +78,13 @@ def evaluate(
     """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere).
 
     ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template, which
-    measures what OPSD relies on: how much better the model solves a problem when shown its solution."""
+    measures what OPSD relies on: how much better the model solves a problem when shown its solution.
+    ``eval.save_outputs``: every sample to ``eval/<tag>.jsonl`` (the exact prompt text after the chat
+    template, the generated text without special tokens, the extracted answer and the verdict)."""
     with_reference = cfg.eval.with_reference if with_reference is None else with_reference
 
     report = {"benchmarks": {}}
+    samples = []  # eval.save_outputs: one row per generated sample
     grader = Grader(cfg.eval.grade_timeout) if dist.get_rank() == 0 else None
     try:
         for spec in cfg.eval.benchmarks:
@@ -101,6 +104,25 @@ def evaluate(
             per_problem = []
             for row, outs in zip(rows, outputs):
                 grades = [grader.grade(o, row["answer"], row.get("answer_type")) for o in outs]
+                if cfg.eval.save_outputs:
+                    prompt = tokenizer.decode(
+                        chat_prompt_ids(
+                            tokenizer, _prompt_text(cfg, row, with_reference), cfg.eval.thinking
+                        )
+                    )
+                    samples += [
+                        {
+                            "benchmark": name,
+                            "id": row["id"],
+                            "sample": k,
+                            "prompt": prompt,
+                            "text": o,
+                            "extracted": g.extracted,
+                            "verdict": g.correct,
+                            "answer": row["answer"],
+                        }
+                        for k, (o, g) in enumerate(zip(outs, grades))
+                    ]
                 per_problem.append(
                     {
                         "id": row["id"],
@@ -127,6 +149,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(report, indent=2))
     (out / f"{tag}.md").write_text(markdown_table(report, metric_names))
+    if cfg.eval.save_outputs:
+        (out / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     return report
 
 

@@ -10,6 +10,8 @@ Legend: B rows (one next token each), V local vocab shard, K top-k candidates.
   is found by bisection, each step an all-reduce of per-row masses.
 * The returned log-prob is log softmax(z)[token] over the whole real vocabulary at temperature τ
   — what the trainer computes for the same token — not of the truncated distribution.
+* τ = 0 is greedy decoding: the global argmax of the logits (the same local-max + all-reduce,
+  without noise; top-k/top-p cannot remove the argmax), its log-prob reported at τ = 1.
 """
 
 from __future__ import annotations
@@ -82,18 +84,23 @@ def sample_next_tokens(
     vocab_size: int | None = None,
     group=None,
 ):
-    """Sample one token per row from vocab-sharded logits; returns (global ids [B], log-probs [B])."""
+    """Sample one token per row from vocab-sharded logits; returns (global ids [B], log-probs [B]).
+    ``temperature=0``: greedy."""
     shard = vocab_shard(logits_BV.shape[1], vocab_size, group)
-    z = logits_BV[:, : shard.real].float() / temperature
+    greedy = temperature == 0
+    z = logits_BV[:, : shard.real].float() / (1.0 if greedy else temperature)
     log_z = _log_normalizer(z, group)
     keep = z
-    if top_k > 0:
+    if top_k > 0 and not greedy:
         keep = torch.where(z >= _global_topk_cutoff(z, top_k, group)[:, None], keep, -torch.inf)
-    if top_p < 1.0:
+    if top_p < 1.0 and not greedy:
         p = torch.exp(keep - _log_normalizer(keep, group)[:, None])
         keep = torch.where(p >= _top_p_cutoff(p, top_p, group)[:, None], keep, -torch.inf)
-    u = torch.rand(keep.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
-    score = keep.double() - torch.log(-torch.log(u))
+    if greedy:
+        score = z.double()
+    else:
+        u = torch.rand(keep.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+        score = keep.double() - torch.log(-torch.log(u))
     if score.shape[1] == 0:
         best, idx = (
             score.new_full((score.shape[0],), -torch.inf),

@@ -145,7 +145,7 @@ def _sampler_logprob_error(
     lp = vocab_parallel_token_logprobs(
         student_BRV,
         mb.response_tokens_BR,
-        temperature=c.cfg.rollout.temperature,
+        temperature=c.cfg.rollout.logprob_temperature,
         vocab_size=c.arch.vocab_size,
         group=c.groups.tp,
     )

@@ -19,7 +19,12 @@ EVAL = [
 
 def test_eval_report_at_tp2(tmp_path):
     reports = run_distributed(
-        _rank_entry, 2, RECIPE, [f"trainer.output_dir={tmp_path}", *EVAL], None, "base"
+        _rank_entry,
+        2,
+        RECIPE,
+        [f"trainer.output_dir={tmp_path}", *EVAL, "eval.save_outputs=true"],
+        None,
+        "base",
     )
     report = reports[0]
     assert reports[1] is None, "rank 0 reports"
@@ -27,6 +32,15 @@ def test_eval_report_at_tp2(tmp_path):
     assert s["problems"] == s["graded"] == 6 and {"avg@2", "pass@1", "pass@2", "maj@2"} <= s.keys()
     assert json.loads((tmp_path / "eval" / "base.json").read_text()) == report
     assert (tmp_path / "eval" / "base.md").read_text().startswith("| benchmark | problems |")
+    # eval.save_outputs: every sample, agreeing with the report's per-problem grades
+    rows = [json.loads(ln) for ln in (tmp_path / "eval" / "base.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 2 and {r["sample"] for r in rows} == {0, 1}
+    per_problem = {p["id"]: p for p in s["per_problem"]}
+    for r in rows:
+        assert r["prompt"].startswith("<|im_start|>user\n") and r["prompt"].endswith("assistant\n")
+        assert r["verdict"] == per_problem[r["id"]]["correct"][r["sample"]]
+        assert r["extracted"] == per_problem[r["id"]]["extracted"][r["sample"]]
+        assert "<|im_end|>" not in r["text"]
 
 
 def test_periodic_eval_is_logged_with_training_metrics(tmp_path):

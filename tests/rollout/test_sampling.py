@@ -71,6 +71,37 @@ def test_distribution_tp2():
         _check(*r0, kw)
 
 
+def _greedy_tp():
+    return _greedy(dist.group.WORLD)
+
+
+def _greedy(group=None):
+    """Random logits with a known argmax per row, sharded; top-k/top-p set (greedy ignores them)."""
+    rank = dist.get_rank() if group is not None else 0
+    tp = dist.get_world_size() if group is not None else 1
+    full = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
+    width = full.shape[1] // tp
+    local = full[:, rank * width : (rank + 1) * width]
+    gen = torch.Generator().manual_seed(rank)  # different noise per rank: greedy uses none
+    tokens, logprobs = sample_next_tokens(
+        local, temperature=0.0, top_k=2, top_p=0.5, generator=gen, group=group
+    )
+    return full, tokens, logprobs
+
+
+def _check_greedy(full, tokens, logprobs):
+    assert torch.equal(tokens, full.argmax(1)), "temperature 0 is the global argmax"
+    want = torch.log_softmax(full.double(), 1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(logprobs.double(), want, atol=1e-6), "its log-prob at T=1"
+
+
+def test_temperature_zero_is_greedy_at_tp1_and_tp2():
+    _check_greedy(*_greedy())
+    r0, r1 = run_distributed(_greedy_tp, 2)
+    assert torch.equal(r0[1], r1[1])
+    _check_greedy(*r0)
+
+
 def _sampler_vs_trainer(tp, pp, seed):
     from megatron.core import parallel_state as ps
 
