@@ -11,24 +11,9 @@ from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.grpo import GRPO, group_advantages
 from opsd_megatron.config import load_config
 from opsd_megatron.data.prompts import pack
-from opsd_megatron.models.from_config import arch_of
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
-from tests.train.tiny import RECIPE, metrics, overrides
-
-
-def _hf_reference_model(cfg):
-    import transformers
-
-    from opsd_megatron.models.random_init import RandomHFWeights
-
-    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
-    weights = RandomHFWeights(
-        arch_of(cfg.model), cfg.model.init_seed, cfg.model.init_std
-    ).state_dict()
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    hf.load_state_dict(weights)
-    return hf.double().eval()
+from tests.train.tiny import RECIPE, hf_initial_model, metrics, overrides
 
 
 def test_sft_first_loss_matches_reference(tmp_path):
@@ -43,7 +28,7 @@ def test_sft_first_loss_matches_reference(tmp_path):
     rows = metrics(out)
     assert rows[0]["generated_tokens"] == 0 and rows[1]["loss"] < rows[0]["loss"]
     cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
-    tok, hf = load_tokenizer(cfg.model.tokenizer), _hf_reference_model(cfg)
+    tok, hf = load_tokenizer(cfg.model.tokenizer), hf_initial_model(cfg)
     problems = load_problems(cfg.data).rows[:4]  # step 0 of a global batch of 4
     per_seq = []
     for p in problems:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.train.tiny import RECIPE, rollouts
+from tests.train.tiny import RECIPE, hf_initial_model, rollouts
 
 FUSED_A = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "fc1", "up_proj": "fc1"}
 
@@ -50,21 +50,6 @@ def saved_weights(out: str, steps: list[int]) -> dict[int, dict[str, torch.Tenso
     return result
 
 
-def _base_hf(cfg):
-    import transformers
-
-    from opsd_megatron.models.from_config import arch_of
-    from opsd_megatron.models.random_init import RandomHFWeights
-
-    arch = arch_of(cfg.model)
-    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
-    weights = RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std).state_dict()
-    if arch.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    hf.load_state_dict(weights)
-    return hf.double().eval()
-
-
 def _grad_norm_lora(model) -> float:
     """Megatron fuses q/k/v (and gate/up) behind one shared A: its gradient is the sum of the three
     PEFT A gradients; the B parts are separate rows of one fused B."""
@@ -93,13 +78,13 @@ def reference_step(
     from tests.losses import reference as ref
 
     cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
-    teacher = _base_hf(cfg)
+    teacher = hf_initial_model(cfg)
     if lora:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         student = get_peft_model(
-            _base_hf(cfg),
+            hf_initial_model(cfg),
             LoraConfig(
                 r=lora["rank"], lora_alpha=lora["alpha"], target_modules=targets, lora_dropout=0.0
             ),
@@ -107,7 +92,7 @@ def reference_step(
         student = student.double()
         set_peft_model_state_dict(student, weights)
     else:
-        student = _base_hf(cfg)
+        student = hf_initial_model(cfg)
         missing = student.load_state_dict(weights, strict=False).missing_keys
         assert set(missing) <= {"lm_head.weight"}, missing  # tied: lm_head is embed_tokens
         for p in student.parameters():

@@ -41,29 +41,36 @@ def rollouts(out: Path, step: int) -> list[dict]:
     return rows
 
 
-def reference_first_step_loss(out: Path, beta: float = 0.5) -> float:
-    """Step 1 recomputed in one process with HF transformers in fp64 on the run's own rollouts.
-
-    At step 1 the LoRA adapters are zero, so student and teacher are both the initial model; the
-    loss is the paper's sequence mean of token means of full-vocabulary JSD_β.
-    """
+def hf_initial_model(cfg):
+    """The recipe's randomly initialised model as HF transformers in fp64 (the independent
+    reference): the same seeded weights the run starts from at any TP/PP."""
     import transformers
 
-    from opsd_megatron.config import load_config
-    from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
-    from opsd_megatron.data.tokenizer import load_tokenizer
     from opsd_megatron.models.from_config import arch_of
     from opsd_megatron.models.random_init import RandomHFWeights
-    from tests.losses import reference as ref
 
-    cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
     arch = arch_of(cfg.model)
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.model.architecture))
     weights = RandomHFWeights(arch, cfg.model.init_seed, cfg.model.init_std).state_dict()
     if arch.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     hf.load_state_dict(weights)
-    hf = hf.double().eval()
+    return hf.double().eval()
+
+
+def reference_first_step_loss(out: Path, beta: float = 0.5) -> float:
+    """Step 1 recomputed in one process with HF transformers in fp64 on the run's own rollouts.
+
+    At step 1 the LoRA adapters are zero, so student and teacher are both the initial model; the
+    loss is the paper's sequence mean of token means of full-vocabulary JSD_β.
+    """
+    from opsd_megatron.config import load_config
+    from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_megatron.data.tokenizer import load_tokenizer
+    from tests.losses import reference as ref
+
+    cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
+    hf = hf_initial_model(cfg)
     tok = load_tokenizer(cfg.model.tokenizer)
     problems = {
         p["id"]: p
