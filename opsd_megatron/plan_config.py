@@ -8,12 +8,14 @@ from opsd_megatron.config import Layout, OPSDConfig
 from opsd_megatron.models.from_config import arch_of
 from opsd_megatron.planner import GIB, PlanInput, plan, smallest_fitting_layout
 
+PROMPT_TEMPLATE_TOKENS = 64  # the chat template around a problem, at most (an upper bound)
+
 
 def plan_input(cfg: OPSDConfig, layout: Layout) -> PlanInput:
     """The planner's input for a run: what the trainer will hold per GPU under ``layout``."""
     bytes_per_param = 4 if cfg.model.dtype == "float32" else 2
     r = cfg.rollout
-    student = cfg.data.max_problem_tokens + r.max_new_tokens + 64
+    student = cfg.data.max_problem_tokens + r.max_new_tokens + PROMPT_TEMPLATE_TOKENS
     return PlanInput(
         arch=arch_of(cfg.model),
         tp=layout.tp,
@@ -26,13 +28,22 @@ def plan_input(cfg: OPSDConfig, layout: Layout) -> PlanInput:
         student_seq_len=student,
         response_len=r.max_new_tokens,
         frozen_teacher_copy=cfg.lora is None and not cfg.teacher.offload,
-        vllm_gpu_fraction=0.0 if r.engine == "megatron" else r.vllm.gpu_memory_utilization,
+        vllm=r.vllm if r.engine == "vllm" else None,
+        vllm_seq_len=vllm_model_len(cfg),
         rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp,
         recompute=cfg.model.recompute,
         sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1,
         distributed_optimizer=cfg.optimizer.use_distributed(),
         master_fp32=cfg.optimizer.precision == "fp32",
     )
+
+
+def vllm_model_len(cfg: OPSDConfig) -> int:
+    """vLLM's max_model_len as the planner sees it: prompts bounded by ``data.max_problem_tokens``
+    plus the chat template (the engine uses the longest prompt it actually has)."""
+    longest = cfg.data.max_problem_tokens + PROMPT_TEMPLATE_TOKENS
+    limit = arch_of(cfg.model).max_position_embeddings
+    return cfg.rollout.vllm.model_len(longest, cfg.rollout.max_new_tokens, limit)
 
 
 def launch_command(recipe: str, p: PlanInput, gpus_per_node: int = 8) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opsd_megatron.config import VLLMConfig
 from opsd_megatron.models.hf_config import ArchSpec
 
 GIB = 2**30
@@ -49,7 +50,8 @@ class PlanInput:
     frozen_teacher_copy: bool = (
         False  # full-parameter training keeps a teacher copy (unless offloaded)
     )
-    vllm_gpu_fraction: float = 0.0  # share of the GPU vLLM may take for weights + KV cache
+    vllm: VLLMConfig | None = None  # the colocated vLLM engine's settings (None: no vLLM)
+    vllm_seq_len: int = 0  # its max_model_len: each rollout's KV cache holds this many tokens
     rollouts_per_rank: int = 4
 
 
@@ -197,18 +199,19 @@ def plan(p: PlanInput) -> dict[str, float]:
         LOSS_TEMPORARIES * min(LOSS_CHUNK_ELEMENTS, b * p.response_len * v_local) * 4 if last else 0
     )
     teacher_copy = per_stage[worst] * p.bytes_per_param if p.frozen_teacher_copy else 0
-    kv_tokens = p.rollouts_per_rank * p.student_seq_len
     vllm = 0.0
-    if p.vllm_gpu_fraction:
+    if p.vllm is not None:  # the step's rollouts on this rank at once, at vLLM's max_model_len
         kv = (
             2
             * a.num_layers
             * max(1, a.num_query_groups // p.tp)
             * a.head_dim
-            * kv_tokens
+            * p.rollouts_per_rank
+            * p.vllm_seq_len
             * p.bytes_per_param
         )
-        vllm = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param + kv
+        weights_here = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param
+        vllm = p.vllm.free_bytes_needed(weights_here, kv)
     terms = {
         "weights": weights,
         "gradients": grads,

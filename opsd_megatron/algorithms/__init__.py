@@ -28,7 +28,7 @@ def build_algorithm(
         return GRPO(
             source,
             cfg.grpo,
-            cfg.rollout.logprob_temperature,
+            cfg.rollout.logprob_distribution,
             teacher,
             Grader(cfg.eval.grade_timeout),
             vocab_size,

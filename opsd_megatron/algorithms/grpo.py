@@ -42,14 +42,16 @@ class GRPO:
         self,
         source: RolloutSource,
         grpo: GRPOConfig,
-        temperature: float,
+        sampling: dict,
         reference: Teacher | None,
         grader: Grader | None,
         vocab_size: int,
     ):
-        """``temperature``: the sampler's, at which the ratio's log-probs are taken; ``reference``:
-        the initial policy for the KL term (the teacher's module); ``grader``: the reward."""
-        self.source, self.grpo, self.temperature = source, grpo, temperature
+        """``sampling``: the distribution the sampler's log-probs are of (temperature, top-k, top-p:
+        ``RolloutConfig.logprob_distribution``), in which the ratio's and the KL's log-probs are
+        taken; ``reference``: the initial policy for the KL term (the teacher's module);
+        ``grader``: the reward."""
+        self.source, self.grpo, self.sampling = source, grpo, sampling
         self.reference, self.grader, self.vocab_size = reference, grader, vocab_size
         self.stat_names = ("kl",) if grpo.kl_coef > 0 else ()
 
@@ -99,7 +101,7 @@ class GRPO:
             mb.extras["ref_logprobs_BR"] = vocab_parallel_token_logprobs(
                 rows,
                 mb.response_tokens_BR,
-                temperature=self.temperature,
+                **self.sampling,
                 vocab_size=self.vocab_size,
                 group=self.source.groups.tp,
             )
@@ -111,7 +113,7 @@ class GRPO:
         logprobs = vocab_parallel_token_logprobs(
             student_BRV,
             mb.response_tokens_BR,
-            temperature=self.temperature,
+            **self.sampling,
             vocab_size=self.vocab_size,
             group=groups.tp if groups is not None else None,
         )

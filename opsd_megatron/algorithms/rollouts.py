@@ -3,6 +3,7 @@ rollout engine that answers them, and the micro-batches they are packed into."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,12 @@ from opsd_megatron.data.prompts import student_prompt_ids
 from opsd_megatron.data.tokenizer import Tokenizer
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutEngine
+
+
+def request_seed(seed: int, step: int, problem: int, sample: int) -> int:
+    """A 63-bit seed for one rollout request (BLAKE2b: stable across Python versions)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{problem}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @dataclass
@@ -29,6 +36,11 @@ class RolloutSource:
     max_new_tokens: int
     groups: ParallelGroups
     save_dir: Path | None = None  # write every rollout to save_dir/step_N_dpR.jsonl
+    seed: int = 0  # rollout.seed: the root of every request's seed
+
+    def _my_share(self, step_batch: list) -> list:
+        share = len(step_batch) // self.groups.dp_size
+        return step_batch[self.groups.dp_rank * share : (self.groups.dp_rank + 1) * share]
 
     def problems_for_step(self, step: int, repeats: int = 1) -> list[dict]:
         """This DP rank's problems for ``step`` (each ``repeats`` times): a deterministic walk over
@@ -36,9 +48,14 @@ class RolloutSource:
         per_step = self.global_batch_size // repeats
         n = len(self.problems)
         batch = [self.problems[(step * per_step + i) % n] for i in range(per_step)]
-        batch = [p for p in batch for _ in range(repeats)]
-        share = len(batch) // self.groups.dp_size
-        return batch[self.groups.dp_rank * share : (self.groups.dp_rank + 1) * share]
+        return self._my_share([p for p in batch for _ in range(repeats)])
+
+    def request_seeds(self, step: int, repeats: int = 1) -> list[int]:
+        """One seed per rollout of this rank, from (rollout.seed, step, problem's place in the
+        step, sample index): the same on every TP rank and PP stage, and after a resume."""
+        per_step = self.global_batch_size // repeats
+        keys = [(i, r) for i in range(per_step) for r in range(repeats)]
+        return [request_seed(self.seed, step, i, r) for i, r in self._my_share(keys)]
 
     def student_prompts(self, problems: list[dict]) -> list[list[int]]:
         """Chat-formatted student prompts (the problem alone) as token ids."""
@@ -48,7 +65,8 @@ class RolloutSource:
         """The student's rollouts for ``step``: ``repeats`` per problem, from the problem alone."""
         problems = self.problems_for_step(step, repeats)
         prompts = self.student_prompts(problems)
-        result = self.sampler.generate(prompts, self.max_new_tokens)
+        seeds = self.request_seeds(step, repeats)
+        result = self.sampler.generate(prompts, self.max_new_tokens, seeds)
         if self.save_dir is not None:
             self._save(step, problems, result)
         return Rollouts(

@@ -10,12 +10,16 @@ from opsd_megatron.config.base import ConfigError
 
 @dataclass
 class VLLMConfig:
-    """The colocated vLLM engine (``rollout.engine=vllm``, optional extra ``vllm``)."""
+    """The colocated vLLM engine (``rollout.engine=vllm``, extra ``vllm``: vLLM 0.32.0)."""
 
-    gpu_memory_utilization: float = (
-        0.35  # vLLM's share of each GPU (weights + KV cache) beside training
-    )
-    max_model_len: int = 8192
+    # vLLM's whole share (weights, KV cache, activations) of the GPU memory that is free once the
+    # trainer's model, teacher and optimizer are built: vLLM refuses to start unless what it is
+    # given is free, so it is sized from the free memory, never from the total.
+    memory_fraction: float = 0.9
+    kv_cache_gb: Optional[float] = None  # per GPU; None: what is left of vLLM's share (profiled)
+    # None: the longest student prompt + rollout.max_new_tokens, capped at the model's limit
+    max_model_len: Optional[int] = None
+    overhead_gb: float = 1.5  # vLLM's activations, CUDA graphs, sampler: what the planner adds
     lora_mode: str = (
         "merged"  # merged: LoRA merged into the streamed weights | adapter: a vLLM LoRA adapter
     )
@@ -27,10 +31,37 @@ class VLLMConfig:
             raise ConfigError(
                 f"rollout.vllm.lora_mode must be merged|adapter, got {self.lora_mode!r}"
             )
-        if not 0 < self.gpu_memory_utilization < 1 or self.bucket_mb < 1:
+        if not 0 < self.memory_fraction < 1 or self.bucket_mb < 1 or self.overhead_gb < 0:
             raise ConfigError(
-                "rollout.vllm: need 0 < gpu_memory_utilization < 1 and bucket_mb >= 1"
+                "rollout.vllm: need 0 < memory_fraction < 1, overhead_gb >= 0 and bucket_mb >= 1 "
+                f"(got {self.memory_fraction}, {self.overhead_gb}, {self.bucket_mb})"
             )
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ConfigError(f"rollout.vllm.kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"rollout.vllm.max_model_len must be >= 2, got {self.max_model_len}")
+
+    def model_len(self, longest_prompt: int, max_new_tokens: int, model_limit: int) -> int:
+        """vLLM's ``max_model_len``: the configured one, else the longest prompt plus the rollout
+        length, never above the model's ``max_position_embeddings`` (vLLM refuses to start)."""
+        return min(self.max_model_len or longest_prompt + max_new_tokens, model_limit)
+
+    def free_bytes_needed(self, weights_bytes: float, kv_bytes: float) -> float:
+        """GPU memory that must be free once the trainer is built for vLLM to hold its weights,
+        ``kv_bytes`` of KV cache and its overhead within ``memory_fraction`` of it (the planner's
+        vLLM term)."""
+        kv = self.kv_cache_gb * 2**30 if self.kv_cache_gb else kv_bytes
+        return (weights_bytes + kv + self.overhead_gb * 2**30) / self.memory_fraction
+
+    def engine_memory(self, free_bytes: int, total_bytes: int) -> dict:
+        """vLLM's memory arguments from the memory free now (after the trainer is built):
+        ``gpu_memory_utilization`` is a fraction of the *total* that vLLM checks is free at start,
+        so it is ``memory_fraction`` of the free memory expressed over the total; an explicit KV
+        cache size goes to ``kv_cache_memory_bytes`` (vLLM 0.32 then skips profiling for it)."""
+        out = {"gpu_memory_utilization": self.memory_fraction * free_bytes / total_bytes}
+        if self.kv_cache_gb:
+            out["kv_cache_memory_bytes"] = int(self.kv_cache_gb * 2**30)
+        return out
 
 
 @dataclass
@@ -49,6 +80,18 @@ class RolloutConfig:
         """The temperature of the sampler's (and the trainer's) log-probs: greedy reports T=1."""
         return self.temperature or 1.0
 
+    @property
+    def logprob_distribution(self) -> dict:
+        """What the rollout log-probs are log-probs of, as keyword arguments of
+        ``vocab_parallel_token_logprobs``: the sampling distribution — temperature, then top-k,
+        then top-p, renormalised (vLLM's processed log-probs); greedy: the full one at T=1."""
+        greedy = self.temperature == 0
+        return dict(
+            temperature=self.logprob_temperature,
+            top_k=0 if greedy else self.top_k,
+            top_p=1.0 if greedy else self.top_p,
+        )
+
     def __post_init__(self):
         if self.engine not in ("megatron", "vllm"):
             raise ConfigError(f"rollout.engine must be megatron|vllm, got {self.engine!r}")
@@ -58,8 +101,8 @@ class RolloutConfig:
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.top_k <= 4096:
+            raise ConfigError(f"rollout.top_k must be in [0, 4096] (0: off), got {self.top_k}")
         if self.max_new_tokens < 1 or self.num_rollouts < 1:
             raise ConfigError(
                 f"rollout: need max_new_tokens >= 1 and num_rollouts >= 1, got "

@@ -2,7 +2,8 @@
 recipe it extends) merged over the dataclass defaults, then ``key=value`` dotlists (NeMo style:
 ``trainer.max_steps=100 loss.beta=0.5``). Unknown keys fail naming the closest valid key; wrong
 types name the key and the expected type; every error names where the key was set (the recipe's
-line or the override). Renamed keys are still accepted with a warning (``RENAMED``)."""
+line or the override). Renamed keys are still accepted with a warning (``RENAMED``); removed keys
+whose meaning changed stop with what replaces them (``REMOVED``)."""
 
 from __future__ import annotations
 
@@ -128,8 +129,22 @@ RENAMED = {
     "teacher.model.offload": "teacher.offload",
 }
 
+REMOVED = {
+    "rollout.vllm.gpu_memory_utilization": (
+        "vLLM's memory is sized from what is free once the trainer is built: set "
+        "rollout.vllm.memory_fraction (of that free memory) and, to fix the KV cache, "
+        "rollout.vllm.kv_cache_gb"
+    ),
+}
+
+
+def _removed(key: str, where: str) -> None:
+    if key in REMOVED:
+        raise ConfigError(f"{where}: '{key}' was removed; {REMOVED[key]}")
+
 
 def _renamed(key: str, where: str) -> str:
+    _removed(key, where)
     new = RENAMED.get(key, key)
     if new != key:
         warnings.warn(
@@ -140,19 +155,29 @@ def _renamed(key: str, where: str) -> str:
     return new
 
 
+def _parent_of(data: dict, dotted: str) -> dict | None:
+    """The mapping that holds the dotted key's last part, if the key is set in ``data``."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and leaf in node else None
+
+
 def _rename_keys(data: dict, where: str) -> dict:
     """``data`` (a recipe mapping) with each renamed key moved to its new place."""
     import copy
 
     data = copy.deepcopy(data)
+    for old in REMOVED:
+        if _parent_of(data, old) is not None:
+            line = _line_of(Path(where), old) if Path(where).is_file() else None
+            _removed(old, f"{where}:{line}" if line else where)
     for old, new in RENAMED.items():
-        *parents, leaf = old.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
+        node = _parent_of(data, old)
+        if node is None:
             continue
-        value = node.pop(leaf)
+        value = node.pop(old.rsplit(".", 1)[-1])
         _renamed(old, where)
         *new_parents, new_leaf = new.split(".")
         target = data

@@ -6,12 +6,20 @@ Gradient: ∂ log p(y_n)/∂s_{n,v} = (1[v = y_n] − p_{n,v}) / τ, computed fr
 forward reduces only per-token scalars (row max, sum of exponentials, the target's logit, which
 lives on exactly one rank). This is megatron-core's ``vocab_parallel_cross_entropy`` with the sign
 flipped, plus temperature, padded-vocab masking and fp64 support.
+
+With ``top_k``/``top_p`` the log-prob is that of the rollout's sampling distribution (temperature,
+then top-k, then top-p, renormalised: ``losses/truncation.py``): the support is found without a
+gradient, the tokens outside it are set to −inf, and the gradient is (1[v = y_n] − p̃_{n,v}) / τ
+on the support, 0 elsewhere. The given token is always in the support (a token the sampler drew
+but that the trainer's rounding puts just outside would otherwise get −inf). This costs one
+masked copy of the logits.
 """
 
 from __future__ import annotations
 
 import torch
 
+from opsd_megatron.losses.truncation import is_truncated, truncate
 from opsd_megatron.losses.validation import check_floating, check_temperature, check_tokens
 from opsd_megatron.losses.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -19,6 +27,7 @@ from opsd_megatron.losses.vocab_parallel import (
     chunk_log_probs,
     global_softmax_stats,
     group_size,
+    real_columns,
     resolve_chunk_elements,
     token_chunks,
     vocab_shard,
@@ -72,11 +81,14 @@ def vocab_parallel_token_logprobs(
     tokens: torch.Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     vocab_size: int | None = None,
     group=None,
     chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """log p(tokens) ``[...]`` from vocab-sharded ``logits [..., V/tp]`` (fp32, or fp64 for fp64 input)."""
+    """log p(tokens) ``[...]`` from vocab-sharded ``logits [..., V/tp]`` (fp32, or fp64 for fp64
+    input); ``top_k > 0`` / ``top_p < 1``: under the truncated sampling distribution."""
     check_floating("logits", logits)
     check_tokens(tokens, logits)
     check_temperature(temperature)
@@ -86,12 +98,35 @@ def vocab_parallel_token_logprobs(
         raise ValueError(
             f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]"
         )
+    logits_NV, tokens_N = logits.reshape(-1, width), tokens.reshape(-1).long()
+    if is_truncated(top_k, top_p):
+        logits_NV = _outside_support_to_minus_inf(
+            logits_NV, tokens_N, temperature, top_k, top_p, vocab_size, group, chunk_elements
+        )
     out = _VocabParallelTokenLogProb.apply(
-        logits.reshape(-1, width),
-        tokens.reshape(-1).long(),
+        logits_NV,
+        tokens_N,
         float(temperature),
         vocab_size,
         group,
         resolve_chunk_elements(chunk_elements, logits.device),
     )
     return out.reshape(tokens.shape)
+
+
+def _outside_support_to_minus_inf(
+    logits_NV, tokens_N, temperature, top_k, top_p, vocab_size, group, chunk_elements
+) -> torch.Tensor:
+    """The logits with every real column outside the sampling support (and no given token) at
+    −inf; token chunks bound the working set, each a collective over ``group``."""
+    shard = vocab_shard(logits_NV.shape[1], vocab_size, group)
+    dtype = working_dtype(logits_NV)
+    outside = torch.zeros(logits_NV.shape, dtype=torch.bool, device=logits_NV.device)
+    chunk = resolve_chunk_elements(chunk_elements, logits_NV.device)
+    for sl in token_chunks(logits_NV.shape[0], shard.width, chunk):
+        z = real_columns(logits_NV[sl].detach(), shard, dtype) / temperature
+        outside[sl, : shard.real] = torch.isinf(truncate(z, top_k, top_p, group))
+    index_N, owned_N = _local_target_index(tokens_N, shard.start, shard.real)
+    rows = torch.nonzero(owned_N, as_tuple=True)[0]
+    outside[rows, index_N[rows]] = False
+    return logits_NV.masked_fill(outside, -torch.inf)

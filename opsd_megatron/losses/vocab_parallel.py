@@ -8,6 +8,8 @@ With tensor parallelism each rank holds logits ``[N, V]`` for columns ``[start, 
 max, the sum of exponentials, and partial sums of the divergence. ``all_reduce_per_token`` is the
 only function in the losses that communicates, and it refuses anything that is not a ``[K, N]``
 stack of per-token scalars, so a full-vocab tensor can never be reduced or gathered by accident.
+``all_gather_candidates`` is the one exception, for top-k truncation: each rank's ``[N, K]`` local
+candidates (K at most ``MAX_CANDIDATES``), never the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed as dist
 # than 2**24 here), on GPU 2**24 (64 MiB, large enough that kernel launches do not dominate).
 DEFAULT_CHUNK_ELEMENTS = None
 MAX_STACKED_STATS = 8
+MAX_CANDIDATES = 4096  # the largest top-k whose per-rank candidates may cross ranks
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,20 @@ def all_reduce_per_token(stats_KN: torch.Tensor, op: str, group) -> torch.Tensor
     reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
     dist.all_reduce(stats_KN, op=reduce_op, group=group)
     return stats_KN
+
+
+def all_gather_candidates(values_NK: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every TP rank's ``[N, K]`` candidate values into ``[N, tp*K]`` (top-k)."""
+    if values_NK.dim() != 2 or values_NK.shape[1] > MAX_CANDIDATES:
+        raise AssertionError(
+            f"only [tokens, K<={MAX_CANDIDATES}] candidates may be gathered, "
+            f"got {tuple(values_NK.shape)}"
+        )
+    if group_size(group) == 1:
+        return values_NK
+    parts = [torch.empty_like(values_NK) for _ in range(group_size(group))]
+    dist.all_gather(parts, values_NK.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 def resolve_chunk_elements(chunk_elements: int | None, device: torch.device) -> int:

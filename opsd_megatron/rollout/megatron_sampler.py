@@ -69,8 +69,11 @@ class MegatronSampler:
         return tok, lp
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
-        """Sample after each prompt with the model in eval mode and sequence parallelism off."""
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int] | None = None
+    ) -> RolloutResult:
+        """Sample after each prompt with the model in eval mode and sequence parallelism off.
+        ``seeds`` are not used: the call's stream comes from (seed, calls, DP and TP rank)."""
         from opsd_megatron.models.forward import sequence_parallel_disabled
 
         with sequence_parallel_disabled(self.model):  # decoding feeds one position at a time

@@ -46,15 +46,24 @@ class Components:
 
 
 def _sampler(
-    cfg: OPSDConfig, model, arch: ArchSpec, tokenizer: Tokenizer, groups: ParallelGroups
+    cfg: OPSDConfig,
+    model,
+    arch: ArchSpec,
+    tokenizer: Tokenizer,
+    groups: ParallelGroups,
+    problems: list[dict],
 ) -> RolloutEngine:
     from opsd_megatron.data.tokenizer import stop_token_ids
 
     r = cfg.rollout
     if r.engine == "vllm":  # needs the optional extra; fails with a clear ImportError otherwise
+        from opsd_megatron.data.prompts import student_prompt_ids
         from opsd_megatron.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model, arch, cfg, tokenizer, stop_token_ids(tokenizer), groups)
+        longest = max(len(student_prompt_ids(tokenizer, cfg.data, p["problem"])) for p in problems)
+        return VLLMEngine(
+            model, arch, cfg, tokenizer, stop_token_ids(tokenizer), groups, longest_prompt=longest
+        )
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
     return MegatronSampler(
@@ -98,10 +107,10 @@ def build_components(cfg: OPSDConfig) -> Components:
     if ddp.ddp_config.overlap_grad_reduce:  # the schedule syncs grads on the last micro-batch only
         model.config.no_sync_func = ddp.no_sync
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
-    sampler = _sampler(cfg, model, arch, tokenizer, groups)
     problems = load_problems(
         cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))
     ).rows
+    sampler = _sampler(cfg, model, arch, tokenizer, groups, problems)
     t = cfg.trainer
     source = RolloutSource(
         problems,
@@ -113,6 +122,7 @@ def build_components(cfg: OPSDConfig) -> Components:
         cfg.rollout.max_new_tokens,
         groups,
         Path(t.output_dir) / "rollouts" if t.save_rollouts else None,
+        cfg.rollout.seed,
     )
     algorithm = build_algorithm(cfg, source, teacher, arch.vocab_size)
     return Components(

@@ -139,13 +139,13 @@ def share_stats(stats: dict, keys: list[str], summed: set[str], groups: Parallel
 def _sampler_logprob_error(
     c: Components, student_BRV: torch.Tensor, mb: MicroBatch
 ) -> torch.Tensor:
-    """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, at the sampling temperature:
-    ~0 when the rollout engine samples from the weights being trained (catches a stale or wrong
-    vLLM refit). Exact without top-k/top-p, which renormalise the sampler's distribution."""
+    """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, both of the sampling
+    distribution (temperature, top-k, top-p): ~0 when the rollout engine samples from the weights
+    being trained (catches a stale or wrong vLLM refit)."""
     lp = vocab_parallel_token_logprobs(
         student_BRV,
         mb.response_tokens_BR,
-        temperature=c.cfg.rollout.logprob_temperature,
+        **c.cfg.rollout.logprob_distribution,
         vocab_size=c.arch.vocab_size,
         group=c.groups.tp,
     )

@@ -70,7 +70,7 @@ def test_grpo_loss_equals_plain_formula():
     grpo = GRPO(
         None,
         SimpleNamespace(clip_eps=0.2, kl_coef=0.1),
-        temperature=0.9,
+        sampling=dict(temperature=0.9),
         reference=None,
         grader=None,
         vocab_size=v,

@@ -91,3 +91,29 @@ __all__ = [
     "rel_err",
     "math",
 ]
+
+
+def truncated_token_logprobs(logits, tokens, temperature, top_k, top_p, vocab_size):
+    """log-probs of ``tokens`` under the sampling distribution, the way vLLM 0.32 builds it
+    (``v1/sample/ops/topk_topp_sampler.py``: sort ascending, mask below the k-th largest, then mask
+    the smallest tokens whose cumulative probability is <= 1 - p, always keeping the largest),
+    renormalised; the given token is kept in the support, as the trainer keeps it."""
+    z = logits.double()[..., :vocab_size] / temperature
+    flat, toks = z.reshape(-1, z.shape[-1]), tokens.reshape(-1)
+    out = []
+    for row, tok in zip(flat, toks):
+        masked = row.clone()
+        if top_k:
+            kth = torch.sort(row.detach(), descending=True).values[top_k - 1]
+            masked = torch.where(row.detach() < kth, -math.inf, masked)
+        if top_p < 1:
+            order = torch.argsort(masked.detach())
+            probs = torch.softmax(masked.detach()[order], -1)
+            drop = torch.cumsum(probs, -1) <= 1 - top_p
+            drop[-1] = False
+            removed = torch.zeros_like(drop)
+            removed[order] = drop
+            masked = torch.where(removed, -math.inf, masked)
+        masked = torch.where(torch.arange(len(row)) == tok, row, masked)
+        out.append(torch.log_softmax(masked, -1)[tok])
+    return torch.stack(out).reshape(tokens.shape)
