@@ -19,7 +19,11 @@ states), (c) gives the listed megatron modules a view of ``torch`` whose factory
 ``device="cuda"`` to CPU, and makes ``Tensor.cuda()`` a no-op (it could only fail without CUDA),
 (d) makes the no-argument ``Tensor.type()`` name a CPU tensor's CUDA counterpart (the role CPU
 tensors play here; ``type(dtype)`` conversions are untouched). It never does anything when a CUDA
-device is present, and it is idempotent. Everything else in megatron-core is left untouched.
+device is present, and it is idempotent. Everything else in megatron-core is left untouched, but
+for one speed mend: (e) dist_checkpointing's writer collects results through a
+``multiprocessing.Manager`` queue started with ``spawn`` (safe beside CUDA), which costs ~2 s per
+process on 2 cores before the first save and again at exit; without CUDA a ``fork`` manager is as
+safe and takes ~0.05 s (measured: the first save of a tiny model 3.7 s -> 0.2 s).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import multiprocessing
 import types
 
 import torch
@@ -192,6 +197,24 @@ def _install_type_names() -> None:
     torch.Tensor.type = type_
 
 
+def _install_fork_write_queue() -> None:
+    """(e): the checkpoint writer's results queue from a ``fork`` manager, made on first use."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if not hasattr(filesystem_async, "_get_write_results_queue"):
+        return  # another megatron-core layout: keep its own
+    made = []
+
+    def queue():
+        if not made:
+            made.append(multiprocessing.get_context("fork").Manager().Queue())
+        return made[0]
+
+    filesystem_async._get_write_results_queue = queue
+
+
 def activate() -> bool:
     """Install the CPU backend if no CUDA device is present. Returns whether it is active."""
     global _active
@@ -205,6 +228,7 @@ def activate() -> bool:
     torch.cuda.empty_cache = lambda: None
     _install_type_names()
     _install_rng_tracker()
+    _install_fork_write_queue()
     view = _CpuTorchView()
     for name in CUDA_LITERAL_MODULES:
         try:
