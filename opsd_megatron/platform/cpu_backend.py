@@ -198,21 +198,23 @@ def _install_type_names() -> None:
 
 
 def _install_fork_write_queue() -> None:
-    """(e): the checkpoint writer's results queue from a ``fork`` manager, made on first use."""
+    """(e): the checkpoint writer's results queue from a ``fork`` manager, made on first use
+    (megatron-core 0.16 names the maker ``_get_write_results_queue``, 0.19
+    ``get_write_results_queue(mp_mode)``; both keep the queue in ``_results_queue``)."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if not hasattr(filesystem_async, "_get_write_results_queue"):
-        return  # another megatron-core layout: keep its own
-    made = []
 
-    def queue():
-        if not made:
-            made.append(multiprocessing.get_context("fork").Manager().Queue())
-        return made[0]
+    def queue(*_args, **_kwargs):
+        if filesystem_async._results_queue is None:
+            manager = multiprocessing.get_context("fork").Manager()
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
 
-    filesystem_async._get_write_results_queue = queue
+    for name in ("_get_write_results_queue", "get_write_results_queue"):
+        if hasattr(filesystem_async, name) and hasattr(filesystem_async, "_results_queue"):
+            setattr(filesystem_async, name, queue)
 
 
 def activate() -> bool:
