@@ -67,30 +67,54 @@ def _grad_norm_lora(model) -> float:
     return math.sqrt(total + sum(float(g.square().sum()) for g in a_groups.values()))
 
 
+def _peft_student(cfg, lora: dict, weights: dict[str, torch.Tensor]):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        hf_initial_model(cfg),
+        LoraConfig(
+            r=lora["rank"], lora_alpha=lora["alpha"], target_modules=targets, lora_dropout=0.0
+        ),
+    ).double()
+    set_peft_model_state_dict(model, weights)
+    return model
+
+
+def per_token_losses(s, t, tokens, loss: dict, beta: float):
+    """The run's per-token loss on one sequence's response rows, in fp64 (tests/losses/reference)."""
+    from tests.losses import reference as ref
+
+    temperature = loss.get("temperature", 1.0)
+    if loss.get("kind", "jsd") == "sampled_token":
+        return ref.sampled_token_loss(s, t, tokens, temperature)
+    return ref.jsd(s, t, beta, temperature, term_clip=loss.get("term_clip"))
+
+
 def reference_step(
-    out: Path, step: int, weights: dict[str, torch.Tensor], lora: dict | None, beta: float = 0.5
+    out: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    lora: dict | None,
+    beta: float = 0.5,
+    loss: dict | None = None,
+    teacher_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
-    """(loss, gradient norm) of step ``step`` from the weights saved after the step before."""
+    """(loss, gradient norm) of step ``step`` from the weights saved after the step before.
+    ``loss``: the run's loss section (kind, temperature, term_clip, reduction); ``teacher_weights``:
+    PEFT adapters the teacher uses (an EMA or current teacher), else the initial model."""
     from opsd_megatron.config import load_config
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
     from opsd_megatron.data.tokenizer import load_tokenizer
-    from tests.losses import reference as ref
 
+    loss = loss or {}
     cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
     teacher = hf_initial_model(cfg)
+    if teacher_weights is not None:
+        teacher = _peft_student(cfg, lora, teacher_weights)
     if lora:
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        student = get_peft_model(
-            hf_initial_model(cfg),
-            LoraConfig(
-                r=lora["rank"], lora_alpha=lora["alpha"], target_modules=targets, lora_dropout=0.0
-            ),
-        )
-        student = student.double()
-        set_peft_model_state_dict(student, weights)
+        student = _peft_student(cfg, lora, weights)
     else:
         student = hf_initial_model(cfg)
         missing = student.load_state_dict(weights, strict=False).missing_keys
@@ -99,22 +123,24 @@ def reference_step(
             p.requires_grad_(True)
     tok = load_tokenizer(cfg.model.tokenizer)
     problems = {p["id"]: p for p in load_problems(cfg.data).rows}
-    rows = rollouts(out, step)
     per_seq = []
-    for row in rows:
+    for row in rollouts(out, step):
         p, resp = problems[row["id"]], row["response_ids"]
         s_prompt = student_prompt_ids(tok, cfg.data, p["problem"])
         t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"])
         s = student(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
         with torch.no_grad():
             t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]
-        per_seq.append(ref.jsd(s, t, beta).mean())
-    loss = torch.stack(per_seq).mean()
-    loss.backward()
+        per_seq.append(per_token_losses(s, t, torch.tensor(resp), loss, beta))
+    if loss.get("reduction", "sequence_mean") == "token_mean":
+        total = torch.cat(per_seq).mean()
+    else:
+        total = torch.stack([x.mean() for x in per_seq]).mean()
+    total.backward()
     if lora:
         norm = _grad_norm_lora(student)
     else:
         norm = math.sqrt(
             sum(float(q.grad.square().sum()) for q in student.parameters() if q.grad is not None)
         )
-    return float(loss), norm
+    return float(total), norm

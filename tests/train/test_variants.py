@@ -1,0 +1,92 @@
+"""The trainer's options in real runs (TP=1, 2 steps, the tiny recipe), each against an fp64
+HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective and
+the loss temperature, token-mean reduction and term clipping, several rollouts per problem with
+top-k/top-p sampling, an EMA and a current teacher (whose weights must move as documented), and a
+run started from ``model.hf_dir``. Loss to 1e-5 and gradient norm to 1e-4 relative at both steps;
+and each option must change the reference by far more than that, so an ignored option fails."""
+
+from __future__ import annotations
+
+import pytest
+
+from opsd_megatron.testing import run_distributed
+from opsd_megatron.train.cli import _rank_entry
+from tests.train.reference_steps import reference_step, saved_weights
+from tests.train.tiny import RECIPE, metrics, overrides, reference_first_step_loss, rollouts
+
+LORA = {"rank": 8, "alpha": 16.0}  # the tiny recipe's
+VARIANTS = {
+    "sampled_token+temperature": (
+        ["loss.kind=sampled_token", "loss.temperature=0.7"],
+        {"kind": "sampled_token", "temperature": 0.7},
+        [{"kind": "jsd", "temperature": 0.7}, {"kind": "sampled_token"}],
+    ),
+    "token_mean+term_clip": (
+        ["loss.reduction=token_mean", "loss.term_clip=0.02", "rollout.max_new_tokens=32"],
+        {"reduction": "token_mean", "term_clip": 0.02},
+        [{"term_clip": 0.02}, {"reduction": "token_mean"}],
+    ),
+    "two_rollouts+top_k+top_p": (
+        ["rollout.num_rollouts=2", "rollout.top_k=6", "rollout.top_p=0.9"],
+        {},
+        [],
+    ),
+    "teacher_ema": (["teacher.update=ema", "teacher.ema_rate=0.5"], {}, []),
+    "teacher_current": (["teacher.update=current"], {}, []),
+}
+
+
+def _teacher_weights(name: str, after_step1: dict):
+    """The teacher's adapters at step 2. At step 1 B = 0, so A gets no gradient and is unchanged:
+    EMA(rate) of (A0, 0) and (A1, B1) is (A1, (1 - rate) * B1); the current teacher is (A1, B1)."""
+    if name == "teacher_ema":
+        return {k: v * 0.5 if "lora_B" in k else v for k, v in after_step1.items()}
+    if name == "teacher_current":
+        return after_step1
+    return None
+
+
+def _close(got: dict, loss: float, norm: float, what: str) -> None:
+    assert abs(got["loss"] - loss) <= 1e-5 * abs(loss), (what, got["loss"], loss)
+    assert abs(got["grad_norm"] - norm) <= 1e-4 * norm, (what, got["grad_norm"], norm)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
+    extra, loss_cfg, without = VARIANTS[name]
+    out = tmp_path / "run"
+    args = overrides(out, 1, 1, 2, [*extra, "checkpoint.keep_last=3"])
+    run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
+    after1 = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
+    initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
+    teacher2 = _teacher_weights(name, after1)
+    for step, weights, teacher in ((1, initial, None), (2, after1, teacher2)):
+        loss, norm = reference_step(out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher)
+        _close(rows[step - 1], loss, norm, f"{name} step {step}")
+    # the option matters: without it the reference is far from what the run computed
+    for other in without:
+        loss, _ = reference_step(out, 2, after1, LORA, loss=other, teacher_weights=teacher2)
+        assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), (name, other)
+    if teacher2 is not None:
+        loss, _ = reference_step(out, 2, after1, LORA, loss=loss_cfg)
+        assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "the teacher did not move"
+    if name.startswith("two_rollouts"):
+        ids = [r["id"] for r in rollouts(out, 1)]
+        assert len(ids) == 4 and ids[0::2] == ids[1::2], "each problem twice, side by side"
+        assert all(r["sampler_logprob_error"] <= 1e-5 for r in rows)  # truncated on both sides
+
+
+def test_a_run_from_hf_dir_starts_from_those_weights(tmp_path):
+    from opsd_megatron.config import load_config
+    from tests.train.tiny import hf_initial_model
+
+    hf_dir = tmp_path / "hf"
+    cfg = load_config(RECIPE, [])
+    hf_initial_model(cfg).float().save_pretrained(hf_dir, safe_serialization=True)
+    out = tmp_path / "run"
+    args = overrides(out, 1, 1, 1, [f"model.hf_dir={hf_dir}", "model.architecture=null"])
+    run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
+    want = reference_first_step_loss(out)
+    assert abs(metrics(out)[0]["loss"] - want) <= 1e-5 * want, (metrics(out)[0]["loss"], want)
