@@ -8,6 +8,7 @@ and each option must change the reference by far more than that, so an ignored o
 from __future__ import annotations
 
 import pytest
+import torch
 
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
@@ -90,3 +91,31 @@ def test_a_run_from_hf_dir_starts_from_those_weights(tmp_path):
     run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
     want = reference_first_step_loss(out)
     assert abs(metrics(out)[0]["loss"] - want) <= 1e-5 * want, (metrics(out)[0]["loss"], want)
+
+
+def _run_with_a_nan_at_step_2(recipe, args):
+    """Rank function: the real trainer, with the loss of step 2's first micro-batch made NaN."""
+    from opsd_megatron.algorithms.opsd import OPSD
+    from opsd_megatron.train.cli import _rank_entry
+
+    real, calls = OPSD.per_token_loss, []
+
+    def poisoned(self, student_BRV, mb, groups):
+        loss, diag = real(self, student_BRV, mb, groups)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), diag  # 2 micro-batches/step
+
+    OPSD.per_token_loss = poisoned
+    return _rank_entry(recipe, args)
+
+
+def test_a_nan_step_in_a_real_run_is_skipped_counted_and_changes_no_weight(tmp_path):
+    out = tmp_path / "run"
+    args = overrides(out, 1, 1, 3, ["checkpoint.keep_last=3"])
+    summary = run_distributed(_run_with_a_nan_at_step_2, 1, RECIPE, args, timeout=300)[0]
+    rows = metrics(out)
+    assert [r["skipped"] for r in rows] == [0, 1, 0] and summary["skipped_steps"] == 1
+    assert rows[2]["skipped_steps"] == 1 and rows[2]["loss"] == rows[2]["loss"]  # finite again
+    w = run_distributed(saved_weights, 1, str(out), [1, 2, 3], timeout=300)[0]
+    assert all(torch.equal(w[1][k], w[2][k]) for k in w[1]), "the NaN step changed weights"
+    assert any(not torch.equal(w[2][k], w[3][k]) for k in w[2]), "step 3 trains again"
