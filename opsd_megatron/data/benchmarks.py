@@ -1,9 +1,9 @@
-"""Benchmarks: JSONL files with id/problem/answer (the format of shared/data), an HF dataset name
-with a field mapping, or held-out synthetic addition problems."""
+"""Benchmarks: JSONL files with id/problem/answer (the format of shared/data), an HF dataset (a
+saved directory or a Hub name) with a field mapping, or held-out synthetic addition problems."""
 
 from __future__ import annotations
 
-from opsd_megatron.data.sources import DataError, read_jsonl, resolve
+from opsd_megatron.data.sources import DataError, read_dataset, read_rows_file, resolve
 from opsd_megatron.data.synthetic import addition_problems
 
 HELD_OUT_SEED = 987654  # synthetic eval problems come from their own stream
@@ -51,21 +51,9 @@ def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
         return "synthetic_arith", rows
     kind, where = resolve("eval.benchmarks", spec, "dataset")
     if kind == "file":
-        if where.suffix != ".jsonl":
-            raise DataError(
-                f"{where}: unsupported benchmark file type '{where.suffix}' (use .jsonl)"
-            )
-        raw = [(f"{where}:{n}", r) for n, r in read_jsonl(where)]
-        if not raw:
-            raise DataError(f"{where}: no rows (the file is empty)")
-        name = where.stem
+        raw, name = read_rows_file(where), where.stem
     else:
-        from datasets import load_dataset
-
-        raw = [
-            (f"{spec} row {i}", r)
-            for i, r in enumerate(load_dataset(str(where), split=cfg.split), 1)
-        ]
+        raw = [(f"{spec} row {i}", r) for i, r in enumerate(read_dataset(where, cfg.split), 1)]
         name = spec.replace("/", "_")
     rows = [_row(at, r, cfg) for at, r in raw]
     return name, rows[: cfg.max_problems] if cfg.max_problems else rows

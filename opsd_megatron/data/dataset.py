@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from opsd_megatron.data.sources import DataError, read_jsonl, resolve
+from opsd_megatron.data.sources import DataError, read_dataset, read_rows_file, resolve
 from opsd_megatron.data.synthetic import addition_problems
 
 __all__ = ["DataError", "ProblemSet", "load_problems"]
@@ -27,26 +26,6 @@ class ProblemSet:
     sources: list[str] = field(default_factory=list)
 
 
-def _read_file(path: Path) -> list[tuple[str, object]]:
-    """(where, row) with where = ``file:line`` (1-based) for JSONL, ``file row N`` for Parquet."""
-    if path.suffix == ".jsonl":
-        rows = [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
-    elif path.suffix == ".parquet":
-        from datasets import load_dataset
-
-        rows = [
-            (f"{path} row {i}", r)
-            for i, r in enumerate(load_dataset("parquet", data_files=str(path), split="train"), 1)
-        ]
-    else:
-        raise DataError(
-            f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .parquet)"
-        )
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return rows
-
-
 def _raw_rows(cfg) -> list[tuple[str, object]]:
     if cfg.source.startswith("synthetic:"):
         if cfg.source != "synthetic:arith":
@@ -59,11 +38,9 @@ def _raw_rows(cfg) -> list[tuple[str, object]]:
     for spec in (s.strip() for s in cfg.source.split(",")):
         kind, where = resolve("data.source", spec, "dataset")
         if kind == "file":
-            out += _read_file(where)
+            out += read_rows_file(where)
             continue
-        from datasets import load_dataset  # a saved dataset directory or a Hub name
-
-        ds = load_dataset(str(where), split=cfg.split)
+        ds = read_dataset(where, cfg.split)  # a saved dataset directory or a Hub name
         out += [(f"{spec} row {i}", r) for i, r in enumerate(ds, 1)]
     return out
 

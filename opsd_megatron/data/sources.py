@@ -101,6 +101,43 @@ def check_hub(key: str, name: str, repo_type: str) -> None:
         pool.shutdown(wait=False)
 
 
+def read_rows_file(path: Path) -> list[tuple[str, object]]:
+    """(where, row) of a local data file, where = ``file:line`` (1-based) for JSONL, ``file row N``
+    for Parquet; an empty file is an error."""
+    if path.suffix == ".jsonl":
+        rows = [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
+    elif path.suffix == ".parquet":
+        from datasets import load_dataset
+
+        rows = [
+            (f"{path} row {i}", r)
+            for i, r in enumerate(load_dataset("parquet", data_files=str(path), split="train"), 1)
+        ]
+    else:
+        raise DataError(
+            f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .parquet)"
+        )
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def read_dataset(where: Path | str, split: str) -> list:
+    """The rows of ``split`` of an HF dataset: a directory written by ``save_to_disk`` (read with
+    ``load_from_disk``), a directory of data files, or a Hub name (``load_dataset``)."""
+    import datasets
+
+    path = Path(where)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{where}: no split '{split}' (it has {sorted(ds)})")
+            ds = ds[split]
+        return list(ds)
+    return list(datasets.load_dataset(str(where), split=split))
+
+
 def resolve(key: str, spec: str, repo_type: str = "model") -> tuple[str, Path | str]:
     """("file" | "dir", Path) for an existing local path, ("hub", name) for an ``owner/name``;
     anything else is a PathError naming ``key``. Does not contact the Hub (see ``check_hub``)."""

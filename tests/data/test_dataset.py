@@ -58,6 +58,56 @@ def test_malformed_rows_error_or_skip(tmp_path):
         load_problems(DataConfig(source=str(bad_json), problem_field="q", solution_field="a"))
 
 
+ROWS = [
+    {"q": "1+1", "a": "2", "ans": "2"},
+    {"q": "2+3", "a": "5", "ans": "5"},
+    {"q": "", "a": "x", "ans": "x"},  # empty problem
+    {"q": "4+4", "a": None, "ans": None},  # null solution / answer
+    {"q": "5+1", "a": "6", "ans": "6"},
+]
+
+
+@pytest.mark.parametrize("form", ["parquet", "saved_dataset", "dataset_dict", "data_files_dir"])
+def test_parquet_and_hf_dataset_bad_rows_name_the_row(tmp_path, form):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    if form == "parquet":
+        src = tmp_path / "train.parquet"
+        ds.to_parquet(str(src))
+    elif form == "data_files_dir":
+        src = tmp_path / "files"
+        src.mkdir()
+        ds.to_parquet(str(src / "train.parquet"))
+    else:
+        src = tmp_path / "saved"
+        (datasets.DatasetDict(train=ds) if form == "dataset_dict" else ds).save_to_disk(str(src))
+    cfg = dict(source=str(src), problem_field="q", solution_field="a")
+    with pytest.raises(DataError, match=r"row 3: field 'q' is missing or not non-empty text"):
+        load_problems(DataConfig(**cfg))
+    ps = load_problems(DataConfig(**cfg, skip_malformed=True))
+    assert sorted(r["problem"] for r in ps.rows) == ["1+1", "2+3", "5+1"]
+    assert ps.skipped_malformed == 2
+    if form == "dataset_dict":
+        with pytest.raises(DataError, match=r"no split 'test' \(it has \['train'\]\)"):
+            load_problems(DataConfig(**cfg, split="test"))
+    # the same source as a benchmark: rows 1-2 load, the empty problem is named
+    from opsd_megatron.config import EvalConfig
+    from opsd_megatron.data.benchmarks import load_benchmark
+
+    bench = EvalConfig(problem_field="q", answer_field="ans", split="train")
+    with pytest.raises(DataError, match=r"row 3: field 'q'"):
+        load_benchmark(str(src), bench)
+    good = datasets.Dataset.from_list(ROWS[:2])
+    good.save_to_disk(str(tmp_path / "bench"))
+    name, rows = load_benchmark(str(tmp_path / "bench"), bench)
+    assert [(r["problem"], r["answer"]) for r in rows] == [("1+1", "2"), ("2+3", "5")]
+    nulls = datasets.Dataset.from_list([ROWS[0], ROWS[3]])
+    nulls.save_to_disk(str(tmp_path / "nulls"))
+    with pytest.raises(DataError, match=r"row 2: field 'ans' is missing, null or empty"):
+        load_benchmark(str(tmp_path / "nulls"), bench)
+
+
 def test_length_filter_and_missing_file(tmp_path):
     f = _write(
         tmp_path / "d.jsonl",

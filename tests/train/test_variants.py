@@ -64,7 +64,9 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
     teacher2 = _teacher_weights(name, after1)
     for step, weights, teacher in ((1, initial, None), (2, after1, teacher2)):
-        loss, norm = reference_step(out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher)
+        loss, norm = reference_step(
+            out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher
+        )
         _close(rows[step - 1], loss, norm, f"{name} step {step}")
     # the option matters: without it the reference is far from what the run computed
     for other in without:
