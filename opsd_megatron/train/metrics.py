@@ -45,25 +45,9 @@ class MetricsLogger:
                 project=cfg.logging.wandb_project, dir=cfg.trainer.output_dir, resume="allow"
             )
         if cfg.logging.progress_bar:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from opsd_megatron.train.progress import Progress
 
-            self.progress = Progress(
-                TextColumn("[bold]opsd"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
-            self.task = self.progress.add_task(
-                "train", total=total_steps, completed=start_step, info=""
-            )
-            self.progress.start()
+            self.progress = Progress(total_steps, start_step)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -80,11 +64,11 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         if self.progress:
             info = f"loss {metrics['loss']:.4f}  len {metrics['response_length']:.0f}  lr {metrics['lr']:.2e}"
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(step, info)
 
     def close(self) -> None:
         if self.progress:
-            self.progress.stop()
+            self.progress.close()
         if self.tb:
             self.tb.close()
         if self.wandb:

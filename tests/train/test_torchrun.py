@@ -36,6 +36,7 @@ def test_torchrun_two_ranks_train_and_match_the_fp64_reference(tmp_path):
         "opsd_megatron.train.cli",
         RECIPE,
         *overrides(under, tp=2, steps=2),
+        "logging.progress_bar=true",  # into a pipe: plain lines, not a redrawn bar
     ]
     proc = subprocess.Popen(
         cmd,
@@ -46,12 +47,18 @@ def test_torchrun_two_ranks_train_and_match_the_fp64_reference(tmp_path):
         start_new_session=True,
     )  # its own process group: a hang kills the ranks too
     try:
-        _, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
+    progress = [ln for ln in out.splitlines() if ln.startswith("[opsd] step ")]
+    assert [ln.split(")")[0] for ln in progress] == [
+        "[opsd] step 1/2 (50%",
+        "[opsd] step 2/2 (100%",
+    ]
+    assert "\x1b" not in out and "\r" not in out, "no escape codes or carriage returns in a log"
     rows = metrics(under)
     assert [m["step"] for m in rows] == [1, 2] and all(m["skipped"] == 0 for m in rows)
     want = reference_first_step_loss(under)  # fp64 HF transformers on the run's own rollouts
