@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Starts a real one-node SLURM cluster on this machine (munged, slurmctld, slurmd on 127.0.0.1)
 # for tests/launch/test_real_slurm.py. Installs Debian's slurm-wlm and munge when they are missing
-# (needs root and apt). Idempotent: does nothing when `sinfo` already answers. Never fatal for CI:
-# when it cannot start a cluster it says why and the real-SLURM tests skip.
+# (needs root and apt). Idempotent: does nothing when `sinfo` already answers. When it cannot start
+# a cluster it says why; under CI=true that is a failure (exit 1: CI must not go green with the
+# real-SLURM tests skipped), elsewhere the real-SLURM tests skip.
 set -uo pipefail
+
+give_up() {
+  echo "[slurm] $1"
+  if [[ ${CI:-} == true ]]; then echo "[slurm] CI=true: a cluster that does not start fails CI"; exit 1; fi
+  echo "[slurm] the real-SLURM tests will skip"; exit 0
+}
 
 if timeout 5 sinfo -h >/dev/null 2>&1; then echo "[slurm] cluster already up"; exit 0; fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-    echo "[slurm] slurm-wlm/munge missing and cannot apt-get install them (not root or no apt); skipping"; exit 0
+    give_up "slurm-wlm/munge missing and cannot apt-get install them (not root or no apt)"
   fi
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/tmp/slurm-apt.log 2>&1 \
-    || { echo "[slurm] apt-get install failed (see /tmp/slurm-apt.log); skipping"; exit 0; }
+    || give_up "apt-get install failed: $(tail -n 3 /tmp/slurm-apt.log | tr '\n' ' ')"
 fi
 
 host=$(hostname -s)
@@ -55,5 +62,5 @@ for _ in $(seq 1 30); do
   if sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then echo "[slurm] one-node cluster up on ${host}"; exit 0; fi
   sleep 1
 done
-echo "[slurm] cluster did not come up; logs in /var/log/slurm"; sinfo 2>&1 | head -5
-exit 0
+sinfo 2>&1 | head -5
+give_up "cluster did not come up in 30 s: $(tail -n 3 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log 2>/dev/null | tr '\n' ' ')"

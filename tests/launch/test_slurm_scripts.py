@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted((ROOT / "launch").glob("*.slurm")) + [ROOT / "launch" / "common.sh"]
+SCRIPTS = [
+    *sorted((ROOT / "launch").glob("*.slurm")),
+    ROOT / "launch" / "common.sh",
+    ROOT / ".ci" / "run",
+    ROOT / ".ci" / "slurm_cluster.sh",
+    ROOT / "bench" / "gpu.sh",
+]
 FAKE_SRUN = """#!/usr/bin/env bash
 while [[ "$1" == --* ]]; do shift; done   # drop srun's own options
 exec "$@"
@@ -120,3 +126,28 @@ def test_preemption_warning_checkpoints_and_requeues(tmp_path):
         int(ln.split('"step": ')[1].split(",")[0])
         for ln in (out / "metrics.jsonl").read_text().splitlines()
     ] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_cluster_that_cannot_start_fails_ci_and_is_skipped_elsewhere(tmp_path, ci):
+    """.ci/slurm_cluster.sh where sinfo does not answer, slurm is not installed and this is not
+    root: under CI=true it exits 1 saying why; elsewhere 0 (the real-SLURM tests then skip)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "timeout", "tail", "tr", "cat", "mkdir", "seq", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, body in (("id", "echo 1000"), ("sinfo", "exit 1")):
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    res = subprocess.run(
+        [str(bin_dir / "bash"), str(ROOT / ".ci" / "slurm_cluster.sh")],
+        env={"PATH": str(bin_dir), "CI": ci},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "cannot apt-get install them" in res.stdout, res.stdout + res.stderr
+    if ci == "true":
+        assert res.returncode == 1 and "fails CI" in res.stdout
+    else:
+        assert res.returncode == 0 and "will skip" in res.stdout
