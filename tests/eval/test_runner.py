@@ -41,6 +41,35 @@ def test_eval_report_at_tp2(tmp_path):
         assert r["verdict"] == per_problem[r["id"]]["correct"][r["sample"]]
         assert r["extracted"] == per_problem[r["id"]]["extracted"][r["sample"]]
         assert "<|im_end|>" not in r["text"]
+        assert "Reference Solution" not in r["prompt"]
+    # eval.with_reference=true: the same problems through the teacher's prompt (problem + solution)
+    run_distributed(
+        _rank_entry,
+        2,
+        RECIPE,
+        [
+            f"trainer.output_dir={tmp_path}",
+            *EVAL,
+            "eval.save_outputs=true",
+            "eval.with_reference=true",
+        ],
+        None,
+        "with_ref",
+    )
+    from opsd_megatron.config import load_config
+    from opsd_megatron.data.benchmarks import load_benchmark
+
+    problems = {
+        r["id"]: r for r in load_benchmark("synthetic:arith:6", load_config(RECIPE).eval)[1]
+    }
+    ref_rows = [
+        json.loads(ln) for ln in (tmp_path / "eval" / "with_ref.jsonl").read_text().splitlines()
+    ]
+    assert len(ref_rows) == 12
+    for r in ref_rows:
+        p = problems[r["id"]]
+        assert "=== Reference Solution Begin ===" in r["prompt"] and p["solution"] in r["prompt"]
+        assert p["problem"] in r["prompt"]
 
 
 def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
