@@ -30,7 +30,7 @@ def build_algorithm(
             cfg.grpo,
             cfg.rollout.logprob_distribution,
             teacher,
-            Grader(cfg.eval.grade_timeout),
+            Grader(cfg.eval.grade_timeout, cfg.eval.answer_format),  # the reward reads as eval
             vocab_size,
         )
     raise ValueError(f"algorithm must be opsd|sft|grpo, got {cfg.algorithm!r}")

@@ -16,7 +16,7 @@ from opsd_megatron.algorithms.base import Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import GRPOConfig
-from opsd_megatron.data.grading import Grader, last_boxed
+from opsd_megatron.data.grading import Grader, reference_answer
 from opsd_megatron.losses import vocab_parallel_token_logprobs
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.teacher import Teacher
@@ -69,7 +69,7 @@ class GRPO:
                     bool(
                         self.grader.grade(
                             tok.decode(r, skip_special_tokens=True),
-                            p.get("answer") or last_boxed(p["solution"]) or "",
+                            p.get("answer") or reference_answer(p["solution"]) or "",
                         ).correct
                     )
                 )

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from opsd_megatron.config.base import ConfigError
+
+
+def check_answer_format(fmt: str) -> None:
+    """``eval.answer_format``: boxed | last_number | gsm8k | regex:<pattern> (at most one group)."""
+    if fmt in ("boxed", "last_number", "gsm8k"):
+        return
+    if not fmt.startswith("regex:"):
+        raise ConfigError(
+            f"eval.answer_format must be boxed|last_number|gsm8k|regex:<pattern>, got {fmt!r}"
+        )
+    try:
+        groups = re.compile(fmt[len("regex:") :]).groups
+    except re.error as err:
+        raise ConfigError(f"eval.answer_format={fmt!r}: bad regex ({err})") from None
+    if groups > 1:
+        raise ConfigError(f"eval.answer_format={fmt!r}: use at most one group")
 
 
 @dataclass
@@ -173,6 +190,9 @@ class EvalConfig:
         False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
     )
     max_problems: Optional[int] = None
+    # how the prediction is read from a sample (also GRPO's reward): boxed | last_number | gsm8k |
+    # regex:<pattern> (data/grading.py); models that never write \boxed{} need another
+    answer_format: str = "boxed"
     n_samples: int = 16
     ks: list = field(default_factory=lambda: [1, 4, 8, 16])
     temperature: float = 1.2  # 0: greedy decoding
@@ -204,3 +224,4 @@ class EvalConfig:
                 f"eval: need interval >= 0, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1 "
                 f"(got {self.interval}, {self.max_new_tokens}, {self.temperature}, {self.top_p})"
             )
+        check_answer_format(self.answer_format)

@@ -1,6 +1,9 @@
 """Grade a model output against a reference answer.
 
-The prediction is the content of the *last* ``\\boxed{...}`` (balanced braces; ``\\fbox`` too).
+The prediction is extracted by ``eval.answer_format``: ``boxed`` (default) the content of the
+*last* ``\\boxed{...}`` (balanced braces; ``\\fbox`` too); ``last_number`` the last number in the
+text (``1,234``, ``-3.5``, ``3/4``; for models that write "So, the answer is 3."); ``gsm8k`` the
+number after the last ``####``; ``regex:<pattern>`` the last match (its first group if it has one).
 It is checked with math-verify (symbolic equivalence) under a hard per-item timeout, with
 normalised string equality as the fallback. Free-text answers (AMO-Bench's
 ``answer_type: description``) are reported as ungraded (``correct=None``), never counted.
@@ -13,6 +16,8 @@ import multiprocessing as mp
 import re
 from dataclasses import dataclass
 
+from opsd_megatron.config.algorithm_sections import check_answer_format
+
 MAX_BOX_CHARS = 2000  # longer "answers" are not answers; keeps sympy away from pathological input
 UNGRADED_TYPES = {"description"}
 
@@ -21,7 +26,37 @@ UNGRADED_TYPES = {"description"}
 class Grade:
     correct: bool | None  # None: ungraded (free-text answer)
     extracted: str | None
-    method: str  # math_verify | string | no_box | ungraded | timeout | too_long
+    method: str  # math_verify | string | no_answer | ungraded | timeout | too_long
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
+_GSM8K = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def extract_answer(text: str, answer_format: str = "boxed") -> str | None:
+    """The prediction in ``text`` under ``answer_format`` (see the module docstring), or None."""
+    if answer_format == "boxed":
+        return last_boxed(text)
+    if answer_format == "gsm8k":
+        found = _GSM8K.findall(text)
+        return found[-1].replace(",", "") if found else None
+    if answer_format == "last_number":
+        found = _NUMBER.findall(text)
+        return found[-1].replace(",", "") if found else None
+    if answer_format.startswith("regex:"):
+        matches = list(re.finditer(answer_format[len("regex:") :], text))
+        if not matches:
+            return None
+        m = matches[-1]
+        return (m.group(1) if m.re.groups else m.group(0)).strip()
+    check_answer_format(answer_format)  # raises: an unknown format
+    raise AssertionError(answer_format)
+
+
+def reference_answer(solution: str) -> str | None:
+    """The final answer written in a reference solution: its last ``\\boxed{}`` (MATH) or its
+    ``#### N`` line (GSM8K)."""
+    return last_boxed(solution) or extract_answer(solution, "gsm8k")
 
 
 def last_boxed(text: str) -> str | None:
@@ -76,8 +111,9 @@ def _grade_one(answer: str, extracted: str) -> tuple[bool, str]:
 class Grader:
     """Grades in a worker process so that a hanging sympy call is killed after ``timeout`` s."""
 
-    def __init__(self, timeout: float = 10.0):
-        self.timeout = timeout
+    def __init__(self, timeout: float = 10.0, answer_format: str = "boxed"):
+        check_answer_format(answer_format)
+        self.timeout, self.answer_format = timeout, answer_format
         self._pool = None
 
     def _executor(self):
@@ -93,11 +129,11 @@ class Grader:
         self._pool = None
 
     def grade(self, output: str, answer: str, answer_type: str | None = None) -> Grade:
+        extracted = extract_answer(output, self.answer_format)
         if answer_type in UNGRADED_TYPES:
-            return Grade(None, last_boxed(output), "ungraded")
-        extracted = last_boxed(output)
+            return Grade(None, extracted, "ungraded")
         if extracted is None:
-            return Grade(False, None, "no_box")
+            return Grade(False, None, "no_answer")
         if len(extracted) > MAX_BOX_CHARS:
             return Grade(False, extracted[:100], "too_long")
         if _normalise(answer) == _normalise(extracted):

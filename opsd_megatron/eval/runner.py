@@ -85,7 +85,9 @@ def evaluate(
 
     report = {"benchmarks": {}}
     samples = []  # eval.save_outputs: one row per generated sample
-    grader = Grader(cfg.eval.grade_timeout) if dist.get_rank() == 0 else None
+    grader = (
+        Grader(cfg.eval.grade_timeout, cfg.eval.answer_format) if dist.get_rank() == 0 else None
+    )
     try:
         for spec in cfg.eval.benchmarks:
             name, rows = load_benchmark(spec, cfg.eval)

@@ -47,7 +47,7 @@ def test_equivalent_forms_and_last_box_wins(grader):
 
 
 def test_pathological_outputs(grader):
-    assert grader.grade("no box at all", "1").method == "no_box"
+    assert grader.grade("no box at all", "1").method == "no_answer"
     assert last_boxed("\\boxed{\\frac{a}{\\sqrt{b}}}") == "\\frac{a}{\\sqrt{b}}"
     assert last_boxed("\\boxed{unbalanced") is None and last_boxed("\\boxed 7 apples") == "7"
     assert grader.grade("x" * 100_000 + " \\boxed{7}", "7").correct
@@ -137,3 +137,53 @@ def test_equivalences_that_need_math_verify_and_near_misses(grader):
     assert len(accepted) == len(NEEDS_MATH_VERIFY), set(NEEDS_MATH_VERIFY) - set(accepted)
     assert methods == {"math_verify"}, methods
     assert len(rejected) == len(NOT_EQUAL), set(NOT_EQUAL) - set(rejected)
+
+
+GSM8K = MATH500.parent / "gsm8k_test.jsonl"
+EXTRACTIONS = [
+    ("last_number", "So, the answer is 3.", "3"),
+    ("last_number", "12 + 7 = 19", "19"),
+    ("last_number", "She pays $1,234.50 in total.", "1234.50"),
+    ("last_number", "It drops to -3.5 degrees", "-3.5"),
+    ("last_number", "3/4 of them", "3/4"),
+    ("last_number", "the x2 model, v1.5", None),  # digits inside words or versions are not numbers
+    ("last_number", "no digits here", None),
+    ("gsm8k", "He has 9.\n#### 1,000", "1000"),
+    ("gsm8k", "#### -5", "-5"),
+    ("gsm8k", "The answer is 7", None),
+    ("regex:answer is (\\S+?)\\.", "I think the answer is 42. Done.", "42"),
+    ("regex:\\d+", "1 then 22 then 333", "333"),
+    ("boxed", "so \\boxed{\\frac12} and 3", "\\frac12"),
+    ("boxed", "So, the answer is 3.", None),
+]
+
+
+@pytest.mark.parametrize("fmt,text,want", EXTRACTIONS)
+def test_answer_formats_extract_what_they_say(fmt, text, want):
+    from opsd_megatron.data.grading import extract_answer
+
+    assert extract_answer(text, fmt) == want
+
+
+def test_answer_format_is_a_graded_choice(grader):
+    from opsd_megatron.config import ConfigError, EvalConfig
+
+    with Grader(timeout=5, answer_format="last_number") as plain:
+        assert plain.grade("So, the answer is 18.", "18").correct is True
+        assert plain.grade("18 or so, maybe 19", "18").correct is False
+    assert grader.grade("So, the answer is 18.", "18").method == "no_answer", "boxed by default"
+    for bad in ("words", "regex:(", "regex:(a)(b)"):
+        with pytest.raises(ConfigError, match="answer_format"):
+            EvalConfig(answer_format=bad)
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="shared data not present")
+def test_gsm8k_reference_solutions_give_their_answer():
+    from opsd_megatron.data.grading import reference_answer
+
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    read = [reference_answer(r["solution"]) for r in rows]
+    assert all(got == r["answer"] for got, r in zip(read, rows)), [
+        (r["id"], got, r["answer"]) for got, r in zip(read, rows) if got != r["answer"]
+    ][:5]
+    print(f"GSM8K: {len(rows)} of {len(rows)} '#### N' reference answers read")
