@@ -3,7 +3,9 @@ character tokenizer with a Qwen3-style chat template, so the tiny recipes need n
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 from typing import Protocol
 
 BUILTIN = "builtin:arith"
@@ -63,11 +65,21 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
 
 
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+
+
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
-    """Token ids that end a response: EOS and Qwen's <|im_end|> / <|endoftext|> where present."""
+    """Token ids that end a response: EOS, the chat templates' end-of-turn tokens the vocabulary
+    has (ChatML's <|im_end|>, Llama-3's <|eot_id|>, ...), and the ``eos_token_id`` (one or a list)
+    of the ``generation_config.json`` beside the tokenizer — what the model was released to stop
+    on."""
     ids = {tokenizer.eos_token_id}
-    for t in ("<|im_end|>", "<|endoftext|>"):
+    for t in END_OF_TURN:
         tid = tokenizer.convert_tokens_to_ids(t)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
-    return sorted(i for i in ids if i is not None)
+    gen = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if isinstance(i, int))

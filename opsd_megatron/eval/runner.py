@@ -17,9 +17,11 @@ from opsd_megatron.data.benchmarks import load_benchmark
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import chat_prompt_ids
 from opsd_megatron.data.tokenizer import Tokenizer, stop_token_ids
+from opsd_megatron.errors import UserError
 from opsd_megatron.eval.metrics import summarize
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.platform.parallel import ParallelGroups
+from opsd_megatron.platform.progress import Progress
 from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
 
@@ -34,9 +36,11 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
 
 
 def _generate(
-    model, tokenizer, cfg, rows, stop_ids, vocab_size, with_reference, groups
+    model, tokenizer, cfg, rows, stop_ids, arch, with_reference, groups, name="eval"
 ) -> list[list[str]]:
-    e = cfg.eval
+    """Every sample's text. New tokens are capped so prompt + new tokens stay within the model's
+    ``max_position_embeddings`` (said once); rank 0 shows the batches' progress."""
+    e, limit, vocab_size = cfg.eval, arch.max_position_embeddings, arch.vocab_size
     sampler = MegatronSampler(
         model,
         temperature=e.temperature,
@@ -50,16 +54,37 @@ def _generate(
     )
     dp, rank = groups.dp_size, groups.dp_rank
     jobs = [(i, s) for i in range(len(rows)) for s in range(e.n_samples)][rank::dp]
-    texts = {}
-    for start in range(0, len(jobs), e.batch_size):
+    texts, starts, capped = {}, range(0, len(jobs), e.batch_size), False
+    show = None
+    if dist.get_rank() == 0 and cfg.logging.progress_bar:
+        show = Progress(len(starts), label=f"eval {name}")
+    for n, start in enumerate(starts, 1):
         batch = jobs[start : start + e.batch_size]
         prompts = [
             chat_prompt_ids(tokenizer, _prompt_text(cfg, rows[i], with_reference), e.thinking)
             for i, _ in batch
         ]
-        out = sampler.generate(prompts, e.max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise UserError(
+                f"eval: a prompt of {name} has {longest} tokens; the model's "
+                f"max_position_embeddings is {limit}"
+            )
+        new = min(e.max_new_tokens, limit - longest)
+        if new < e.max_new_tokens and not capped and dist.get_rank() == 0:
+            print(
+                f"[opsd] eval {name}: eval.max_new_tokens={e.max_new_tokens} capped at {new} so "
+                f"prompt + new tokens fit max_position_embeddings={limit}",
+                flush=True,
+            )
+            capped = True
+        out = sampler.generate(prompts, new)
         for (i, s), resp in zip(batch, out.responses):
             texts[(i, s)] = tokenizer.decode(resp, skip_special_tokens=True)
+        if show is not None:
+            show.update(n, f"{len(batch)} samples")
+    if show is not None:
+        show.close()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, texts)
     merged = {k: v for part in gathered for k, v in part.items()}
@@ -97,9 +122,10 @@ def evaluate(
                 cfg,
                 rows,
                 stop_token_ids(tokenizer),
-                arch.vocab_size,
+                arch,
                 with_reference,
                 groups,
+                name,
             )
             if grader is None:
                 continue

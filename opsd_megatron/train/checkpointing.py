@@ -198,10 +198,11 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
 
 
 def save_base_model(c) -> Path | None:
-    """A randomly initialised run saves its initial weights once (OUT/base_model), so its student
-    can be exported to HF: tools/convert_megatron_to_hf.py --megatron-dir OUT/base_model
-    --adapters OUT/checkpoints/step_N/model. Runs from hf_dir/megatron_dir already have a base."""
-    if c.cfg.model.hf_dir or c.cfg.model.megatron_dir:
+    """A run from random init or from ``model.hf_dir`` saves its initial weights once
+    (OUT/base_model, megatron format), so every student is exported the same way:
+    tools/convert_megatron_to_hf.py --megatron-dir OUT/base_model --adapters
+    OUT/checkpoints/step_N/model. A ``model.megatron_dir`` run's base is that directory."""
+    if c.cfg.model.megatron_dir:
         return None
     target = Path(c.cfg.trainer.output_dir) / "base_model"
     if (target / "opsd_model.json").is_file():
@@ -211,7 +212,10 @@ def save_base_model(c) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    hf_config = dict(c.cfg.model.architecture, torch_dtype="float32")
+    if c.cfg.model.hf_dir:
+        hf_config = json.loads((Path(c.cfg.model.hf_dir) / "config.json").read_text())
+    else:
+        hf_config = dict(c.cfg.model.architecture, torch_dtype="float32")
     save_model_checkpoint(c.model, tmp, c.arch, hf_config, base_only=True)
     if dist.get_rank() == 0:
         c.tokenizer.save_pretrained(tmp / "tokenizer")  # the export copies it next to the weights

@@ -45,7 +45,7 @@ class MetricsLogger:
                 project=cfg.logging.wandb_project, dir=cfg.trainer.output_dir, resume="allow"
             )
         if cfg.logging.progress_bar:
-            from opsd_megatron.train.progress import Progress
+            from opsd_megatron.platform.progress import Progress
 
             self.progress = Progress(total_steps, start_step)
 

@@ -107,3 +107,19 @@ def test_default_templates_are_the_official_codes():
         "if something doesn't work out:\n\nPlease reason step by step, and put your final answer "
         "within \\boxed{}."
     )
+
+
+def test_stop_ids_come_from_the_tokenizer_and_the_generation_config(tmp_path):
+    import json
+
+    from opsd_megatron.data.tokenizer import load_tokenizer, stop_token_ids
+    from tests.models.fixtures import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert stop_token_ids(tok) == [tok.eos_token_id], "a vocabulary without end-of-turn tokens"
+    the = tok.convert_tokens_to_ids("the")  # a model released to stop on another token, too
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [the, 1]}))
+    assert stop_token_ids(load_tokenizer(str(tmp_path))) == sorted({tok.eos_token_id, the, 1})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": the}))
+    assert the in stop_token_ids(load_tokenizer(str(tmp_path)))

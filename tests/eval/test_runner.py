@@ -100,3 +100,65 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     assert other["benchmarks"] == periodic["benchmarks"]
     # (the random tiny model answers nothing right before or after 2 steps, so this shows the path
     # runs and reproduces, not that a wrong adapter would be caught: test_lora covers the loading)
+
+
+def _generate_with_a_recording_sampler(limit: int):
+    """Rank function: the runner's generation loop with a stand-in sampler that records how many
+    new tokens each batch was allowed, under a model limit of ``limit`` positions."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from opsd_megatron.config import load_config
+    from opsd_megatron.data.benchmarks import load_benchmark
+    from opsd_megatron.eval import runner
+    from opsd_megatron.models.from_config import arch_of
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout.base import RolloutResult
+
+    asked = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, max_new_tokens, seeds=None):
+            asked.append((max(len(p) for p in prompts), max_new_tokens))
+            return RolloutResult(
+                [[5]] * len(prompts), [[0.0]] * len(prompts), [True] * len(prompts)
+            )
+
+    runner.MegatronSampler = Recording
+    groups = initialize_model_parallel(1, 1)
+    cfg = load_config(
+        RECIPE, [*EVAL, "eval.max_new_tokens=500", "eval.batch_size=6", "logging.progress_bar=true"]
+    )
+    arch = dataclasses.replace(arch_of(cfg.model), max_position_embeddings=limit)
+    rows = load_benchmark("synthetic:arith:6", cfg.eval)[1]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            runner._generate(None, runner_tok(cfg), cfg, rows, [1], arch, False, groups, "arith")
+        except Exception as err:  # noqa: BLE001 - returned for the test to read
+            return asked, printed.getvalue(), str(err)
+    return asked, printed.getvalue(), None
+
+
+def runner_tok(cfg):
+    from opsd_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.model.tokenizer)
+
+
+def test_eval_caps_new_tokens_at_the_model_limit_and_shows_progress():
+    asked, printed, err = run_distributed(_generate_with_a_recording_sampler, 1, 400)[0]
+    assert err is None and len(asked) == 2, (asked, err)  # 6 problems x 2 samples, batches of 6
+    assert all(prompt + new == 400 for prompt, new in asked), asked
+    assert printed.count("capped at") == 1 and "max_position_embeddings=400" in printed
+    progress = [ln for ln in printed.splitlines() if ln.startswith("[opsd] eval arith ")]
+    assert [ln.split(")")[0] for ln in progress] == [
+        "[opsd] eval arith 1/2 (50%",
+        "[opsd] eval arith 2/2 (100%",
+    ]
+    _, _, err = run_distributed(_generate_with_a_recording_sampler, 1, 20)[0]
+    assert err and "max_position_embeddings is 20" in err, err

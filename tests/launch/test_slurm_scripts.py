@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch.test_real_slurm import _cluster_up
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     *sorted((ROOT / "launch").glob("*.slurm")),
@@ -69,6 +71,15 @@ ARGS = [
 ]
 
 
+# With a real idle cluster (CI: .ci/slurm_cluster.sh) tests/launch/test_real_slurm.py runs the same
+# script through sbatch, srun and scontrol for real; the stand-ins' runs below would repeat it.
+covered_by_real_slurm = pytest.mark.skipif(
+    _cluster_up() is None,
+    reason="a real SLURM cluster is up: test_real_slurm.py runs this for real",
+)
+
+
+@covered_by_real_slurm
 def test_tiny_job_runs_and_writes_metrics_and_checkpoint(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
@@ -84,6 +95,7 @@ def test_tiny_job_runs_and_writes_metrics_and_checkpoint(tmp_path):
     assert not (tmp_path / "scontrol.log").exists(), "a finished job is not requeued"
 
 
+@covered_by_real_slurm
 def test_preemption_warning_checkpoints_and_requeues(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from opsd_megatron.train.progress import Progress
+from opsd_megatron.platform.progress import Progress
 
 LINE = re.compile(r"^\[opsd\] step (\d+)/100 \((\d+)%\)  loss 0\.\d{4}  eta \d+m\d\ds$")
 

@@ -93,6 +93,13 @@ def test_a_run_from_hf_dir_starts_from_those_weights(tmp_path):
     run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
     want = reference_first_step_loss(out)
     assert abs(metrics(out)[0]["loss"] - want) <= 1e-5 * want, (metrics(out)[0]["loss"], want)
+    # its base is saved like a random-init run's, so it exports the same way: base + adapters
+    from opsd_megatron.models.convert import convert_megatron_to_hf
+    from tests.models.test_conversion import _tensors
+
+    convert_megatron_to_hf(out / "base_model", tmp_path / "base_hf", dtype="float32")
+    base, src = _tensors(tmp_path / "base_hf"), _tensors(hf_dir)
+    assert base.keys() == src.keys() and all(torch.equal(base[k], src[k]) for k in src)
 
 
 def _run_with_a_nan_at_step_2(recipe, args):

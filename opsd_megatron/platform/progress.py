@@ -1,5 +1,6 @@
-"""Training progress for a person watching: a rich bar on a terminal; in a log file (SLURM, CI,
-``| tee``) plain lines instead — a redrawn bar there is carriage returns and escape codes."""
+"""Progress of long work (training steps, evaluation batches) for a person watching: a rich bar on
+a terminal; in a log file (SLURM, CI, ``| tee``) plain lines instead — a redrawn bar there is
+carriage returns and escape codes."""
 
 from __future__ import annotations
 
@@ -16,12 +17,20 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """``update(step, info)`` after each step; ``close()`` at the end. ``stream``: where it goes
-    (default stdout); ``terminal``: override the TTY check (tests)."""
+    """``update(step, info)`` after each step; ``close()`` at the end. ``label``: what is counted
+    ("step", "eval gsm8k"); ``stream``: where it goes (default stdout); ``terminal``: override
+    the TTY check (tests)."""
 
-    def __init__(self, total: int, start: int, stream=None, terminal: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        label: str = "step",
+        stream=None,
+        terminal: bool | None = None,
+    ):
         self.stream = stream or sys.stdout
-        self.total, self.start, self.t0 = total, start, time.monotonic()
+        self.total, self.start, self.label, self.t0 = total, start, label, time.monotonic()
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.every = max(1, (total - start) // PLAIN_LINES)
         self.bar = None
@@ -36,7 +45,7 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
-                TextColumn("[bold]opsd"),
+                TextColumn(f"[bold]opsd {label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
@@ -56,7 +65,7 @@ class Progress:
         eta = (time.monotonic() - self.t0) / max(done, 1) * (self.total - step)
         pct = 100 * step // max(self.total, 1)
         print(
-            f"[opsd] step {step}/{self.total} ({pct}%)  {info}  eta {_duration(eta)}",
+            f"[opsd] {self.label} {step}/{self.total} ({pct}%)  {info}  eta {_duration(eta)}",
             file=self.stream,
             flush=True,
         )
