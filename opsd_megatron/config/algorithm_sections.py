@@ -70,12 +70,20 @@ class VLLMConfig:
         kv = self.kv_cache_gb * 2**30 if self.kv_cache_gb else kv_bytes
         return (weights_bytes + kv + self.overhead_gb * 2**30) / self.memory_fraction
 
-    def engine_memory(self, free_bytes: int, total_bytes: int) -> dict:
-        """vLLM's memory arguments from the memory free now (after the trainer is built):
-        ``gpu_memory_utilization`` is a fraction of the *total* that vLLM checks is free at start,
-        so it is ``memory_fraction`` of the free memory expressed over the total; an explicit KV
-        cache size goes to ``kv_cache_memory_bytes`` (vLLM 0.32 then skips profiling for it)."""
-        out = {"gpu_memory_utilization": self.memory_fraction * free_bytes / total_bytes}
+    def engine_memory(self, free_bytes: int, total_bytes: int, reserve_bytes: int = 0) -> dict:
+        """vLLM's memory arguments from the memory free now (after the trainer is built), less
+        ``reserve_bytes`` the trainer will still allocate (Adam's moments appear at the first
+        step): ``gpu_memory_utilization`` is a fraction of the *total* that vLLM checks is free at
+        start, so it is ``memory_fraction`` of that free memory expressed over the total; an
+        explicit KV cache size goes to ``kv_cache_memory_bytes`` (vLLM 0.32 then skips profiling)."""
+        free = free_bytes - reserve_bytes
+        if free <= 0:
+            raise ConfigError(
+                f"rollout.engine=vllm: {free_bytes / 2**30:.1f} GiB free once the trainer is built "
+                f"and {reserve_bytes / 2**30:.1f} GiB still to come for the optimizer: nothing "
+                f"left for vLLM (run opsd-plan for a layout that fits)"
+            )
+        out = {"gpu_memory_utilization": self.memory_fraction * free / total_bytes}
         if self.kv_cache_gb:
             out["kv_cache_memory_bytes"] = int(self.kv_cache_gb * 2**30)
         return out

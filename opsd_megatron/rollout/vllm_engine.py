@@ -132,8 +132,10 @@ class VLLMEngine:
         stop_ids: list[int],
         groups: ParallelGroups,
         longest_prompt: int = 0,
+        reserve_bytes: int = 0,
     ):
-        """``longest_prompt``: the longest student prompt of the data (tokens), for max_model_len."""
+        """``longest_prompt``: the longest student prompt of the data (tokens), for max_model_len;
+        ``reserve_bytes``: GPU memory the trainer allocates after vLLM starts (Adam's moments)."""
         vllm = _require_vllm()
 
         r, v = cfg.rollout, cfg.rollout.vllm
@@ -169,7 +171,7 @@ class VLLMEngine:
                 enforce_eager=v.enforce_eager,
                 logprobs_mode="processed_logprobs",
                 trust_remote_code=False,
-                **(v.engine_memory(*memory) if memory else {}),
+                **(v.engine_memory(*memory, reserve_bytes) if memory else {}),
                 **lora,
             )
         self.stop_ids = list(stop_ids)

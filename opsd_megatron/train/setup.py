@@ -61,8 +61,20 @@ def _sampler(
         from opsd_megatron.rollout.vllm_engine import VLLMEngine
 
         longest = max(len(student_prompt_ids(tokenizer, cfg.data, p["problem"])) for p in problems)
+        # Adam's two fp32 moments per trainable parameter appear at the first step, after vLLM
+        # has taken its share of the free memory (sharded over DP by the distributed optimizer)
+        moments = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if cfg.optimizer.use_distributed():
+            moments //= groups.dp_size
         return VLLMEngine(
-            model, arch, cfg, tokenizer, stop_token_ids(tokenizer), groups, longest_prompt=longest
+            model,
+            arch,
+            cfg,
+            tokenizer,
+            stop_token_ids(tokenizer),
+            groups,
+            longest_prompt=longest,
+            reserve_bytes=moments,
         )
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 

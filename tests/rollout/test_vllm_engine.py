@@ -112,7 +112,7 @@ def test_vllm_rollouts_are_identical_on_every_pipeline_stage(tmp_path):
 
 
 def test_vllm_start_up_arguments_are_computed():
-    from opsd_megatron.config import VLLMConfig
+    from opsd_megatron.config import ConfigError, VLLMConfig
     from opsd_megatron.errors import UserError
     from opsd_megatron.rollout.vllm_engine import global_rng_preserved, vllm_lora_rank
 
@@ -134,6 +134,10 @@ def test_vllm_start_up_arguments_are_computed():
     assert VLLMConfig(max_model_len=8192).model_len(300, 2048, 4096) == 4096
     gib = 2**30
     mem = v.engine_memory(40 * gib, 80 * gib)  # half the GPU taken by the trainer
+    held_back = v.engine_memory(40 * gib, 80 * gib, reserve_bytes=8 * gib)  # Adam's moments
+    assert held_back["gpu_memory_utilization"] == pytest.approx(0.9 * 32 / 80)
+    with pytest.raises(ConfigError, match="nothing left for vLLM"):
+        v.engine_memory(4 * gib, 80 * gib, reserve_bytes=5 * gib)
     assert mem == {"gpu_memory_utilization": pytest.approx(0.45)}, "a share of the free memory"
     assert (
         VLLMConfig(kv_cache_gb=6.0).engine_memory(40 * gib, 80 * gib)["kv_cache_memory_bytes"]
