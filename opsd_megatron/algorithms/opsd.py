@@ -49,7 +49,7 @@ class OPSD:
         for k, mb in enumerate(mbs):
             rows = slice(k * micro, (k + 1) * micro)
             prompts = [
-                teacher_prompt_ids(tok, self.data, p["problem"], p["solution"])
+                teacher_prompt_ids(tok, self.data, p["problem"], p["solution"], p.get("answer"))
                 for p in rollouts.problems[rows]
             ]
             teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)

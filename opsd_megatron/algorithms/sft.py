@@ -32,7 +32,7 @@ class SFT:
         student = src.student_prompts(problems)
         frac = self.sft.teacher_prompt_fraction
         prompts = [
-            teacher_prompt_ids(tok, src.data, p["problem"], p["solution"])
+            teacher_prompt_ids(tok, src.data, p["problem"], p["solution"], p.get("answer"))
             if (zlib.crc32(f"{step}:{i}".encode()) % 1000) < frac * 1000
             else student[i]
             for i, p in enumerate(problems)

@@ -7,6 +7,22 @@ from typing import Any, Optional
 
 from opsd_megatron.config.base import ConfigError, at_least
 
+SOLUTION_TEACHER_TEMPLATE = (
+    "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+    "{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you "
+    "truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words "
+    "and independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
+    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
+    "Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+ANSWER_TEACHER_TEMPLATE = (
+    "Problem: {problem}\n\nThe final answer to this problem is: {answer}\n\n"
+    "Now, using your own reasoning, derive this answer to the problem above. Think step by step, "
+    "explore different approaches, and don't be afraid to backtrack or reconsider if something "
+    "doesn't work out:\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+)
+TEACHER_CONTEXTS = ("solution", "answer", "custom")
+
 
 @dataclass
 class DataConfig:
@@ -24,16 +40,34 @@ class DataConfig:
         "Problem: {problem}\n\nPlease reason step by step, and put your final answer within "
         "\\boxed{{}}."
     )
-    teacher_template: str = (
-        "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
-        "{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you "
-        "truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words "
-        "and independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
-        "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
-        "Please reason step by step, and put your final answer within \\boxed{{}}."
-    )
+    # The teacher's prompt. ``solution`` (the paper's): problem + the full reference solution;
+    # ``answer``: problem + only its final answer (less context: Kim et al. 2026, arXiv 2603.24472,
+    # find a richly conditioned teacher suppresses the student's expressions of uncertainty);
+    # ``custom``: data.teacher_template as written ({problem}, {solution}, {answer} available).
+    teacher_context: str = "solution"
+    teacher_template: str = SOLUTION_TEACHER_TEMPLATE
     student_thinking: bool = False
     teacher_thinking: bool = True
+
+    def __post_init__(self):
+        if self.teacher_context not in TEACHER_CONTEXTS:
+            raise ConfigError(
+                f"data.teacher_context must be solution|answer|custom, got {self.teacher_context!r}"
+            )
+        if self.teacher_context == "answer":
+            if self.teacher_template not in (SOLUTION_TEACHER_TEMPLATE, ANSWER_TEACHER_TEMPLATE):
+                raise ConfigError(
+                    "data.teacher_context=answer brings its own template: set "
+                    "data.teacher_context=custom to use data.teacher_template instead"
+                )
+            self.teacher_template = ANSWER_TEACHER_TEMPLATE
+        for field in ("{problem}",):
+            if field not in self.teacher_template:
+                raise ConfigError(f"data.teacher_template must contain {field}")
+
+    @property
+    def teacher_uses_answer(self) -> bool:
+        return "{answer}" in self.teacher_template
 
 
 @dataclass

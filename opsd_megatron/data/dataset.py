@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from opsd_megatron.data.grading import reference_answer
 from opsd_megatron.data.sources import DataError, read_dataset, read_rows_file, resolve
 from opsd_megatron.data.synthetic import addition_problems
 
@@ -78,12 +79,23 @@ def load_problems(cfg, count_tokens=None) -> ProblemSet:
         ):
             result.dropped_too_long += 1
             continue
+        answer = row.get("answer")
+        answer = str(answer) if answer not in (None, "") else reference_answer(solution)
+        if answer is None and cfg.teacher_uses_answer:
+            err = DataError(
+                f"{where}: data.teacher_template uses {{answer}}, but the row has no 'answer' and "
+                f"its solution no \\boxed{{}} or '#### N' line"
+            )
+            if not cfg.skip_malformed:
+                raise err
+            result.skipped_malformed += 1
+            continue
         result.rows.append(
             {
                 "id": str(row.get("id", where)),
                 "problem": problem,
                 "solution": solution,
-                "answer": row.get("answer"),
+                "answer": answer,
             }
         )
     if not result.rows:

@@ -35,9 +35,12 @@ def student_prompt_ids(tokenizer, data_cfg, problem: str) -> list[int]:
     )
 
 
-def teacher_prompt_ids(tokenizer, data_cfg, problem: str, solution: str) -> list[int]:
-    """The teacher's prompt: problem + reference solution in ``data.teacher_template``, chat-formatted."""
-    text = data_cfg.teacher_template.format(problem=problem, solution=solution)
+def teacher_prompt_ids(
+    tokenizer, data_cfg, problem: str, solution: str, answer: str | None = None
+) -> list[int]:
+    """The teacher's prompt: problem + reference (solution and/or final answer, as
+    ``data.teacher_template`` / ``data.teacher_context`` say), chat-formatted."""
+    text = data_cfg.teacher_template.format(problem=problem, solution=solution, answer=answer)
     return chat_prompt_ids(tokenizer, text, data_cfg.teacher_thinking)
 
 

@@ -32,7 +32,9 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
         raise ValueError(
             f"eval.with_reference needs a '{cfg.eval.solution_field}' for problem {row['id']}"
         )
-    return cfg.data.teacher_template.format(problem=row["problem"], solution=row["solution"])
+    return cfg.data.teacher_template.format(
+        problem=row["problem"], solution=row["solution"], answer=row["answer"]
+    )
 
 
 def _generate(

@@ -123,3 +123,50 @@ def test_stop_ids_come_from_the_tokenizer_and_the_generation_config(tmp_path):
     assert stop_token_ids(load_tokenizer(str(tmp_path))) == sorted({tok.eos_token_id, the, 1})
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": the}))
     assert the in stop_token_ids(load_tokenizer(str(tmp_path)))
+
+
+def test_teacher_context_solution_answer_and_custom(tmp_path):
+    import json
+
+    from opsd_megatron.config import ConfigError, DataConfig
+    from opsd_megatron.data.dataset import DataError, load_problems
+    from opsd_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin:arith")
+    solution = "12+30: 2+0=2, 1+3=4. \\boxed{42}"
+    full = tok.decode(teacher_prompt_ids(tok, DataConfig(), "12+30", solution, "42"))
+    assert solution in full and "Reference Solution Begin" in full  # the paper's default
+    answer_only = DataConfig(teacher_context="answer")
+    text = tok.decode(teacher_prompt_ids(tok, answer_only, "12+30", solution, "42"))
+    assert "The final answer to this problem is: 42" in text and "2+0=2" not in text
+    custom = DataConfig(
+        teacher_context="custom", teacher_template="{problem} ({answer}) {solution}"
+    )
+    text = tok.decode(teacher_prompt_ids(tok, custom, "12+30", solution, "42"))
+    assert f"12+30 (42) {solution}" in text
+    with pytest.raises(ConfigError, match="teacher_context=answer brings its own template"):
+        DataConfig(teacher_context="answer", teacher_template="{problem} {solution}")
+    with pytest.raises(ConfigError, match="solution\\|answer\\|custom"):
+        DataConfig(teacher_context="hint")
+    # answers come from the row, else from the solution (\boxed{} or '#### N'); none: named
+    rows = [
+        {"problem": "a", "solution": "so \\boxed{7}"},
+        {"problem": "b", "solution": "so\n#### 8"},
+        {"problem": "c", "solution": "no final answer written", "answer": 9},
+        {"problem": "d", "solution": "no final answer written"},
+    ]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(f), teacher_context="answer", skip_malformed=True)
+    loaded = load_problems(cfg)
+    assert sorted((r["problem"], r["answer"]) for r in loaded.rows) == [
+        ("a", "7"),
+        ("b", "8"),
+        ("c", "9"),
+    ]
+    assert loaded.skipped_malformed == 1
+    with pytest.raises(DataError, match=r"d.jsonl:4: data.teacher_template uses \{answer\}"):
+        load_problems(DataConfig(source=str(f), teacher_context="answer"))
+    assert len(load_problems(DataConfig(source=str(f))).rows) == 4, (
+        "the solution context needs none"
+    )

@@ -99,6 +99,7 @@ def reference_step(
     beta: float = 0.5,
     loss: dict | None = None,
     teacher_weights: dict[str, torch.Tensor] | None = None,
+    cfg_overrides: tuple[str, ...] = (),
 ) -> tuple[float, float]:
     """(loss, gradient norm) of step ``step`` from the weights saved after the step before.
     ``loss``: the run's loss section (kind, temperature, term_clip, reduction); ``teacher_weights``:
@@ -109,7 +110,7 @@ def reference_step(
     from opsd_megatron.data.tokenizer import load_tokenizer
 
     loss = loss or {}
-    cfg = load_config(RECIPE, [f"trainer.output_dir={out}"])
+    cfg = load_config(RECIPE, [f"trainer.output_dir={out}", *cfg_overrides])
     teacher = hf_initial_model(cfg)
     if teacher_weights is not None:
         teacher = _peft_student(cfg, lora, teacher_weights)
@@ -127,7 +128,7 @@ def reference_step(
     for row in rollouts(out, step):
         p, resp = problems[row["id"]], row["response_ids"]
         s_prompt = student_prompt_ids(tok, cfg.data, p["problem"])
-        t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"])
+        t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"], p["answer"])
         s = student(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
         with torch.no_grad():
             t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]

@@ -33,6 +33,7 @@ VARIANTS = {
         [],
     ),
     "teacher_ema": (["teacher.update=ema", "teacher.ema_rate=0.5"], {}, []),
+    "teacher_context_answer": (["data.teacher_context=answer"], {}, []),
     "teacher_current": (["teacher.update=current"], {}, []),
 }
 
@@ -63,11 +64,15 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     after1 = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
     teacher2 = _teacher_weights(name, after1)
+    data = tuple(x for x in extra if x.startswith("data."))  # prompts: the reference needs them
     for step, weights, teacher in ((1, initial, None), (2, after1, teacher2)):
         loss, norm = reference_step(
-            out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher
+            out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher, cfg_overrides=data
         )
         _close(rows[step - 1], loss, norm, f"{name} step {step}")
+    if data:  # the teacher read only the answer: with the full solution the reference differs
+        loss, _ = reference_step(out, 2, after1, LORA, loss=loss_cfg)
+        assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "the teacher context did not change"
     # the option matters: without it the reference is far from what the run computed
     for other in without:
         loss, _ = reference_step(out, 2, after1, LORA, loss=other, teacher_weights=teacher2)
