@@ -90,14 +90,18 @@ def _compared(key: str) -> bool:
 
 
 def config_diff(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved, current) for every compared key whose value differs ('<absent>' if missing)."""
+    """(key, saved, current) for every compared key whose value differs ('<absent>' if missing).
+    A key the saved config lacks (a checkpoint from before the key existed) counts as its
+    default, so adding an option does not make older runs unresumable."""
+    import dataclasses
+
+    from opsd_megatron.config import OPSDConfig
+
+    defaults = _flat(dataclasses.asdict(OPSDConfig()))
     a, b = _flat(saved), _flat(current)
     keys = sorted(k for k in set(a) | set(b) if _compared(k))
-    return [
-        (k, a.get(k, "<absent>"), b.get(k, "<absent>"))
-        for k in keys
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-    ]
+    old = {k: a.get(k, defaults.get(k, "<absent>")) for k in keys}
+    return [(k, old[k], b.get(k, "<absent>")) for k in keys if old[k] != b.get(k, "<absent>")]
 
 
 def plan_resume(cfg: OPSDConfig) -> ResumePlan:
