@@ -61,9 +61,8 @@ class DataConfig:
                     "data.teacher_context=custom to use data.teacher_template instead"
                 )
             self.teacher_template = ANSWER_TEACHER_TEMPLATE
-        for field in ("{problem}",):
-            if field not in self.teacher_template:
-                raise ConfigError(f"data.teacher_template must contain {field}")
+        if "{problem}" not in self.teacher_template:
+            raise ConfigError("data.teacher_template must contain {problem}")
 
     @property
     def teacher_uses_answer(self) -> bool:

@@ -213,8 +213,7 @@ class VLLMEngine:
             shutil.rmtree(stale, ignore_errors=True)
         return LoRARequest(f"opsd-v{self.version}", self.version, str(path))
 
-    def _params(self, max_tokens: int, seed: int | None):
-        vllm = _require_vllm()
+    def _params(self, vllm, max_tokens: int, seed: int | None):
         r = self.cfg.rollout
         return vllm.SamplingParams(
             temperature=r.temperature,  # 0: greedy
@@ -241,7 +240,7 @@ class VLLMEngine:
         self.refit()
         self.calls += 1
         params = [
-            self._params(min(max_new_tokens, self.max_model_len - len(p)), s)
+            self._params(vllm, min(max_new_tokens, self.max_model_len - len(p)), s)
             for p, s in zip(prompts, seeds)
         ]
         outputs = self.llm.generate(
