@@ -30,6 +30,7 @@ class Rollouts:
     responses: list[list[int]]  # sampled ids (the stop token included) or, for SFT, the reference
     logprobs: list[list[float]] | None  # the sampler's log p(token); None: not sampled (SFT)
     generated_tokens: int
+    finished: list[bool] | None = None  # sampled: stopped on a stop token (False: hit the limit)
 
 
 @dataclass
@@ -59,5 +60,6 @@ class Algorithm(Protocol):
     def per_token_loss(
         self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and diagnostics."""
+        """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and diagnostics:
+        ``[B, R]`` tensors averaged over the response mask, or ``(values, mask)`` pairs."""
         ...

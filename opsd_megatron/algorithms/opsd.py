@@ -14,8 +14,17 @@ from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
 from opsd_megatron.losses import vocab_parallel_jsd_with_entropy, vocab_parallel_sampled_token_loss
+from opsd_megatron.losses.diagnostics import position_thirds, teacher_token_logprobs, top1_agreement
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
+
+DIAGNOSTICS = (
+    "top1_agreement",
+    "teacher_logprob",
+    "divergence_first",
+    "divergence_middle",
+    "divergence_last",
+)
 
 
 class OPSD:
@@ -34,7 +43,7 @@ class OPSD:
         self.vocab_size, self.num_rollouts = vocab_size, num_rollouts
         self.stat_names = (
             ("student_entropy", "teacher_entropy") if loss.kind == "jsd" else ("advantage",)
-        )
+        ) + DIAGNOSTICS
 
     def rollout(self, step: int) -> Rollouts:
         """``rollout.num_rollouts`` samples per problem, from the student prompt."""
@@ -62,16 +71,30 @@ class OPSD:
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
         """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over ``groups.tp``),
-        or the sampled-token objective; diagnostics: the two entropies, or the advantage."""
+        or the sampled-token objective; diagnostics: the two entropies, or the advantage, and
+        ``DIAGNOSTICS`` (``losses/diagnostics.py``; a ``(values, mask)`` pair is averaged over its
+        own mask)."""
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
         teacher = mb.extras["teacher_logits_BRV"]
         if self.loss.kind == "jsd":
             out = vocab_parallel_jsd_with_entropy(
                 student_BRV, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
             )
-            return out.loss, {
-                "student_entropy": out.student_entropy,
-                "teacher_entropy": out.teacher_entropy,
-            }
-        out = vocab_parallel_sampled_token_loss(student_BRV, teacher, mb.response_tokens_BR, **kw)
-        return out.loss, {"advantage": out.advantage}
+            diag = {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
+        else:
+            out = vocab_parallel_sampled_token_loss(
+                student_BRV, teacher, mb.response_tokens_BR, **kw
+            )
+            diag = {"advantage": out.advantage}
+        first, middle, last = position_thirds(mb.response_mask_BR)
+        per_token = out.loss.detach()
+        diag.update(
+            top1_agreement=top1_agreement(
+                student_BRV.detach(), teacher, self.vocab_size, groups.tp
+            ),
+            teacher_logprob=teacher_token_logprobs(teacher, mb.response_tokens_BR, **kw),
+            divergence_first=(per_token, first),
+            divergence_middle=(per_token, middle),
+            divergence_last=(per_token, last),
+        )
+        return out.loss, diag

@@ -8,10 +8,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from opsd_megatron.algorithms.base import Rollouts
 from opsd_megatron.algorithms.batches import MicroBatch, micro_batches
 from opsd_megatron.config import DataConfig
 from opsd_megatron.data.prompts import student_prompt_ids
+from opsd_megatron.data.response_stats import response_stats
 from opsd_megatron.data.tokenizer import Tokenizer
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutEngine
@@ -70,7 +73,13 @@ class RolloutSource:
         if self.save_dir is not None:
             self._save(step, problems, result)
         return Rollouts(
-            step, problems, prompts, result.responses, result.logprobs, result.num_tokens
+            step,
+            problems,
+            prompts,
+            result.responses,
+            result.logprobs,
+            result.num_tokens,
+            list(result.finished),
         )
 
     def micro_batches(
@@ -103,3 +112,22 @@ class RolloutSource:
                     )
                     + "\n"
                 )
+
+
+def step_response_stats(
+    rollouts: Rollouts, tokenizer: Tokenizer, groups: ParallelGroups, markers
+) -> dict[str, float]:
+    """``data/response_stats.py``'s figures over the whole step's sampled responses (gathered over
+    DP: a few kB of text), the same on every rank."""
+    mine = [
+        (tokenizer.decode(r, skip_special_tokens=True), len(r), not fin)
+        for r, fin in zip(rollouts.responses, rollouts.finished)
+    ]
+    parts = [mine]
+    if groups.dp_size > 1:
+        parts = [None] * groups.dp_size
+        dist.all_gather_object(parts, mine, group=groups.dp)
+    rows = [row for part in parts for row in part]
+    return response_stats(
+        [t for t, _, _ in rows], [n for _, n, _ in rows], [c for _, _, c in rows], markers
+    )

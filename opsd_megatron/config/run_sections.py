@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from opsd_megatron.config.base import ConfigError, at_least
@@ -108,9 +108,22 @@ class CheckpointConfig:
         at_least("checkpoint.keep_last", self.keep_last, 1)
 
 
+DEFAULT_MARKERS = ("wait", "hmm", "perhaps", "maybe", "let me check", "alternatively", "actually")
+
+
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "opsd-megatron"
     progress_bar: bool = True
+    # counted per 1,000 response tokens in training rollouts and evaluation outputs (marker_rate):
+    # expressions of uncertainty a rich-context teacher is known to suppress (arXiv 2603.24472)
+    uncertainty_markers: list = field(default_factory=lambda: list(DEFAULT_MARKERS))
+
+    def __post_init__(self):
+        bad = [m for m in self.uncertainty_markers if not isinstance(m, str) or not m.strip()]
+        if bad:
+            raise ConfigError(
+                f"logging.uncertainty_markers must be non-empty strings, got {bad[0]!r}"
+            )

@@ -16,6 +16,7 @@ from opsd_megatron.config import OPSDConfig
 from opsd_megatron.data.benchmarks import load_benchmark
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import chat_prompt_ids
+from opsd_megatron.data.response_stats import RESPONSE_FIGURES, response_stats
 from opsd_megatron.data.tokenizer import Tokenizer, stop_token_ids
 from opsd_megatron.errors import UserError
 from opsd_megatron.eval.metrics import summarize
@@ -39,8 +40,8 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
 
 def _generate(
     model, tokenizer, cfg, rows, stop_ids, arch, with_reference, groups, name="eval"
-) -> list[list[str]]:
-    """Every sample's text. New tokens are capped so prompt + new tokens stay within the model's
+) -> list[list[tuple[str, int, bool]]]:
+    """Every sample's (text, token count, hit the new-token limit). New tokens are capped so prompt + new tokens stay within the model's
     ``max_position_embeddings`` (said once); rank 0 shows the batches' progress."""
     e, limit, vocab_size = cfg.eval, arch.max_position_embeddings, arch.vocab_size
     sampler = MegatronSampler(
@@ -81,8 +82,8 @@ def _generate(
             )
             capped = True
         out = sampler.generate(prompts, new)
-        for (i, s), resp in zip(batch, out.responses):
-            texts[(i, s)] = tokenizer.decode(resp, skip_special_tokens=True)
+        for (i, s), resp, fin in zip(batch, out.responses, out.finished):
+            texts[(i, s)] = (tokenizer.decode(resp, skip_special_tokens=True), len(resp), not fin)
         if show is not None:
             show.update(n, f"{len(batch)} samples")
     if show is not None:
@@ -132,6 +133,11 @@ def evaluate(
             if grader is None:
                 continue
             per_problem = []
+            figures = response_stats(
+                *(list(x) for x in zip(*[o for outs in outputs for o in outs])),
+                cfg.logging.uncertainty_markers,
+            )
+            outputs = [[text for text, _, _ in outs] for outs in outputs]
             for row, outs in zip(rows, outputs):
                 grades = [grader.grade(o, row["answer"], row.get("answer_type")) for o in outs]
                 if cfg.eval.save_outputs:
@@ -162,6 +168,7 @@ def evaluate(
                 )
             report["benchmarks"][name] = {
                 **summarize(per_problem, cfg.eval.ks),
+                **figures,
                 "per_problem": per_problem,
             }
     finally:
@@ -173,7 +180,7 @@ def evaluate(
     report["average"] = {
         m: sum(s[m] for s in report["benchmarks"].values() if m in s)
         / max(1, sum(m in s for s in report["benchmarks"].values()))
-        for m in metric_names
+        for m in metric_names + list(RESPONSE_FIGURES)
     }
     out = Path(cfg.trainer.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -201,4 +208,16 @@ def markdown_table(report: dict, metrics: list[str]) -> str:
     lines.append(
         "| average | | " + " | ".join(f"{100 * report['average'][m]:.1f}" for m in metrics) + " |"
     )
+    lines += [
+        "",
+        "| benchmark | length (mean / p90) | truncated | repeated 4-grams | markers / 1k tokens |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for name, s in report["benchmarks"].items():
+        if "response_length" in s:
+            lines.append(
+                f"| {name} | {s['response_length']:.1f} / {s['response_length_p90']:.0f} | "
+                f"{100 * s['truncation_rate']:.1f} % | {100 * s['repetition_rate']:.1f} % | "
+                f"{s['marker_rate']:.2f} |"
+            )
     return "\n".join(lines) + "\n"

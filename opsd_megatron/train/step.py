@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from opsd_megatron.algorithms.base import Algorithm
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
+from opsd_megatron.algorithms.rollouts import step_response_stats
 from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel_token_logprobs
 from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.models.forward import pad_for_sequence_parallel
@@ -74,6 +75,12 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
         train_time=t2 - t1,
         tokens_per_s=tokens / max(t2 - t0, 1e-9),
     )
+    if rollouts.finished is not None:  # sampled: length, truncation, repetition, markers
+        figures = step_response_stats(
+            rollouts, c.tokenizer, c.groups, c.cfg.logging.uncertainty_markers
+        )
+        figures.pop("response_length")  # logged above, from the engine's token count
+        out.update(figures)
     if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
         out["refit_time"] = c.sampler.last_refit_s
     return out
@@ -103,7 +110,9 @@ def student_pass(
                 "loss": loss.detach().clone(),
                 "divergence": masked_mean(per_token.detach(), mb.response_mask_BR),
             }
-            stats.update({k: masked_mean(v.detach(), mb.response_mask_BR) for k, v in diag.items()})
+            for k, v in diag.items():
+                values, mask = v if isinstance(v, tuple) else (v, mb.response_mask_BR)
+                stats[k] = masked_mean(values.detach(), mask)
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb)
             return loss, torch.ones((), dtype=torch.int), stats  # already globally normalised

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from opsd_megatron.eval.cli import _rank_entry
 from opsd_megatron.testing import run_distributed
@@ -162,3 +165,52 @@ def test_eval_caps_new_tokens_at_the_model_limit_and_shows_progress():
     ]
     _, _, err = run_distributed(_generate_with_a_recording_sampler, 1, 20)[0]
     assert err and "max_position_embeddings is 20" in err, err
+
+
+def _evaluate_scripted_responses(out: str):
+    """Rank function: ``evaluate`` with a stand-in sampler whose responses are fixed texts, every
+    other one cut at the new-token limit."""
+    from opsd_megatron.config import load_config
+    from opsd_megatron.eval import runner
+    from opsd_megatron.models.from_config import arch_of
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout.base import RolloutResult
+
+    cfg = load_config(
+        RECIPE,
+        [*EVAL, "eval.benchmarks=[synthetic:arith:4]", "eval.n_samples=1", "eval.ks=[1]"]
+        + ["eval.max_new_tokens=60", f"trainer.output_dir={out}"],
+    )
+    tok = runner_tok(cfg)
+    texts = ["hmm 1 2 3 4 1 2 3 4", "\\boxed{7}"]
+
+    class Scripted:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, max_new_tokens, seeds=None):
+            ids = [tok.encode(texts[i % 2], add_special_tokens=False) for i in range(len(prompts))]
+            return RolloutResult(
+                ids, [[0.0] * len(r) for r in ids], [i % 2 == 1 for i in range(len(ids))]
+            )
+
+    runner.MegatronSampler = Scripted
+    groups = initialize_model_parallel(1, 1)
+    report = runner.evaluate(None, tok, cfg, arch_of(cfg.model), groups, tag="scripted")
+    lengths = [len(tok.encode(t, add_special_tokens=False)) for t in texts]
+    md = (Path(cfg.trainer.output_dir) / "eval" / "scripted.md").read_text()
+    return report, lengths, md
+
+
+def test_eval_reports_length_truncation_repetition_and_markers(tmp_path):
+    report, (n_hmm, n_boxed), md = run_distributed(_evaluate_scripted_responses, 1, str(tmp_path))[
+        0
+    ]
+    s = report["benchmarks"]["synthetic_arith"]
+    assert s["response_length"] == (n_hmm + n_boxed) / 2
+    assert s["response_length_p90"] == max(n_hmm, n_boxed)
+    assert s["truncation_rate"] == 0.5
+    assert s["repetition_rate"] == pytest.approx((1 / 6) / 2)  # 9 words: 6 grams, "1 2 3 4" twice
+    assert s["marker_rate"] == pytest.approx(1000 * 2 / (2 * (n_hmm + n_boxed)))
+    assert report["average"]["marker_rate"] == s["marker_rate"]
+    assert "| synthetic_arith | " in md.split("markers / 1k tokens")[1]

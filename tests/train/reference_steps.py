@@ -91,6 +91,36 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float):
     return ref.jsd(s, t, beta, temperature, term_clip=loss.get("term_clip"))
 
 
+def _diagnostic_rows(s, t, tokens, per_token, loss: dict) -> dict[str, torch.Tensor]:
+    """Per response token of one sequence (fp64, full vocabulary): each diagnostic's value and
+    the positions it is averaged over (losses/diagnostics.py's definitions)."""
+    n, temperature = len(tokens), loss.get("temperature", 1.0)
+    third = torch.arange(n) * 3 // n
+    every = torch.ones(n, dtype=torch.bool)
+    lp_t = torch.log_softmax(t / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+    per_token = per_token.detach()
+    return {
+        "top1_agreement": ((s.argmax(-1) == t.argmax(-1)).double(), every),
+        "teacher_logprob": (lp_t, every),
+        "divergence_first": (per_token, third == 0),
+        "divergence_middle": (per_token, third == 1),
+        "divergence_last": (per_token, third == 2),
+    }
+
+
+def _as_the_trainer_averages(rows: list[dict], micro: int) -> dict[str, float]:
+    """Masked mean per micro-batch (consecutive rows), then the mean over micro-batches: what
+    ``student_pass`` and ``share_stats`` log (every DP rank holds as many micro-batches)."""
+    out = {}
+    for key in rows[0]:
+        means = []
+        for k in range(0, len(rows), micro):
+            vals = torch.cat([r[key][0][r[key][1]] for r in rows[k : k + micro]])
+            means.append(vals.mean().item() if len(vals) else 0.0)
+        out[key] = sum(means) / len(means)
+    return out
+
+
 def reference_step(
     out: Path,
     step: int,
@@ -100,10 +130,12 @@ def reference_step(
     loss: dict | None = None,
     teacher_weights: dict[str, torch.Tensor] | None = None,
     cfg_overrides: tuple[str, ...] = (),
+    diagnostics: dict | None = None,
 ) -> tuple[float, float]:
     """(loss, gradient norm) of step ``step`` from the weights saved after the step before.
     ``loss``: the run's loss section (kind, temperature, term_clip, reduction); ``teacher_weights``:
-    PEFT adapters the teacher uses (an EMA or current teacher), else the initial model."""
+    PEFT adapters the teacher uses (an EMA or current teacher), else the initial model.
+    ``diagnostics``: filled with the step's OPSD diagnostics as the trainer aggregates them."""
     from opsd_megatron.config import load_config
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
@@ -124,7 +156,7 @@ def reference_step(
             p.requires_grad_(True)
     tok = load_tokenizer(cfg.model.tokenizer)
     problems = {p["id"]: p for p in load_problems(cfg.data).rows}
-    per_seq = []
+    per_seq, diag_rows = [], []
     for row in rollouts(out, step):
         p, resp = problems[row["id"]], row["response_ids"]
         s_prompt = student_prompt_ids(tok, cfg.data, p["problem"])
@@ -133,6 +165,10 @@ def reference_step(
         with torch.no_grad():
             t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]
         per_seq.append(per_token_losses(s, t, torch.tensor(resp), loss, beta))
+        diag_rows.append(_diagnostic_rows(s.detach(), t, torch.tensor(resp), per_seq[-1], loss))
+    if diagnostics is not None:
+        micro = load_config(Path(out) / "config.yaml").trainer.micro_batch_size
+        diagnostics.update(_as_the_trainer_averages(diag_rows, micro))
     if loss.get("reduction", "sequence_mean") == "token_mean":
         total = torch.cat(per_seq).mean()
     else:

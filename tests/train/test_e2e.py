@@ -3,14 +3,20 @@ with tied embeddings. Step 1's loss equals a single-process fp64 reference (HF t
 run's own rollouts) to 1e-5 relative; steps 2 and 3 — where the adapters are no longer zero and
 the student differs from the teacher — equal an fp64 HF (+ peft) recomputation from the weights
 the run saved after the step before: loss to 1e-5, gradient norm to 1e-4 relative. The gradient
-norm is what a wrong DP sum, TP reduction or tied-embedding sum across stages changes."""
+norm is what a wrong DP sum, TP reduction or tied-embedding sum across stages changes. The
+per-token diagnostics (top-1 agreement, teacher log-prob, divergence by third) equal the same fp64
+recomputation to 1e-5, and the response figures equal a count over the saved rollouts."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from opsd_megatron.config import load_config
+from opsd_megatron.data.response_stats import repetition_rate
+from opsd_megatron.data.tokenizer import load_tokenizer
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
 from tests.train.reference_steps import reference_step, saved_weights
@@ -54,11 +60,24 @@ def test_three_steps_match_the_fp64_reference(trained, request, tp, pp, world, e
     lora = None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha}
     weights = run_distributed(saved_weights, 1, str(out), [1, 2], timeout=300)[0]
     for k in (2, 3):
-        loss, norm = reference_step(out, k, weights[k - 1], lora)
+        diagnostics = {}
+        loss, norm = reference_step(out, k, weights[k - 1], lora, diagnostics=diagnostics)
         got = rows[k - 1]
+        for key, want in diagnostics.items():  # losses/diagnostics.py through the real step
+            assert abs(got[key] - want) <= 1e-5 * max(1.0, abs(want)), (k, key, got[key], want)
         assert abs(got["loss"] - loss) <= 1e-5 * abs(loss), (k, got["loss"], loss)
         assert abs(got["grad_norm"] - norm) <= 1e-4 * norm, (k, got["grad_norm"], norm)
     assert rows[1]["loss"] != rows[0]["loss"] and weights[1] != {}
+    tok = load_tokenizer(load_config(RECIPE).model.tokenizer)
+    for k, got in enumerate(rows, 1):  # the response figures over every DP rank's rollouts
+        saved = rollouts(out, k)
+        texts = [tok.decode(r["response_ids"], skip_special_tokens=True) for r in saved]
+        lengths = sorted(len(r["response_ids"]) for r in saved)
+        assert got["truncation_rate"] == sum(not r["finished"] for r in saved) / len(saved)
+        assert got["response_length_p90"] == lengths[math.ceil(0.9 * len(lengths)) - 1]
+        assert got["repetition_rate"] == pytest.approx(
+            sum(repetition_rate(t) for t in texts) / len(saved)
+        )
     assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
     assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
 
