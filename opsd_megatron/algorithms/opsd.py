@@ -1,7 +1,8 @@
 r"""On-Policy Self-Distillation: the student samples ŷ from the problem alone; the teacher (frozen
 initial policy, or EMA/current) scores ŷ after reading the problem and the reference solution in
 one forward pass; the loss on each of ŷ's tokens is the vocab-parallel generalized JSD_β between
-the teacher's and the student's next-token distributions (``loss.kind=jsd``), or the sampled-token
+the teacher's and the student's next-token distributions (``loss.kind=jsd``; with
+``loss.teacher_top_k`` over the teacher's top-K plus a tail bucket, or renormalised), or the sampled-token
 objective −sg[log p_T(ŷ_n) − log p_S(ŷ_n)]·log p_S(ŷ_n) (``loss.kind=sampled_token``)."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
 from opsd_megatron.losses import vocab_parallel_jsd_with_entropy, vocab_parallel_sampled_token_loss
 from opsd_megatron.losses.diagnostics import position_thirds, teacher_token_logprobs, top1_agreement
+from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
@@ -41,9 +43,13 @@ class OPSD:
     ):
         self.source, self.loss, self.data, self.teacher = source, loss, data, teacher
         self.vocab_size, self.num_rollouts = vocab_size, num_rollouts
-        self.stat_names = (
-            ("student_entropy", "teacher_entropy") if loss.kind == "jsd" else ("advantage",)
-        ) + DIAGNOSTICS
+        if loss.kind == "sampled_token":
+            own = ("advantage",)
+        elif loss.teacher_top_k:
+            own = ("teacher_topk_mass",)
+        else:
+            own = ("student_entropy", "teacher_entropy")
+        self.stat_names = own + DIAGNOSTICS
 
     def rollout(self, step: int) -> Rollouts:
         """``rollout.num_rollouts`` samples per problem, from the student prompt."""
@@ -76,7 +82,18 @@ class OPSD:
         own mask)."""
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
         teacher = mb.extras["teacher_logits_BRV"]
-        if self.loss.kind == "jsd":
+        if self.loss.kind == "jsd" and self.loss.teacher_top_k:
+            out = vocab_parallel_topk_jsd(
+                student_BRV,
+                teacher,
+                beta=self.loss.beta,
+                k=self.loss.teacher_top_k,
+                mode=self.loss.top_k_mode,
+                term_clip=self.loss.term_clip,
+                **kw,
+            )
+            diag = {"teacher_topk_mass": out.teacher_mass}
+        elif self.loss.kind == "jsd":
             out = vocab_parallel_jsd_with_entropy(
                 student_BRV, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
             )

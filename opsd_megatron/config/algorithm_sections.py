@@ -142,6 +142,11 @@ class LossConfig:
     temperature: float = 1.0
     term_clip: Optional[float] = None
     reduction: str = "sequence_mean"  # sequence_mean (paper eq. 6/8) | token_mean
+    # JSD over the teacher's global top-K tokens only (0: the full vocabulary): `tail` adds one
+    # bucket with the rest of each distribution's mass, `renorm` renormalises the top-K (the OPSD
+    # code's option); losses/topk_jsd.py
+    teacher_top_k: int = 0
+    top_k_mode: str = "tail"  # tail | renorm
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -152,6 +157,12 @@ class LossConfig:
             raise ConfigError(f"loss.kind must be jsd|sampled_token, got {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"loss.beta must be in [0, 1], got {self.beta}")
+        if not 0 <= self.teacher_top_k <= 4096:
+            raise ConfigError(f"loss.teacher_top_k must be in [0, 4096], got {self.teacher_top_k}")
+        if self.top_k_mode not in ("tail", "renorm"):
+            raise ConfigError(f"loss.top_k_mode must be tail|renorm, got {self.top_k_mode!r}")
+        if self.teacher_top_k and self.kind != "jsd":
+            raise ConfigError("loss.teacher_top_k applies to loss.kind=jsd only")
         if self.reduction not in ("sequence_mean", "token_mean"):
             raise ConfigError(
                 f"loss.reduction must be sequence_mean|token_mean, got {self.reduction!r}"

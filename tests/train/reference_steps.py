@@ -88,6 +88,13 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float):
     temperature = loss.get("temperature", 1.0)
     if loss.get("kind", "jsd") == "sampled_token":
         return ref.sampled_token_loss(s, t, tokens, temperature)
+    if loss.get("teacher_top_k"):
+        from tests.losses.test_topk_jsd import reference_topk_jsd
+
+        k, mode = loss["teacher_top_k"], loss.get("top_k_mode", "tail")
+        return reference_topk_jsd(
+            s, t, beta, k, mode, temperature, loss.get("term_clip"), s.shape[-1]
+        )
     return ref.jsd(s, t, beta, temperature, term_clip=loss.get("term_clip"))
 
 

@@ -1,6 +1,7 @@
 """The trainer's options in real runs (TP=1, 2 steps, the tiny recipe), each against an fp64
 HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective and
-the loss temperature, token-mean reduction and term clipping, several rollouts per problem with
+the loss temperature, token-mean reduction and term clipping, the teacher's top-K (tail bucket and
+renormalised), several rollouts per problem with
 top-k/top-p sampling, an EMA and a current teacher (whose weights must move as documented), and a
 run started from ``model.hf_dir``. Loss to 1e-5 and gradient norm to 1e-4 relative at both steps;
 and each option must change the reference by far more than that, so an ignored option fails."""
@@ -31,6 +32,16 @@ VARIANTS = {
         ["rollout.num_rollouts=2", "rollout.top_k=6", "rollout.top_p=0.9"],
         {},
         [],
+    ),
+    "teacher_top_k_tail": (
+        ["loss.teacher_top_k=5"],
+        {"teacher_top_k": 5},
+        [{}, {"teacher_top_k": 5, "top_k_mode": "renorm"}],
+    ),
+    "teacher_top_k_renorm": (
+        ["loss.teacher_top_k=5", "loss.top_k_mode=renorm"],
+        {"teacher_top_k": 5, "top_k_mode": "renorm"},
+        [{"teacher_top_k": 5}],
     ),
     "teacher_ema": (["teacher.update=ema", "teacher.ema_rate=0.5"], {}, []),
     "teacher_context_answer": (["data.teacher_context=answer"], {}, []),
