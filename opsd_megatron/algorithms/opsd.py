@@ -100,7 +100,7 @@ class OPSD:
             diag = {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
         else:
             out = vocab_parallel_sampled_token_loss(
-                student_BRV, teacher, mb.response_tokens_BR, **kw
+                student_BRV, teacher, mb.response_tokens_BR, baseline=self.loss.baseline, **kw
             )
             diag = {"advantage": out.advantage}
         first, middle, last = position_thirds(mb.response_mask_BR)

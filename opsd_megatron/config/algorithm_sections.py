@@ -146,6 +146,9 @@ class LossConfig:
     # bucket with the rest of each distribution's mass, `renorm` renormalises the top-K (the OPSD
     # code's option); losses/topk_jsd.py
     teacher_top_k: int = 0
+    # sampled_token only: reverse_kl adds sg[KL(p_S||p_T)] per token to the advantage (a control
+    # variate: same expected gradient, lower variance; losses/sampled_token.py)
+    baseline: str = "none"  # none | reverse_kl
     top_k_mode: str = "tail"  # tail | renorm
 
     def __post_init__(self):
@@ -161,6 +164,10 @@ class LossConfig:
             raise ConfigError(f"loss.teacher_top_k must be in [0, 4096], got {self.teacher_top_k}")
         if self.top_k_mode not in ("tail", "renorm"):
             raise ConfigError(f"loss.top_k_mode must be tail|renorm, got {self.top_k_mode!r}")
+        if self.baseline not in ("none", "reverse_kl"):
+            raise ConfigError(f"loss.baseline must be none|reverse_kl, got {self.baseline!r}")
+        if self.baseline != "none" and self.kind != "sampled_token":
+            raise ConfigError("loss.baseline applies to loss.kind=sampled_token only")
         if self.teacher_top_k and self.kind != "jsd":
             raise ConfigError("loss.teacher_top_k applies to loss.kind=jsd only")
         if self.reduction not in ("sequence_mean", "token_mean"):

@@ -87,6 +87,11 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float):
 
     temperature = loss.get("temperature", 1.0)
     if loss.get("kind", "jsd") == "sampled_token":
+        if loss.get("baseline") == "reverse_kl":  # Â = log-ratio + sg[KL(p_S || p_T)]
+            ls = ref.token_logprobs(s, tokens, temperature)
+            lt = ref.token_logprobs(t, tokens, temperature)
+            adv = (lt - ls + ref.jsd(s, t, 1.0, temperature)).detach()
+            return -adv * ls
         return ref.sampled_token_loss(s, t, tokens, temperature)
     if loss.get("teacher_top_k"):
         from tests.losses.test_topk_jsd import reference_topk_jsd
