@@ -32,7 +32,6 @@ from opsd_megatron.losses.token_logprob import vocab_parallel_token_logprobs
 from opsd_megatron.losses.validation import check_logits_pair
 from opsd_megatron.losses.vocab_parallel import DEFAULT_CHUNK_ELEMENTS
 
-
 BASELINES = ("none", "reverse_kl")
 
 
