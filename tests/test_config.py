@@ -275,3 +275,24 @@ def test_bad_numbers_are_one_line_naming_key_and_value(override, message, capsys
     assert main([str(ROOT / "recipes" / "tiny_cpu.yaml"), override, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    "ovr,match",
+    [
+        (["loss.ref_kl_coef=0.1", "teacher.update=ema"], "ref_kl_coef needs teacher.update=fixed"),
+        (["loss.ref_kl_coef=-1"], "ref_kl_coef must be >= 0"),
+        (["loss.baseline=reverse_kl"], "applies to loss.kind=sampled_token only"),
+        (["loss.kind=sampled_token", "loss.baseline=mean"], "loss.baseline must be none"),
+        (
+            ["loss.kind=sampled_token", "loss.teacher_top_k=8"],
+            "teacher_top_k applies to loss.kind=jsd",
+        ),
+        (["loss.teacher_top_k=5000"], r"teacher_top_k must be in \[0, 4096\]"),
+        (["loss.teacher_top_k=8", "loss.top_k_mode=bucket"], "top_k_mode must be tail|renorm"),
+        (["logging.uncertainty_markers=[wait, '']"], "uncertainty_markers must be non-empty"),
+    ],
+)
+def test_self_distillation_options_refuse_what_they_cannot_do(ovr, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, ovr)

@@ -2,7 +2,8 @@ r"""On-Policy Self-Distillation: the student samples ŷ from the problem alone; 
 initial policy, or EMA/current) scores ŷ after reading the problem and the reference solution in
 one forward pass; the loss on each of ŷ's tokens is the vocab-parallel generalized JSD_β between
 the teacher's and the student's next-token distributions (``loss.kind=jsd``; with
-``loss.teacher_top_k`` over the teacher's top-K plus a tail bucket, or renormalised), or the sampled-token
+``loss.teacher_top_k`` over the teacher's top-K plus a tail bucket, or renormalised; with
+``loss.ref_kl_coef`` plus λ·KL(p_S ‖ p_ref) to the initial policy), or the sampled-token
 objective −sg[log p_T(ŷ_n) − log p_S(ŷ_n)]·log p_S(ŷ_n) (``loss.kind=sampled_token``)."""
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
-from opsd_megatron.losses import vocab_parallel_jsd_with_entropy, vocab_parallel_sampled_token_loss
+from opsd_megatron.losses import (
+    vocab_parallel_jsd,
+    vocab_parallel_jsd_with_entropy,
+    vocab_parallel_sampled_token_loss,
+)
 from opsd_megatron.losses.diagnostics import position_thirds, teacher_token_logprobs, top1_agreement
 from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
 from opsd_megatron.models.teacher import Teacher
@@ -49,7 +54,7 @@ class OPSD:
             own = ("teacher_topk_mass",)
         else:
             own = ("student_entropy", "teacher_entropy")
-        self.stat_names = own + DIAGNOSTICS
+        self.stat_names = own + (("ref_kl",) if loss.ref_kl_coef else ()) + DIAGNOSTICS
 
     def rollout(self, step: int) -> Rollouts:
         """``rollout.num_rollouts`` samples per problem, from the student prompt."""
@@ -73,6 +78,12 @@ class OPSD:
                 mb.extras["teacher_logits_BRV"] = response_rows(
                     logits, teacher, mb.response_mask_BR.shape[1]
                 )
+            if self.loss.ref_kl_coef:  # the initial policy on the student's own sequence
+                ref = self.teacher.logits(mb.student.tokens_BT, mb.student.position_ids_BT)
+                if ref is not None:
+                    mb.extras["ref_logits_BRV"] = response_rows(
+                        ref, mb.student, mb.response_mask_BR.shape[1]
+                    )
         return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens)})
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
@@ -103,8 +114,13 @@ class OPSD:
                 student_BRV, teacher, mb.response_tokens_BR, baseline=self.loss.baseline, **kw
             )
             diag = {"advantage": out.advantage}
+        loss = out.loss
+        if self.loss.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
+            ref_kl = vocab_parallel_jsd(student_BRV, mb.extras["ref_logits_BRV"], beta=1.0, **kw)
+            loss = loss + self.loss.ref_kl_coef * ref_kl
+            diag["ref_kl"] = ref_kl.detach()
         first, middle, last = position_thirds(mb.response_mask_BR)
-        per_token = out.loss.detach()
+        per_token = loss.detach()
         diag.update(
             top1_agreement=top1_agreement(
                 student_BRV.detach(), teacher, self.vocab_size, groups.tp
@@ -114,4 +130,4 @@ class OPSD:
             divergence_middle=(per_token, middle),
             divergence_last=(per_token, last),
         )
-        return out.loss, diag
+        return loss, diag

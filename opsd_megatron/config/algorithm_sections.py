@@ -149,6 +149,9 @@ class LossConfig:
     # sampled_token only: reverse_kl adds sg[KL(p_S||p_T)] per token to the advantage (a control
     # variate: same expected gradient, lower variance; losses/sampled_token.py)
     baseline: str = "none"  # none | reverse_kl
+    # λ: adds λ·KL(p_S || p_ref) per response token, p_ref the initial policy (the fixed teacher's
+    # weights) reading the student's own prompt, one extra forward-only pass (StableOPD)
+    ref_kl_coef: float = 0.0
     top_k_mode: str = "tail"  # tail | renorm
 
     def __post_init__(self):
@@ -164,6 +167,8 @@ class LossConfig:
             raise ConfigError(f"loss.teacher_top_k must be in [0, 4096], got {self.teacher_top_k}")
         if self.top_k_mode not in ("tail", "renorm"):
             raise ConfigError(f"loss.top_k_mode must be tail|renorm, got {self.top_k_mode!r}")
+        if self.ref_kl_coef < 0:
+            raise ConfigError(f"loss.ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         if self.baseline not in ("none", "reverse_kl"):
             raise ConfigError(f"loss.baseline must be none|reverse_kl, got {self.baseline!r}")
         if self.baseline != "none" and self.kind != "sampled_token":

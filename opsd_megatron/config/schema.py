@@ -57,3 +57,9 @@ class OPSDConfig:
             raise ConfigError(
                 "lora is null (full-parameter training): set teacher.weights=frozen_copy"
             )
+        if self.loss.ref_kl_coef and self.teacher.update != "fixed":
+            raise ConfigError(
+                "loss.ref_kl_coef needs teacher.update=fixed: the reference policy is the "
+                f"teacher's weights, which with teacher.update={self.teacher.update} are not "
+                "the initial policy"
+            )

@@ -81,11 +81,16 @@ def _peft_student(cfg, lora: dict, weights: dict[str, torch.Tensor]):
     return model
 
 
-def per_token_losses(s, t, tokens, loss: dict, beta: float):
-    """The run's per-token loss on one sequence's response rows, in fp64 (tests/losses/reference)."""
+def per_token_losses(s, t, tokens, loss: dict, beta: float, r=None):
+    """The run's per-token loss on one sequence's response rows, in fp64 (tests/losses/reference);
+    ``r``: the initial policy's logits on the student's sequence (``ref_kl_coef``)."""
     from tests.losses import reference as ref
 
     temperature = loss.get("temperature", 1.0)
+    if loss.get("ref_kl_coef"):
+        rest = {k: v for k, v in loss.items() if k != "ref_kl_coef"}
+        kl = ref.jsd(s, r, 1.0, temperature)
+        return per_token_losses(s, t, tokens, rest, beta) + loss["ref_kl_coef"] * kl
     if loss.get("kind", "jsd") == "sampled_token":
         if loss.get("baseline") == "reverse_kl":  # Â = log-ratio + sg[KL(p_S || p_T)]
             ls = ref.token_logprobs(s, tokens, temperature)
@@ -176,7 +181,11 @@ def reference_step(
         s = student(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
         with torch.no_grad():
             t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]
-        per_seq.append(per_token_losses(s, t, torch.tensor(resp), loss, beta))
+        r = None
+        if loss.get("ref_kl_coef"):  # the initial policy (the fixed teacher) on ŷ after x alone
+            with torch.no_grad():
+                r = teacher(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
+        per_seq.append(per_token_losses(s, t, torch.tensor(resp), loss, beta, r))
         diag_rows.append(_diagnostic_rows(s.detach(), t, torch.tensor(resp), per_seq[-1], loss))
     if diagnostics is not None:
         micro = load_config(Path(out) / "config.yaml").trainer.micro_batch_size

@@ -1,7 +1,7 @@
 """The trainer's options in real runs (TP=1, 2 steps, the tiny recipe), each against an fp64
 HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective
 (with and without its reverse-KL baseline) and the loss temperature, token-mean reduction and term
-clipping, the teacher's top-K (tail bucket and renormalised), several rollouts per problem with
+clipping, the teacher's top-K (tail bucket and renormalised), the KL to the initial policy, several rollouts per problem with
 top-k/top-p sampling, an EMA and a current teacher (whose weights must move as documented), and a
 run started from ``model.hf_dir``. Loss to 1e-5 and gradient norm to 1e-4 relative at both steps;
 and each option must change the reference by far more than that, so an ignored option fails."""
@@ -28,6 +28,7 @@ VARIANTS = {
         {"kind": "sampled_token", "baseline": "reverse_kl"},
         [{"kind": "sampled_token"}],
     ),
+    "ref_kl": (["loss.ref_kl_coef=0.5"], {"ref_kl_coef": 0.5}, [{}]),
     "token_mean+term_clip": (
         ["loss.reduction=token_mean", "loss.term_clip=0.02", "rollout.max_new_tokens=32"],
         {"reduction": "token_mean", "term_clip": 0.02},
