@@ -3,7 +3,8 @@ initial policy, or EMA/current) scores ŷ after reading the problem and the refe
 one forward pass; the loss on each of ŷ's tokens is the vocab-parallel generalized JSD_β between
 the teacher's and the student's next-token distributions (``loss.kind=jsd``; with
 ``loss.teacher_top_k`` over the teacher's top-K plus a tail bucket, or renormalised; with
-``loss.ref_kl_coef`` plus λ·KL(p_S ‖ p_ref) to the initial policy), or the sampled-token
+``loss.ref_kl_coef`` plus λ·KL(p_S ‖ p_ref) to the initial policy; ``loss.token_weight`` scales
+tokens the teacher is unsure of), or the sampled-token
 objective −sg[log p_T(ŷ_n) − log p_S(ŷ_n)]·log p_S(ŷ_n) (``loss.kind=sampled_token``)."""
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from opsd_megatron.losses import (
     vocab_parallel_jsd_with_entropy,
     vocab_parallel_sampled_token_loss,
 )
-from opsd_megatron.losses.diagnostics import position_thirds, teacher_token_logprobs, top1_agreement
+from opsd_megatron.losses.diagnostics import (
+    position_thirds,
+    teacher_token_logprobs,
+    top1_agreement,
+    vocab_parallel_entropy,
+)
 from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -54,7 +60,10 @@ class OPSD:
             own = ("teacher_topk_mass",)
         else:
             own = ("student_entropy", "teacher_entropy")
-        self.stat_names = own + (("ref_kl",) if loss.ref_kl_coef else ()) + DIAGNOSTICS
+        extra = (("ref_kl",) if loss.ref_kl_coef else ()) + (
+            ("low_confidence_fraction",) if loss.token_weight == "teacher_entropy" else ()
+        )
+        self.stat_names = own + extra + DIAGNOSTICS
 
     def rollout(self, step: int) -> Rollouts:
         """``rollout.num_rollouts`` samples per problem, from the student prompt."""
@@ -115,6 +124,11 @@ class OPSD:
             )
             diag = {"advantage": out.advantage}
         loss = out.loss
+        if self.loss.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
+            h_t = vocab_parallel_entropy(teacher, **kw)
+            low = h_t > self.loss.entropy_threshold
+            loss = torch.where(low, self.loss.low_confidence_weight * loss, loss)
+            diag["low_confidence_fraction"] = low.to(torch.float32)
         if self.loss.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
             ref_kl = vocab_parallel_jsd(student_BRV, mb.extras["ref_logits_BRV"], beta=1.0, **kw)
             loss = loss + self.loss.ref_kl_coef * ref_kl

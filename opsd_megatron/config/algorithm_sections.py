@@ -152,6 +152,12 @@ class LossConfig:
     # λ: adds λ·KL(p_S || p_ref) per response token, p_ref the initial policy (the fixed teacher's
     # weights) reading the student's own prompt, one extra forward-only pass (StableOPD)
     ref_kl_coef: float = 0.0
+    # teacher_entropy: tokens where the teacher's entropy (at the loss temperature, nats) exceeds
+    # entropy_threshold get weight low_confidence_weight (our own simple option; the mean's
+    # denominator is unchanged)
+    token_weight: str = "none"  # none | teacher_entropy
+    entropy_threshold: float = 1.0
+    low_confidence_weight: float = 0.0
     top_k_mode: str = "tail"  # tail | renorm
 
     def __post_init__(self):
@@ -167,6 +173,15 @@ class LossConfig:
             raise ConfigError(f"loss.teacher_top_k must be in [0, 4096], got {self.teacher_top_k}")
         if self.top_k_mode not in ("tail", "renorm"):
             raise ConfigError(f"loss.top_k_mode must be tail|renorm, got {self.top_k_mode!r}")
+        if self.token_weight not in ("none", "teacher_entropy"):
+            raise ConfigError(
+                f"loss.token_weight must be none|teacher_entropy, got {self.token_weight!r}"
+            )
+        if self.entropy_threshold < 0 or self.low_confidence_weight < 0:
+            raise ConfigError(
+                "loss.entropy_threshold and loss.low_confidence_weight must be >= 0, got "
+                f"{self.entropy_threshold}, {self.low_confidence_weight}"
+            )
         if self.ref_kl_coef < 0:
             raise ConfigError(f"loss.ref_kl_coef must be >= 0, got {self.ref_kl_coef}")
         if self.baseline not in ("none", "reverse_kl"):

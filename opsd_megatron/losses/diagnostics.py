@@ -9,6 +9,7 @@ Legend: B rows, R response positions, N tokens, V local vocab shard.
   index, the same on every rank and for both models);
 - ``top1_agreement``: 1 where argmax p_T = argmax p_S (temperature does not move an argmax);
 - ``teacher_logprob``: log p_T(ŷ_n) at the loss temperature;
+- ``vocab_parallel_entropy``: the teacher's entropy, for ``loss.token_weight=teacher_entropy``;
 - ``position_thirds``: masks of the first, middle and last third of each response (position
   i of a response of length L is in third ⌊3i/L⌋), to report ``divergence_first/middle/last``.
 """
@@ -17,8 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from opsd_megatron.losses.jsd import JSDMath
 from opsd_megatron.losses.token_logprob import vocab_parallel_token_logprobs
-from opsd_megatron.losses.vocab_parallel import all_reduce_per_token, vocab_shard
+from opsd_megatron.losses.vocab_parallel import (
+    all_reduce_per_token,
+    chunk_log_probs,
+    global_softmax_stats,
+    resolve_chunk_elements,
+    token_chunks,
+    vocab_shard,
+    working_dtype,
+)
 
 
 @torch.no_grad()
@@ -54,6 +64,22 @@ def teacher_token_logprobs(teacher, tokens, temperature, vocab_size=None, group=
     return vocab_parallel_token_logprobs(
         teacher, tokens, temperature=temperature, vocab_size=vocab_size, group=group
     )
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits, temperature=1.0, vocab_size=None, group=None) -> torch.Tensor:
+    """H(softmax(logits/τ)) per token ``[...]`` (fp32, fp64 for fp64 input), vocab-parallel: the
+    softmax statistics and one per-token sum cross ranks."""
+    lead, width = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, width)
+    dtype, shard = working_dtype(x), vocab_shard(width, vocab_size, group)
+    chunk = resolve_chunk_elements(None, x.device)
+    max_1N, log_sum_1N = global_softmax_stats([x], shard, temperature, dtype, chunk, group)
+    partial = torch.zeros(1, x.shape[0], dtype=dtype, device=x.device)
+    for sl in token_chunks(x.shape[0], shard.width, chunk):
+        lp = chunk_log_probs(x[sl], max_1N[0, sl], log_sum_1N[0, sl], shard, temperature, dtype)
+        partial[0, sl] = -JSDMath.neg_entropy_terms(lp).sum(dim=1)
+    return all_reduce_per_token(partial, "sum", group)[0].reshape(lead)
 
 
 def position_thirds(mask_BR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

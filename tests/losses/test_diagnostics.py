@@ -13,8 +13,10 @@ from opsd_megatron.losses.diagnostics import (
     teacher_token_logprobs,
     top1_agreement,
     vocab_parallel_argmax,
+    vocab_parallel_entropy,
 )
 from opsd_megatron.testing import run_distributed
+from tests.losses import reference as ref
 from tests.losses.cases import PADDED_VOCAB, REAL_VOCAB, shard
 
 TEMP = 0.8
@@ -40,6 +42,7 @@ def _run(tp, group):
         vocab_parallel_argmax(ls, REAL_VOCAB, group),
         top1_agreement(ls.float(), lt.float(), REAL_VOCAB, group),
         teacher_token_logprobs(lt, tokens, TEMP, REAL_VOCAB, group),
+        vocab_parallel_entropy(lt, TEMP, REAL_VOCAB, group),
     )
 
 
@@ -48,7 +51,7 @@ def _rank_fn():
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_argmax_agreement_and_teacher_logprob_equal_full_vocab_fp64(tp):
+def test_argmax_agreement_teacher_logprob_and_entropy_equal_full_vocab_fp64(tp):
     results = [_run(1, None)] if tp == 1 else run_distributed(_rank_fn, 2)
     s, t, tokens = _inputs()
     want_ids = s[..., :REAL_VOCAB].argmax(-1)
@@ -58,7 +61,9 @@ def test_argmax_agreement_and_teacher_logprob_equal_full_vocab_fp64(tp):
     ]
     assert 0 < want_agree.mean() < 1  # the case has both agreeing and disagreeing tokens
     assert want_ids[0, 0] == REAL_VOCAB - 1
-    for ids, agree, lp in results:  # every rank holds the same per-token results
+    want_h = ref.entropy(t, TEMP, REAL_VOCAB)
+    for ids, agree, lp, h in results:  # every rank holds the same per-token results
+        assert (h - want_h).abs().max() <= 1e-10
         assert torch.equal(ids, want_ids)
         assert torch.equal(agree, want_agree)
         assert (lp - want_lp).abs().max() <= 1e-10
