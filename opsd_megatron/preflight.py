@@ -72,9 +72,8 @@ def check_data(cfg) -> None:
     if not cfg.data.source.startswith("synthetic:"):
         for name in _hub_parts(cfg.data.source):
             check_hub("data.source", name, "dataset")
-    load_problems(
-        cfg.data
-    )  # reads and validates every row (length filters need the tokenizer: on the ranks)
+    # reads and validates every row (length filters need the tokenizer: on the ranks)
+    load_problems(cfg.data, solution_required=cfg.teacher.context == "reference")
 
 
 def check_benchmarks(cfg) -> None:

@@ -291,6 +291,8 @@ def test_bad_numbers_are_one_line_naming_key_and_value(override, message, capsys
         (["loss.teacher_top_k=5000"], r"teacher_top_k must be in \[0, 4096\]"),
         (["loss.teacher_top_k=8", "loss.top_k_mode=bucket"], "top_k_mode must be tail|renorm"),
         (["logging.uncertainty_markers=[wait, '']"], "uncertainty_markers must be non-empty"),
+        (["teacher.context=peer_success"], "needs algorithm=opsd and rollout.num_rollouts >= 2"),
+        (["teacher.context=peers"], "teacher.context must be reference|peer_success"),
     ],
 )
 def test_self_distillation_options_refuse_what_they_cannot_do(ovr, match):

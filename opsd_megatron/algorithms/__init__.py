@@ -21,7 +21,12 @@ def build_algorithm(
     from opsd_megatron.data.grading import Grader
 
     if cfg.algorithm == "opsd":
-        return OPSD(source, cfg.loss, cfg.data, teacher, vocab_size, cfg.rollout.num_rollouts)
+        peers = None
+        if cfg.teacher.context != "reference":  # reference-free: graded rollouts as context
+            peers = (cfg.teacher.context, Grader(cfg.eval.grade_timeout, cfg.eval.answer_format))
+        return OPSD(
+            source, cfg.loss, cfg.data, teacher, vocab_size, cfg.rollout.num_rollouts, peers
+        )
     if cfg.algorithm == "sft":
         return SFT(source, cfg.sft, vocab_size)
     if cfg.algorithm == "grpo":

@@ -13,8 +13,10 @@ import torch
 
 from opsd_megatron.algorithms.base import Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
+from opsd_megatron.algorithms.peer import peer_solutions
 from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import DataConfig, LossConfig
+from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
 from opsd_megatron.losses import (
     vocab_parallel_jsd,
@@ -51,9 +53,11 @@ class OPSD:
         teacher: Teacher,
         vocab_size: int,
         num_rollouts: int = 1,
+        peers: tuple[str, Grader] | None = None,
     ):
+        """``peers``: (``teacher.context``, grader) for reference-free OPSD (algorithms/peer.py)."""
         self.source, self.loss, self.data, self.teacher = source, loss, data, teacher
-        self.vocab_size, self.num_rollouts = vocab_size, num_rollouts
+        self.vocab_size, self.num_rollouts, self.peers = vocab_size, num_rollouts, peers
         if loss.kind == "sampled_token":
             own = ("advantage",)
         elif loss.teacher_top_k:
@@ -75,11 +79,14 @@ class OPSD:
         to ``extras["teacher_logits_BRV"]`` on the last pipeline stage."""
         tok, micro = self.source.tokenizer, self.source.micro_batch_size
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
+        solutions, counts = self._contexts(rollouts)
         for k, mb in enumerate(mbs):
             rows = slice(k * micro, (k + 1) * micro)
+            keep = torch.tensor([s is not None for s in solutions[rows]])
+            mb.response_mask_BR &= keep[:, None]  # no correct peer: left out of the loss
             prompts = [
-                teacher_prompt_ids(tok, self.data, p["problem"], p["solution"], p.get("answer"))
-                for p in rollouts.problems[rows]
+                teacher_prompt_ids(tok, self.data, p["problem"], s or "", p.get("answer"))
+                for p, s in zip(rollouts.problems[rows], solutions[rows])
             ]
             teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)
             logits = self.teacher.logits(teacher.tokens_BT, teacher.position_ids_BT)
@@ -93,7 +100,23 @@ class OPSD:
                     mb.extras["ref_logits_BRV"] = response_rows(
                         ref, mb.student, mb.response_mask_BR.shape[1]
                     )
-        return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens)})
+        return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens), **counts})
+
+    def _contexts(self, rollouts: Rollouts) -> tuple[list[str | None], dict[str, float]]:
+        """The solution text each rollout's teacher reads: the reference, or a correct peer."""
+        if self.peers is None:
+            return [p["solution"] for p in rollouts.problems], {}
+        context, grader = self.peers
+        tok = self.source.tokenizer
+        texts = [tok.decode(r, skip_special_tokens=True) for r in rollouts.responses]
+        correct = [
+            bool(grader.grade(t, p["answer"]).correct) for t, p in zip(texts, rollouts.problems)
+        ]
+        chosen = peer_solutions(rollouts.problems, texts, correct, self.num_rollouts, context)
+        return chosen, {
+            "peer_correct": float(sum(correct)),
+            "peer_skipped": float(sum(s is None for s in chosen)),
+        }
 
     def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
         """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over ``groups.tp``),

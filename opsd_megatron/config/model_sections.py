@@ -103,8 +103,16 @@ class TeacherConfig:
     ema_rate: float = 0.99
     weights: str = "lora_base"
     offload: bool = False
+    # the teacher's privileged context: the reference solution, or (reference-free) another
+    # correct rollout of the same problem (algorithms/peer.py; needs rollout.num_rollouts >= 2)
+    context: str = "reference"  # reference | peer_success | peer_success_or_reference
 
     def __post_init__(self):
+        if self.context not in ("reference", "peer_success", "peer_success_or_reference"):
+            raise ConfigError(
+                "teacher.context must be reference|peer_success|peer_success_or_reference, got "
+                f"{self.context!r}"
+            )
         if self.update not in ("fixed", "ema", "current"):
             raise ConfigError(f"teacher.update must be fixed|ema|current, got {self.update!r}")
         if self.weights not in ("lora_base", "frozen_copy"):

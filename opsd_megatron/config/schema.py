@@ -57,6 +57,14 @@ class OPSDConfig:
             raise ConfigError(
                 "lora is null (full-parameter training): set teacher.weights=frozen_copy"
             )
+        if self.teacher.context != "reference" and (
+            self.algorithm != "opsd" or self.rollout.num_rollouts < 2
+        ):
+            raise ConfigError(
+                f"teacher.context={self.teacher.context} reads another rollout of the same "
+                "problem: it needs algorithm=opsd and rollout.num_rollouts >= 2, got "
+                f"{self.algorithm} and {self.rollout.num_rollouts}"
+            )
         if self.loss.ref_kl_coef and self.teacher.update != "fixed":
             raise ConfigError(
                 "loss.ref_kl_coef needs teacher.update=fixed: the reference policy is the "

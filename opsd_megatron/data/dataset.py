@@ -46,8 +46,9 @@ def _raw_rows(cfg) -> list[tuple[str, object]]:
     return out
 
 
-def load_problems(cfg, count_tokens=None) -> ProblemSet:
-    """``cfg``: a DataConfig. ``count_tokens(text) -> int`` enables the length filters."""
+def load_problems(cfg, count_tokens=None, solution_required: bool = True) -> ProblemSet:
+    """``cfg``: a DataConfig. ``count_tokens(text) -> int`` enables the length filters.
+    ``solution_required=False`` (reference-free OPSD): rows need a problem and an answer only."""
     result = ProblemSet(rows=[])
     seen = set()
     for where, row in _raw_rows(cfg):
@@ -59,7 +60,9 @@ def load_problems(cfg, count_tokens=None) -> ProblemSet:
             fields = {}
             for key in (cfg.problem_field, cfg.solution_field):
                 value = row.get(key)
-                if not isinstance(value, str) or not value.strip():
+                if key == cfg.solution_field and not solution_required and value in (None, ""):
+                    value = None
+                elif not isinstance(value, str) or not value.strip():
                     raise DataError(f"{where}: field '{key}' is missing or not non-empty text")
                 fields[key] = value
         except DataError:
@@ -75,15 +78,20 @@ def load_problems(cfg, count_tokens=None) -> ProblemSet:
             seen.add(problem)
         if count_tokens and (
             count_tokens(problem) > cfg.max_problem_tokens
-            or count_tokens(solution) > cfg.max_solution_tokens
+            or count_tokens(solution or "") > cfg.max_solution_tokens
         ):
             result.dropped_too_long += 1
             continue
         answer = row.get("answer")
-        answer = str(answer) if answer not in (None, "") else reference_answer(solution)
-        if answer is None and cfg.teacher_uses_answer:
+        answer = str(answer) if answer not in (None, "") else reference_answer(solution or "")
+        if answer is None and (cfg.teacher_uses_answer or not solution_required):
+            why = (
+                "data.teacher_template uses {answer}"
+                if solution_required
+                else "teacher.context=peer_success grades rollouts against it"
+            )
             err = DataError(
-                f"{where}: data.teacher_template uses {{answer}}, but the row has no 'answer' and "
+                f"{where}: {why}, but the row has no 'answer' and "
                 f"its solution no \\boxed{{}} or '#### N' line"
             )
             if not cfg.skip_malformed:

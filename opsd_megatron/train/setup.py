@@ -120,7 +120,9 @@ def build_components(cfg: OPSDConfig) -> Components:
         model.config.no_sync_func = ddp.no_sync
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
     problems = load_problems(
-        cfg.data, lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+        cfg.data,
+        lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+        solution_required=cfg.teacher.context == "reference",
     ).rows
     sampler = _sampler(cfg, model, arch, tokenizer, groups, problems)
     t = cfg.trainer

@@ -125,3 +125,17 @@ def test_synthetic_addition_is_deterministic_and_correct():
     for p in a:
         x, y = map(int, p["problem"].split("+"))
         assert p["solution"].endswith(f"\\boxed{{{x + y}}}") and p["answer"] == str(x + y)
+
+
+def test_reference_free_rows_need_an_answer_not_a_solution(tmp_path):
+    f = tmp_path / "answers.jsonl"
+    f.write_text(
+        json.dumps({"problem": "1+1", "answer": "2"}) + "\n" + json.dumps({"problem": "2+2"}) + "\n"
+    )
+    with pytest.raises(DataError, match="field 'solution' is missing"):
+        load_problems(DataConfig(source=str(f)))  # with a reference teacher it is needed
+    with pytest.raises(DataError, match=r"answers.jsonl:2: teacher.context=peer_success grades"):
+        load_problems(DataConfig(source=str(f)), solution_required=False)
+    f.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+    (row,) = load_problems(DataConfig(source=str(f)), solution_required=False).rows
+    assert row["solution"] is None and row["answer"] == "2"

@@ -153,11 +153,14 @@ def reference_step(
     teacher_weights: dict[str, torch.Tensor] | None = None,
     cfg_overrides: tuple[str, ...] = (),
     diagnostics: dict | None = None,
+    teacher_solutions=None,
 ) -> tuple[float, float]:
     """(loss, gradient norm) of step ``step`` from the weights saved after the step before.
     ``loss``: the run's loss section (kind, temperature, term_clip, reduction); ``teacher_weights``:
     PEFT adapters the teacher uses (an EMA or current teacher), else the initial model.
-    ``diagnostics``: filled with the step's OPSD diagnostics as the trainer aggregates them."""
+    ``diagnostics``: filled with the step's OPSD diagnostics as the trainer aggregates them.
+    ``teacher_solutions(rows) -> [text | None]``: what each rollout's teacher reads instead of the
+    reference (None: the rollout is left out of the loss)."""
     from opsd_megatron.config import load_config
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.prompts import student_prompt_ids, teacher_prompt_ids
@@ -177,12 +180,19 @@ def reference_step(
         for p in student.parameters():
             p.requires_grad_(True)
     tok = load_tokenizer(cfg.model.tokenizer)
-    problems = {p["id"]: p for p in load_problems(cfg.data).rows}
+    loaded = load_problems(cfg.data, solution_required=cfg.teacher.context == "reference")
+    problems = {p["id"]: p for p in loaded.rows}
+    rows = rollouts(out, step)
+    solutions = [problems[r["id"]]["solution"] for r in rows]
+    if teacher_solutions is not None:
+        solutions = teacher_solutions(rows)
     per_seq, diag_rows = [], []
-    for row in rollouts(out, step):
+    for row, solution in zip(rows, solutions):
+        if solution is None:
+            continue
         p, resp = problems[row["id"]], row["response_ids"]
         s_prompt = student_prompt_ids(tok, cfg.data, p["problem"])
-        t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], p["solution"], p["answer"])
+        t_prompt = teacher_prompt_ids(tok, cfg.data, p["problem"], solution, p["answer"])
         s = student(torch.tensor([s_prompt + resp])).logits[0, len(s_prompt) - 1 : -1]
         with torch.no_grad():
             t = teacher(torch.tensor([t_prompt + resp])).logits[0, len(t_prompt) - 1 : -1]
