@@ -35,10 +35,28 @@ def _row(where: str, r, cfg) -> dict:
     }
 
 
+def _synthetic_size(spec: str) -> tuple[int, int]:
+    """``synthetic:arith[:N[:DIGITS]]``: N held-out problems (200) of DIGITS-digit addition (3, the
+    training task's; 4 or more is out of distribution: longer numbers, one more column)."""
+    parts = spec.split(":")
+    try:
+        if parts[1] != "arith" or len(parts) > 4:
+            raise ValueError
+        n = int(parts[2]) if len(parts) > 2 else 200
+        digits = int(parts[3]) if len(parts) > 3 else 3
+        if n < 1 or not 1 <= digits <= 9:
+            raise ValueError
+    except ValueError:
+        raise DataError(
+            f"eval.benchmarks: {spec!r} is not synthetic:arith[:N[:DIGITS]] (N >= 1, 1-9 digits)"
+        ) from None
+    return n, digits
+
+
 def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
     """(name, rows with id/problem/answer/answer_type) for one benchmark spec."""
     if spec.startswith("synthetic:arith"):
-        n = int(spec.split(":")[2]) if spec.count(":") == 2 else 200
+        n, digits = _synthetic_size(spec)
         rows = [
             {
                 "id": r["id"],
@@ -46,9 +64,9 @@ def load_benchmark(spec: str, cfg) -> tuple[str, list[dict]]:
                 "answer": r["answer"],
                 "solution": r["solution"],
             }
-            for r in addition_problems(n, seed=HELD_OUT_SEED)
+            for r in addition_problems(n, seed=HELD_OUT_SEED, digits=digits)
         ]
-        return "synthetic_arith", rows
+        return ("synthetic_arith" if digits == 3 else f"synthetic_arith_{digits}digit"), rows
     kind, where = resolve("eval.benchmarks", spec, "dataset")
     if kind == "file":
         raw, name = read_rows_file(where), where.stem

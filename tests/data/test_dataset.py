@@ -139,3 +139,21 @@ def test_reference_free_rows_need_an_answer_not_a_solution(tmp_path):
     f.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
     (row,) = load_problems(DataConfig(source=str(f)), solution_required=False).rows
     assert row["solution"] is None and row["answer"] == "2"
+
+
+def test_synthetic_benchmark_sizes_and_an_out_of_distribution_split():
+    from opsd_megatron.config import EvalConfig
+    from opsd_megatron.data.benchmarks import load_benchmark
+
+    name, rows = load_benchmark("synthetic:arith:5", EvalConfig())
+    assert name == "synthetic_arith" and len(rows) == 5
+    assert all(len(r["problem"].split("+")[0]) == 3 for r in rows)
+    name, rows = load_benchmark("synthetic:arith:7:4", EvalConfig())
+    assert name == "synthetic_arith_4digit" and len(rows) == 7
+    for r in rows:  # four-digit operands, one more worked line, the right answer
+        a, b = r["problem"].split("+")
+        assert len(a) == len(b) == 4 and int(r["answer"]) == int(a) + int(b)
+        assert r["solution"].count("\n") == 4  # four column lines, then the boxed answer
+    for bad in ("synthetic:arith:x", "synthetic:arith:5:0", "synthetic:arith:1:2:3"):
+        with pytest.raises(DataError, match="synthetic:arith\\[:N\\[:DIGITS\\]\\]"):
+            load_benchmark(bad, EvalConfig())
