@@ -186,8 +186,8 @@ def _train_base(d: DemoConfig) -> dict:
     while True:
         recipe = _stage_recipe(d, "base", OmegaConf.to_container(stage), None)
         _run(recipe)
-        steps = load_config(recipe).trainer.max_steps
         last = json.loads((out / "base" / "metrics.jsonl").read_text().splitlines()[-1])
+        steps = int(last["step"])  # a rerun may find the base already further along
         if "eval/avg@1" not in last or "eval_teacher/avg@1" not in last:
             raise ConfigError(
                 "demo base stage must evaluate at its last step with eval.teacher_too=true "

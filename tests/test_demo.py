@@ -75,3 +75,40 @@ def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     first = _metrics(tmp_path / "demo")[: len(again)]
     for key in ("loss", "generated_tokens", "grad_norm"):
         assert [m[key] for m in first] == [m[key] for m in again], f"same seed, different {key}"
+
+
+def test_base_trains_on_until_it_reads_references_and_solves_some_alone(tmp_path, monkeypatch):
+    """``base_until``: the base stage is extended in rounds until both accuracies are reached,
+    or its step cap; each round's recipe asks for more steps (the trainer resumes). A stand-in for
+    the trainer writes the evaluation a scripted base would reach at each step count."""
+    from omegaconf import OmegaConf
+
+    from opsd_megatron import demo
+
+    reached = {200: (0.0, 0.74), 250: (0.01, 0.90), 300: (0.04, 0.97), 350: (0.12, 0.99)}
+    asked = []
+
+    def fake_run(recipe):
+        steps = OmegaConf.load(recipe).trainer.max_steps
+        asked.append(steps)
+        alone, teacher = reached[steps]
+        line = {"step": steps, "eval/avg@1": alone, "eval_teacher/avg@1": teacher}
+        with (Path(recipe).parent / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    over = [f"output_dir={tmp_path}", "base.trainer.max_steps=200", "base.eval.interval=50"]
+    until = ["base_until.teacher_accuracy=0.95", "base_until.accuracy=0.05"]
+    d = demo.load_demo(
+        str(ROOT / "recipes" / "demo_cpu.yaml"),
+        over + until + ["base_until.extend_steps=50", "base_until.max_steps=1000"],
+    )
+    assert demo._train_base(d) == {"accuracy": 0.12, "teacher_accuracy": 0.99, "steps": 350}
+    assert asked == [200, 250, 300, 350]
+    asked.clear()
+    (tmp_path / "base" / "metrics.jsonl").unlink()
+    d = demo.load_demo(
+        str(ROOT / "recipes" / "demo_cpu.yaml"),
+        over + until + ["base_until.max_steps=300", "base_until.extend_steps=50"],
+    )
+    assert demo._train_base(d)["steps"] == 300 and asked == [200, 250, 300]  # the cap
