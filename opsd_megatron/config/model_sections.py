@@ -133,6 +133,8 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | constant
+    # the schedule's horizon in steps (Megatron's --lr-decay-iters); None: trainer.max_steps
+    decay_steps: Optional[int] = None
     # megatron's distributed optimizer: fp32 master weights and moments sharded over DP (reduce-
     # scatter of grads, all-gather of weights). None: on (at DP1 it holds what the plain one does,
     # and its checkpoints resume at any DP size); false: megatron's non-distributed optimizer.
@@ -150,6 +152,8 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"optimizer.decay_steps must be >= 1 or null, got {self.decay_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in ("cosine", "constant"):

@@ -93,8 +93,11 @@ def optimizer_step(optimizer, max_norm: float) -> tuple[float, bool]:
 
 
 def lr_lambda(cfg: OPSDConfig):
-    """Linear warmup over warmup_ratio of max_steps, then cosine (or constant) down to min_lr."""
-    o, steps = cfg.optimizer, cfg.trainer.max_steps
+    """Linear warmup over warmup_ratio of the horizon, then cosine (or constant) down to min_lr.
+    The horizon is ``optimizer.decay_steps`` (Megatron's ``--lr-decay-iters``) or max_steps: a run
+    extended in rounds keeps one schedule."""
+    o = cfg.optimizer
+    steps = o.decay_steps or cfg.trainer.max_steps
     warmup = int(round(o.warmup_ratio * steps))
     floor = o.min_lr / o.lr
 

@@ -153,6 +153,7 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
             old_steps is not None
             and old_steps != cfg.trainer.max_steps
             and step < cfg.trainer.max_steps
+            and cfg.optimizer.decay_steps is None  # a fixed horizon keeps the schedule
         ):
             notes.append(
                 f"trainer.max_steps {old_steps} -> {cfg.trainer.max_steps}: the LR schedule is recomputed "

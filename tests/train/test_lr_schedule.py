@@ -66,3 +66,18 @@ def test_schedule_matches_torch_schedulers(schedule, warmup_ratio, min_lr):
     resumed = LRSchedule(_Groups(), lr, lr_lambda(cfg))
     resumed.load_state_dict({"last_step": 17})
     assert resumed.optimizer.param_groups[0]["lr"] == seen[17]
+
+
+def test_decay_steps_fix_the_horizon_whatever_max_steps():
+    """optimizer.decay_steps (Megatron's --lr-decay-iters): a 30-step run and the first 30 steps
+    of an 80-step run have the same rates when both decay over 80 steps, unlike without it."""
+    over = ["optimizer.lr=1e-2", "optimizer.warmup_ratio=0.1", "optimizer.schedule=cosine"]
+
+    def rates(max_steps, decay=None):
+        extra = [f"optimizer.decay_steps={decay}"] if decay else []
+        cfg = load_config(RECIPE, [*over, f"trainer.max_steps={max_steps}", *extra])
+        f = lr_lambda(cfg)
+        return [f(i) for i in range(30)]
+
+    assert rates(30, 80) == rates(80, 80) == rates(80)
+    assert rates(30) != rates(80)
