@@ -75,7 +75,6 @@ def test_fused_token_logprobs_and_sampled_token_loss_equal_fp64(tp):
             assert (gh.double() - h.grad).abs().max() <= tol, (tp, dtype)  # summed over TP
             assert (gw.double() - _rows(weight.grad, rank, tp)).abs().max() <= tol, (tp, dtype)
             assert (lp - mat).abs().max() <= tol
-            assert (st.double() - want_st.detach()).abs().max() <= tol and (
-                st - st_mat
-            ).abs().max() <= tol
-            assert (gh2.double() - h3.grad).abs().max() <= tol, (tp, dtype)
+            # the objective is a product of two log-probs (|loss| up to ~30): relative error
+            assert ref.rel_err(st, want_st.detach()) <= tol and ref.rel_err(st, st_mat) <= tol
+            assert ref.rel_err(gh2, h3.grad) <= tol, (tp, dtype)
