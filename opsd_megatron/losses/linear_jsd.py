@@ -42,7 +42,7 @@ from opsd_megatron.losses.vocab_parallel import (
 )
 
 # A chunk's fp32 [chunk, V] temporaries stay within this many elements (None: per device).
-CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS = 1 << 22, 1 << 24
+CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS = 1 << 20, 1 << 24
 
 
 def chunk_tokens_for(width: int, chunk_tokens: int | None, device: torch.device) -> int:
