@@ -87,15 +87,15 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float, r=None):
     from tests.losses import reference as ref
 
     temperature = loss.get("temperature", 1.0)
+    if loss.get("ref_kl_coef"):
+        rest = {k: v for k, v in loss.items() if k != "ref_kl_coef"}
+        kl = ref.jsd(s, r, 1.0, temperature)
+        return per_token_losses(s, t, tokens, rest, beta, r) + loss["ref_kl_coef"] * kl  # unweighted
     if loss.get("token_weight") == "teacher_entropy":
         rest = {k: v for k, v in loss.items() if k != "token_weight"}
         h_t = ref.entropy(t, temperature)
         w = torch.where(h_t > loss["entropy_threshold"], loss["low_confidence_weight"], 1.0)
         return w * per_token_losses(s, t, tokens, rest, beta, r)
-    if loss.get("ref_kl_coef"):
-        rest = {k: v for k, v in loss.items() if k != "ref_kl_coef"}
-        kl = ref.jsd(s, r, 1.0, temperature)
-        return per_token_losses(s, t, tokens, rest, beta) + loss["ref_kl_coef"] * kl
     if loss.get("kind", "jsd") == "sampled_token":
         if loss.get("baseline") == "reverse_kl":  # Â = log-ratio + sg[KL(p_S || p_T)]
             ls = ref.token_logprobs(s, tokens, temperature)

@@ -17,27 +17,26 @@ from tests.train.reference_steps import reference_step, saved_weights
 from tests.train.tiny import RECIPE, metrics, overrides, reference_first_step_loss, rollouts
 
 LORA = {"rank": 8, "alpha": 16.0}  # the tiny recipe's
+WEIGHTS = {
+    "token_weight": "teacher_entropy",
+    "entropy_threshold": 2.7,
+    "low_confidence_weight": 0.25,
+}
 VARIANTS = {
-    "sampled_token+temperature": (
-        ["loss.kind=sampled_token", "loss.temperature=0.7"],
-        {"kind": "sampled_token", "temperature": 0.7},
-        [{"kind": "jsd", "temperature": 0.7}, {"kind": "sampled_token"}],
+    "sampled_token+temperature+baseline": (
+        ["loss.kind=sampled_token", "loss.temperature=0.7", "loss.baseline=reverse_kl"],
+        {"kind": "sampled_token", "temperature": 0.7, "baseline": "reverse_kl"},
+        [
+            {"kind": "jsd", "temperature": 0.7},
+            {"kind": "sampled_token", "baseline": "reverse_kl"},
+            {"kind": "sampled_token", "temperature": 0.7},
+        ],
     ),
-    "sampled_token+baseline": (
-        ["loss.kind=sampled_token", "loss.baseline=reverse_kl"],
-        {"kind": "sampled_token", "baseline": "reverse_kl"},
-        [{"kind": "sampled_token"}],
-    ),
-    "ref_kl": (["loss.ref_kl_coef=0.5"], {"ref_kl_coef": 0.5}, [{}]),
-    "token_weight": (
-        ["loss.token_weight=teacher_entropy", "loss.entropy_threshold=2.7"]
-        + ["loss.low_confidence_weight=0.25"],
-        {
-            "token_weight": "teacher_entropy",
-            "entropy_threshold": 2.7,
-            "low_confidence_weight": 0.25,
-        },
-        [{}],
+    "ref_kl+token_weight": (
+        ["loss.ref_kl_coef=0.5", "loss.token_weight=teacher_entropy"]
+        + ["loss.entropy_threshold=2.7", "loss.low_confidence_weight=0.25"],
+        {"ref_kl_coef": 0.5, **WEIGHTS},
+        [WEIGHTS, {"ref_kl_coef": 0.5}],
     ),
     "token_mean+term_clip": (
         ["loss.reduction=token_mean", "loss.term_clip=0.02", "rollout.max_new_tokens=32"],
@@ -88,7 +87,7 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
-    if name == "token_weight":  # the threshold splits the tokens: both weights are exercised
+    if "token_weight" in name:  # the threshold splits the tokens: both weights are exercised
         assert all(0.05 < r["low_confidence_fraction"] < 0.95 for r in rows), rows
     after1 = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
