@@ -1,13 +1,13 @@
-"""The learning demonstration (recipes/demo_cpu.yaml), reduced for CI: the shipped base (400 SFT
-steps, seeds [1234, 42, 0]), then 30 OPSD steps from it under two different (trainer, rollout)
-seed pairs. The base must use the reference (teacher >= 90%) while solving few problems alone;
-each OPSD run must lift held-out accuracy by at least LIFT_AT_30 points; rerunning an arm
-reproduces it exactly on the same machine.
+"""The learning demonstration (recipes/demo_cpu.yaml), reduced for CI: the shipped base (seeds
+[1234, 42, 0], SFT until it reads references and solves a few problems alone: ``base_until``),
+then OPSD_STEPS OPSD steps from it under two different (trainer, rollout) seed pairs. The base
+must use the reference (teacher >= 90 %) while solving few problems alone; each OPSD run must
+lift held-out accuracy by at least LIFT points; rerunning an arm reproduces it exactly.
 
-Measured here: this test's two runs +73 and +74 points (14 % -> 87 % / 88 %); over the README's
-seed triples (each its own base) the step-30 lift ranged from +47 to +73 where OPSD lifts at all
-(one triple's 1 % base stays flat: README). LIFT_AT_30 sits 12 points below +47, so last-bit
-differences between machines, which sampling amplifies, cannot flip it.
+Measured here (README table, each seed triple its own base): the step-40 lift was +29 for the
+shipped triple (6 % -> 35 %), +28 for [4, 4, 4] and +20 for [3, 3, 3] (from a 44 % base); LIFT
+sits 10 points below the smallest, so last-bit differences between machines, which sampling
+amplifies, cannot flip it. (By step 100 these runs lift +90, +48 and +37.)
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIFT_AT_30 = 0.35
+OPSD_STEPS = 40
+LIFT = 0.10
 REDUCED = [
-    "arms.opsd.trainer.max_steps=30",
+    f"arms.opsd.trainer.max_steps={OPSD_STEPS}",
     "arms.sft=null",
     "arms.grpo=null",
     "common.logging.tensorboard=false",
     "common.logging.progress_bar=false",
-    "common.eval.interval=30",
+    f"common.eval.interval={OPSD_STEPS}",
 ]
 
 
@@ -35,7 +36,7 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.timeout(
     1800
-)  # ≈7 min on 2 idle cores (400 base steps + 65 OPSD steps); more when shared
+)  # ≈7 min on 2 idle cores (250 base steps, 12 evaluations, 82 OPSD steps); more when shared
 def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     from opsd_megatron.demo import _run, _stage_recipe, load_demo, run_demo
 
@@ -47,7 +48,7 @@ def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
         "the base solves problems when shown the reference"
     )
     assert summary["base_accuracy"] <= 0.5, "…and only part of them alone"
-    assert summary["steps"] == 30 and summary["generated_tokens"] > 30 * 16 * 10
+    assert summary["steps"] == OPSD_STEPS and summary["generated_tokens"] > OPSD_STEPS * 16 * 10
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
     lifts = {(42, 0): summary["lift"]}
     base_model = str(
@@ -60,14 +61,15 @@ def test_demo_lifts_held_out_accuracy_over_seeds_deterministically(tmp_path):
     )
     other = {
         **d.arms["opsd"],
-        "trainer": {"max_steps": 30, "seed": 7},
+        "trainer": {"max_steps": OPSD_STEPS, "seed": 7},
         "rollout": {"temperature": 0.7, "seed": 7},
     }
     d.output_dir = str(tmp_path / "seed7")
     _run(_stage_recipe(d, "opsd", other, base_model))
     final = [m["eval/avg@1"] for m in _metrics(tmp_path / "seed7") if "eval/avg@1" in m][-1]
     lifts[(7, 7)] = final - summary["base_accuracy"]
-    assert all(lift >= LIFT_AT_30 for lift in lifts.values()), lifts
+    print(f"base {summary['base']}; lifts at step {OPSD_STEPS}: {lifts}")
+    assert all(lift >= LIFT for lift in lifts.values()), lifts
 
     d.output_dir = str(tmp_path / "again")  # the first seed pair again, 2 steps: the same numbers
     _run(_stage_recipe(d, "opsd", {**d.arms["opsd"], "trainer": {"max_steps": 2}}, base_model))

@@ -90,7 +90,9 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float, r=None):
     if loss.get("ref_kl_coef"):
         rest = {k: v for k, v in loss.items() if k != "ref_kl_coef"}
         kl = ref.jsd(s, r, 1.0, temperature)
-        return per_token_losses(s, t, tokens, rest, beta, r) + loss["ref_kl_coef"] * kl  # unweighted
+        return (
+            per_token_losses(s, t, tokens, rest, beta, r) + loss["ref_kl_coef"] * kl
+        )  # unweighted
     if loss.get("token_weight") == "teacher_entropy":
         rest = {k: v for k, v in loss.items() if k != "token_weight"}
         h_t = ref.entropy(t, temperature)
