@@ -5,9 +5,9 @@ must use the reference (teacher >= 90 %) while solving few problems alone; each 
 lift held-out accuracy by at least LIFT points; rerunning an arm reproduces it exactly.
 
 Measured here (README table, each seed triple its own base): the step-40 lift was +29 for the
-shipped triple (6 % -> 35 %), +28 for [4, 4, 4] and +20 for [3, 3, 3] (from a 44 % base); LIFT
-sits 10 points below the smallest, so last-bit differences between machines, which sampling
-amplifies, cannot flip it. (By step 100 these runs lift +90, +48 and +37.)
+shipped triple (6 % -> 35 %), +25, +39, +20 (from a 44 % base) and +28 for [1, 1, 1] ... [4, 4, 4];
+LIFT sits 10 points below the smallest, so last-bit differences between machines, which sampling
+amplifies, cannot flip it. (By step 100 the five lift +90, +38, +58, +37, +48.)
 """
 
 from __future__ import annotations
