@@ -204,7 +204,10 @@ def _train_base(d: DemoConfig) -> dict:
             f"training on to step {more}",
             flush=True,
         )
-        stage = OmegaConf.merge(stage, {"trainer": {"max_steps": more}})
+        # each round is evaluated at its end (evaluation does not touch the training RNG)
+        stage = OmegaConf.merge(
+            stage, {"trainer": {"max_steps": more}, "eval": {"interval": until.extend_steps}}
+        )
 
 
 def run_demo(d: DemoConfig) -> dict:

@@ -91,7 +91,9 @@ def test_base_trains_on_until_it_reads_references_and_solves_some_alone(tmp_path
     asked = []
 
     def fake_run(recipe):
-        steps = OmegaConf.load(recipe).trainer.max_steps
+        cfg = OmegaConf.load(recipe)
+        steps = cfg.trainer.max_steps
+        assert cfg.eval.interval == (200 if steps == 200 else 50)  # each round evaluates its end
         asked.append(steps)
         alone, teacher = reached[steps]
         line = {"step": steps, "eval/avg@1": alone, "eval_teacher/avg@1": teacher}
@@ -99,7 +101,7 @@ def test_base_trains_on_until_it_reads_references_and_solves_some_alone(tmp_path
             f.write(json.dumps(line) + "\n")
 
     monkeypatch.setattr(demo, "_run", fake_run)
-    over = [f"output_dir={tmp_path}", "base.trainer.max_steps=200", "base.eval.interval=50"]
+    over = [f"output_dir={tmp_path}", "base.trainer.max_steps=200", "base.eval.interval=200"]
     until = ["base_until.teacher_accuracy=0.95", "base_until.accuracy=0.05"]
     d = demo.load_demo(
         str(ROOT / "recipes" / "demo_cpu.yaml"),
