@@ -148,7 +148,9 @@ class OPSD:
             diag = {"advantage": out.advantage}
         loss = out.loss
         if self.loss.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
-            h_t = vocab_parallel_entropy(teacher, **kw)
+            h_t = diag.get("teacher_entropy")  # the full JSD computed it already
+            if h_t is None:
+                h_t = vocab_parallel_entropy(teacher, **kw)
             low = h_t > self.loss.entropy_threshold
             loss = torch.where(low, self.loss.low_confidence_weight * loss, loss)
             diag["low_confidence_fraction"] = low.to(torch.float32)
@@ -158,11 +160,15 @@ class OPSD:
             diag["ref_kl"] = ref_kl.detach()
         first, middle, last = position_thirds(mb.response_mask_BR)
         per_token = loss.detach()
+        if self.loss.kind == "sampled_token":  # the objective computed it already
+            teacher_lp = out.teacher_logprobs
+        else:
+            teacher_lp = teacher_token_logprobs(teacher, mb.response_tokens_BR, **kw)
         diag.update(
             top1_agreement=top1_agreement(
                 student_BRV.detach(), teacher, self.vocab_size, groups.tp
             ),
-            teacher_logprob=teacher_token_logprobs(teacher, mb.response_tokens_BR, **kw),
+            teacher_logprob=teacher_lp,
             divergence_first=(per_token, first),
             divergence_middle=(per_token, middle),
             divergence_last=(per_token, last),

@@ -39,6 +39,7 @@ from opsd_megatron.losses.vocab_parallel import (
     group_size,
     token_chunks,
     vocab_shard,
+    working_dtype,
 )
 
 # A chunk's fp32 [chunk, V] temporaries stay within this many elements (None: per device).
@@ -54,16 +55,12 @@ def chunk_tokens_for(width: int, chunk_tokens: int | None, device: torch.device)
     return max(1, budget // max(width, 1))
 
 
-def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 class _LinearJSD(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, h_s, h_t, w, w_t, beta, temperature, vocab_size, term_clip, group, chunk, reduce
     ):
-        dtype = _math_dtype(h_s, w)
+        dtype = working_dtype(h_s, w)
         shard = vocab_shard(w.shape[0], vocab_size, group)
         n = h_s.shape[0]
         stats = torch.zeros(4, n, dtype=dtype, device=h_s.device)  # loss, Σg, −H_S, −H_T

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses.linear_jsd import _math_dtype, chunk_tokens_for
+from opsd_megatron.losses.linear_jsd import chunk_tokens_for
 from opsd_megatron.losses.sampled_token import SampledTokenOutput
 from opsd_megatron.losses.token_logprob import _local_target_index
 from opsd_megatron.losses.validation import check_temperature
@@ -22,13 +22,14 @@ from opsd_megatron.losses.vocab_parallel import (
     group_size,
     token_chunks,
     vocab_shard,
+    working_dtype,
 )
 
 
 class _LinearTokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, tokens, temperature, vocab_size, group, chunk, reduce):
-        dtype = _math_dtype(h, w)
+        dtype = working_dtype(h, w)
         shard = vocab_shard(w.shape[0], vocab_size, group)
         n = h.shape[0]
         out = torch.empty(n, dtype=dtype, device=h.device)
