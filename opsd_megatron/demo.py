@@ -30,6 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from opsd_megatron import demo_report as report
 from opsd_megatron.config import ConfigError, load_config, load_structured
 
 
@@ -99,12 +100,30 @@ def load_demo(path: str, overrides: list[str]) -> DemoConfig:
     """The demo recipe through the same loader as a run's (unknown keys, types and ``defaults_from``
     handled alike); each stage's recipe is then validated as a run's config."""
     d = load_structured(DemoConfig, path, overrides)
-    d.arms = {k: v for k, v in (d.arms or {}).items() if v is not None}
+    d.arms = _inherit({k: v for k, v in (d.arms or {}).items() if v is not None}, path)
     if "opsd" not in d.arms:
         raise ConfigError(f"{path}: arms.opsd is required")
     if any(not isinstance(t, (list, tuple)) or len(t) != 3 for t in d.seeds or []):
         raise ConfigError(f"{path}: seeds must be a list of [model init, trainer, rollout] triples")
     return d
+
+
+def _inherit(arms: dict, path: str) -> dict:
+    """Arms written as ``{from: other, ...}``: the other arm's overrides, then these (one level,
+    so a variant names what it changes and nothing else)."""
+    out = {}
+    for name, arm in arms.items():
+        arm = dict(arm)
+        parent = arm.pop("from", None)
+        if parent is not None:
+            if parent not in arms or "from" in (arms[parent] or {}):
+                raise ConfigError(
+                    f"{path}: arms.{name}.from={parent!r} must name an arm without a 'from' "
+                    f"(arms: {', '.join(arms)})"
+                )
+            arm = OmegaConf.to_container(OmegaConf.merge(arms[parent], arm))
+        out[name] = arm
+    return out
 
 
 def _stage_recipe(d: DemoConfig, name: str, stage: dict, base_model: str | None) -> Path:
@@ -132,51 +151,6 @@ def _run(recipe: Path) -> None:
     rc = train([str(recipe)])
     if rc != 0:
         raise RuntimeError(f"{recipe}: opsd-train exited with {rc}")
-
-
-def _curve(metrics: Path, start_acc: float) -> list[tuple[float, float]]:
-    """[(tokens so far, held-out accuracy)] from a run's metrics.jsonl, starting at the base."""
-    points, tokens = [(0.0, start_acc)], 0.0
-    for line in metrics.read_text().splitlines():
-        m = json.loads(line)
-        tokens += m.get("generated_tokens", 0.0) or m.get("reference_tokens", 0.0)
-        if "eval/avg@1" in m:
-            points.append((tokens, m["eval/avg@1"]))
-    return points
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(figsize=(7, 4.5))
-
-
-def _save(plt, fig, ax, out_png: Path, xlabel: str, ylabel: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def _plot(curves: dict, base: dict, out_png: Path) -> None:
-    plt, fig, ax = _figure()
-    for name, pts in curves.items():
-        label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
-    ax.axhline(
-        100 * base["teacher_accuracy"],
-        color="gray",
-        ls=":",
-        label="base with the reference (teacher)",
-    )
-    _save(plt, fig, ax, out_png, "tokens sampled during training", "held-out accuracy (%)")
 
 
 def _train_base(d: DemoConfig) -> dict:
@@ -220,7 +194,7 @@ def run_demo(d: DemoConfig) -> dict:
     for name, stage in d.arms.items():
         recipe = _stage_recipe(d, name, stage, base_model)
         _run(recipe)
-        curve = _curve(out / name / "metrics.jsonl", base["accuracy"])
+        curve = report.curve(out / name, base["accuracy"])
         arms[name] = {
             "algorithm": load_config(recipe).algorithm,
             "steps": load_config(recipe).trainer.max_steps,
@@ -228,6 +202,7 @@ def run_demo(d: DemoConfig) -> dict:
             "best_accuracy": max(a for _, a in curve),
             "tokens": curve[-1][0],
             "curve": curve,
+            "final": report.final_figures(out / name),
         }
     opsd = arms["opsd"]
     summary = {
@@ -242,59 +217,9 @@ def run_demo(d: DemoConfig) -> dict:
         "wall_time_s": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot({k: v["curve"] for k, v in arms.items()}, base, out / "accuracy.png")
+    (out / "table.md").write_text(report.table(base, arms) + "\n")
+    report.plot({k: v["curve"] for k, v in arms.items()}, base, out / "accuracy.png")
     return summary
-
-
-def _spread(runs: list[dict]) -> dict:
-    """Per arm: accuracy at each evaluation step over seeds (mean, min, max) and the lift's spread."""
-    out = {}
-    for name in runs[0]["arms"]:
-        curves = [r["arms"][name]["curve"] for r in runs]
-        n = min(len(c) for c in curves)
-        points = []
-        for i in range(n):
-            accs = [c[i][1] for c in curves]
-            points.append(
-                {
-                    "tokens": sum(c[i][0] for c in curves) / len(curves),
-                    "mean": sum(accs) / len(accs),
-                    "min": min(accs),
-                    "max": max(accs),
-                }
-            )
-        lifts = [r["arms"][name]["final_accuracy"] - r["base_accuracy"] for r in runs]
-        out[name] = {
-            "points": points,
-            "lift_mean": sum(lifts) / len(lifts),
-            "lift_min": min(lifts),
-            "lift_max": max(lifts),
-        }
-    return out
-
-
-def _plot_spread(spread: dict, out_png: Path) -> None:
-    plt, fig, ax = _figure()
-    for name, arm in spread.items():
-        x = [p["tokens"] for p in arm["points"]]
-        (line,) = ax.plot(
-            x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)"
-        )
-        ax.fill_between(
-            x,
-            [100 * p["min"] for p in arm["points"]],
-            [100 * p["max"] for p in arm["points"]],
-            color=line.get_color(),
-            alpha=0.2,
-        )
-    _save(
-        plt,
-        fig,
-        ax,
-        out_png,
-        "tokens sampled during training (SFT: reference tokens trained on)",
-        "held-out accuracy (%), band: min-max over seeds",
-    )
 
 
 def run_seeds(d: DemoConfig, n: int) -> dict:
@@ -319,7 +244,7 @@ def run_seeds(d: DemoConfig, n: int) -> dict:
                 },
             }
         )
-    spread = _spread(runs)
+    spread = report.spread(runs)
     summary = {
         "seeds": [r["seeds"] for r in runs],
         "runs": runs,
@@ -328,7 +253,7 @@ def run_seeds(d: DemoConfig, n: int) -> dict:
         "wall_time_s": time.perf_counter() - t0,
     }
     (Path(d.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot_spread(spread, Path(d.output_dir) / "accuracy.png")
+    report.plot_spread(spread, Path(d.output_dir) / "accuracy.png")
     return summary
 
 
@@ -370,14 +295,10 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = [
-        f"  {name:<5} {100 * a['final_accuracy']:5.1f}% after {a['steps']} steps, {a['tokens']:.0f} tokens"
-        for name, a in summary["arms"].items()
-    ]
     print(
         f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
-        f"with the reference\n"
-        + "\n".join(rows)
+        f"with the reference; after {summary['steps']} steps:\n"
+        + report.table(summary["base"], summary["arms"])
         + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "
         f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png"
     )

@@ -28,6 +28,8 @@ def plan_input(cfg: OPSDConfig, layout: Layout) -> PlanInput:
         student_seq_len=student,
         response_len=r.max_new_tokens,
         frozen_teacher_copy=cfg.lora is None and not cfg.teacher.offload,
+        fused=cfg.loss.fused,
+        ref_pass=cfg.algorithm == "opsd" and cfg.loss.ref_kl_coef > 0,
         vllm=r.vllm if r.engine == "vllm" else None,
         vllm_seq_len=vllm_model_len(cfg),
         rollouts_per_rank=cfg.trainer.global_batch_size // layout.dp,

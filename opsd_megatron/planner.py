@@ -12,8 +12,10 @@ what runs on CPU: fp32 torch norms, unfused attention with an fp32 softmax); ful
 only each layer's input. The ``local`` count is checked against the bytes megatron really saves
 (tests/test_planner.py); ``te`` is the same accounting for TE's kernels, not yet measured on a GPU.
 The loss terms are what the step keeps: teacher logits of the response rows for all
-micro-batches of a rank, the student's logits and their response rows, the gradient of those rows,
-and the loss's chunked fp32 working set. vLLM's share is its weight copy plus a KV cache for the
+micro-batches of a rank (and the initial policy's with the ref-KL term), the student's logits and
+their response rows, the gradient of those rows, and the loss's chunked fp32 working set; with
+``loss.fused`` the same terms hold hidden states (``teacher_hidden``, ``student_hidden``: H wide
+instead of V/tp) and the working set stays bounded by the chunk. vLLM's share is its weight copy plus a KV cache for the
 rank's rollouts.
 """
 
@@ -50,6 +52,8 @@ class PlanInput:
     frozen_teacher_copy: bool = (
         False  # full-parameter training keeps a teacher copy (unless offloaded)
     )
+    fused: bool = False  # loss.fused: hidden states instead of logits (teacher kept, student)
+    ref_pass: bool = False  # loss.ref_kl_coef: the initial policy's view is kept as well
     vllm: VLLMConfig | None = None  # the colocated vLLM engine's settings (None: no vLLM)
     vllm_seq_len: int = 0  # its max_model_len: each rollout's KV cache holds this many tokens
     rollouts_per_rank: int = 4
@@ -190,12 +194,15 @@ def plan(p: PlanInput) -> dict[str, float]:
         )
     v_local = a.padded_vocab_size(p.tp) // p.tp
     last = worst == p.pp - 1 or p.pp == 1
-    resp_rows = b * p.response_len * v_local
-    teacher_logits = p.micro_batches_per_rank * resp_rows * p.bytes_per_param if last else 0
-    student_logits = (
-        (b * s * v_local + 2 * resp_rows) * p.bytes_per_param if last else 0
-    )  # logits, rows, grad
-    loss_working = (
+    # the teacher pass keeps, per micro-batch (twice with the ref-KL pass), its response rows:
+    # logits [b, R, V/tp], or with the fused loss hidden states [b, R, H]; the student's output
+    # ([b, s, V/tp] logits or [b, s, h] states), its response rows and their gradient
+    width = h if p.fused else v_local
+    resp_rows = b * p.response_len * width
+    kept = p.micro_batches_per_rank * resp_rows * p.bytes_per_param * (2 if p.ref_pass else 1)
+    teacher_kept = kept if last else 0
+    student_out = (b * s * width + 2 * resp_rows) * p.bytes_per_param if last else 0
+    loss_working = (  # the chunked fp32 working set, fused or not (linear_jsd.py, jsd.py)
         LOSS_TEMPORARIES * min(LOSS_CHUNK_ELEMENTS, b * p.response_len * v_local) * 4 if last else 0
     )
     teacher_copy = per_stage[worst] * p.bytes_per_param if p.frozen_teacher_copy else 0
@@ -217,8 +224,8 @@ def plan(p: PlanInput) -> dict[str, float]:
         "gradients": grads,
         "optimizer_states": optimizer,
         "activations": activations,
-        "teacher_logits": teacher_logits,
-        "student_logits": student_logits,
+        "teacher_hidden" if p.fused else "teacher_logits": teacher_kept,
+        "student_hidden" if p.fused else "student_logits": student_out,
         "loss_working_set": loss_working,
         "frozen_teacher_copy": teacher_copy,
         "vllm": vllm,

@@ -20,6 +20,7 @@ LAYERS = [
     {"eval"},
     {"train"},
     {"train.cli", "eval.cli", "plan_cli"},  # the command lines
+    {"demo_report"},  # the demonstration's curves, tables and plots (reads run outputs)
     {"demo"},  # runs opsd-train once per stage
 ]
 

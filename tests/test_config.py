@@ -44,7 +44,20 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
         cfg = load_config(_stage_recipe(d, name, stage, str(tmp_path / "base_model")))
         validate_layout(cfg, arch=arch_of(base.model))
         assert cfg.trainer.output_dir == str(tmp_path / name)
-    assert set(d.arms) == {"opsd", "sft", "grpo"}
+    assert set(d.arms) == DEMO_ARMS[recipe.stem]
+
+
+DEMO_ARMS = {
+    "demo_cpu": {"opsd", "sft", "grpo"},
+    "demo_variants": {
+        "opsd",
+        "answer_only",
+        "sampled_token",
+        "sampled_token_baseline",
+        "ref_kl",
+        "peer_success",
+    },
+}
 
 
 def test_demo_recipe_errors_name_the_problem(tmp_path):
@@ -64,6 +77,14 @@ def test_demo_recipe_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ConfigError, match="demo stage 'opsd'.*loss.beta"):
         _stage_recipe(d, "opsd", d.arms["opsd"], None)
+    bad.write_text(
+        "arms: {opsd: {loss: {beta: 0.1}}, x: {from: opsd, loss: {kind: sampled_token}}}\n"
+    )
+    x = load_demo(str(bad), []).arms["x"]  # a variant: the other arm's overrides, then its own
+    assert x["loss"] == {"beta": 0.1, "kind": "sampled_token"} and "from" not in x
+    bad.write_text("arms: {opsd: {}, x: {from: nope}}\n")
+    with pytest.raises(ConfigError, match="arms.x.from='nope' must name an arm"):
+        load_demo(str(bad), [])
 
 
 def test_renamed_teacher_keys_still_load_with_a_warning(tmp_path):

@@ -37,5 +37,6 @@ def build_algorithm(
             teacher,
             Grader(cfg.eval.grade_timeout, cfg.eval.answer_format),  # the reward reads as eval
             vocab_size,
+            fused=cfg.loss.fused,
         )
     raise ValueError(f"algorithm must be opsd|sft|grpo, got {cfg.algorithm!r}")

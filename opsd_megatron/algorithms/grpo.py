@@ -17,8 +17,9 @@ from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import GRPOConfig
 from opsd_megatron.data.grading import Grader, reference_answer
-from opsd_megatron.losses import vocab_parallel_token_logprobs
-from opsd_megatron.models.forward import forward_logits
+from opsd_megatron.losses import heads
+from opsd_megatron.losses.heads import Hidden
+from opsd_megatron.models.output_head import output_weight
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
@@ -46,12 +47,14 @@ class GRPO:
         reference: Teacher | None,
         grader: Grader | None,
         vocab_size: int,
+        fused: bool = False,
     ):
         """``sampling``: the distribution the sampler's log-probs are of (temperature, top-k, top-p:
         ``RolloutConfig.logprob_distribution``), in which the ratio's and the KL's log-probs are
         taken; ``reference``: the initial policy for the KL term (the teacher's module);
-        ``grader``: the reward."""
-        self.source, self.grpo, self.sampling = source, grpo, sampling
+        ``grader``: the reward; ``fused``: the reference pass hands hidden states to the fused
+        log-probs (``loss.fused``)."""
+        self.source, self.grpo, self.sampling, self.fused = source, grpo, sampling, fused
         self.reference, self.grader, self.vocab_size = reference, grader, vocab_size
         self.stat_names = ("kl",) if grpo.kl_coef > 0 else ()
 
@@ -94,24 +97,37 @@ class GRPO:
         return Scored(mbs, counts)
 
     def _reference_logprobs(self, mb: MicroBatch) -> None:
-        with self.reference.active() as ref:  # the initial policy: adapters off / frozen copy
-            logits = forward_logits(ref, mb.student.tokens_BT, mb.student.position_ids_BT)
-        if logits is not None:
-            rows = response_rows(logits, mb.student, mb.response_mask_BR.shape[1])
-            mb.extras["ref_logprobs_BR"] = vocab_parallel_token_logprobs(
-                rows,
-                mb.response_tokens_BR,
-                **self.sampling,
-                vocab_size=self.vocab_size,
-                group=self.source.groups.tp,
+        """The initial policy's log-probs of the sampled tokens (adapters off / frozen copy)."""
+        tokens, positions, r_max = (
+            mb.student.tokens_BT,
+            mb.student.position_ids_BT,
+            mb.response_mask_BR.shape[1],
+        )
+        if self.fused:
+            states, weight = self.reference.hidden(tokens, positions)
+            if states is None:
+                return
+            ref = Hidden(
+                response_rows(states, mb.student, r_max),
+                output_weight(self.reference.student) if weight is None else weight,
             )
+        else:
+            logits = self.reference.logits(tokens, positions)
+            if logits is None:
+                return
+            ref = response_rows(logits, mb.student, r_max)
+        mb.extras["ref_logprobs_BR"] = heads.token_logprobs(
+            ref,
+            mb.response_tokens_BR,
+            **self.sampling,
+            vocab_size=self.vocab_size,
+            group=self.source.groups.tp,
+        )
 
-    def per_token_loss(
-        self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups | None
-    ):
+    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups | None):
         """−min(ρA, clip(ρ)A) (+ β_KL·k3) per response token, ρ against the sampler's log-probs."""
-        logprobs = vocab_parallel_token_logprobs(
-            student_BRV,
+        logprobs = heads.token_logprobs(
+            student,
             mb.response_tokens_BR,
             **self.sampling,
             vocab_size=self.vocab_size,

@@ -18,17 +18,9 @@ from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
-from opsd_megatron.losses import (
-    vocab_parallel_jsd,
-    vocab_parallel_jsd_with_entropy,
-    vocab_parallel_sampled_token_loss,
-)
-from opsd_megatron.losses.diagnostics import (
-    position_thirds,
-    teacher_token_logprobs,
-    top1_agreement,
-    vocab_parallel_entropy,
-)
+from opsd_megatron.losses import heads
+from opsd_megatron.losses.diagnostics import position_thirds
+from opsd_megatron.losses.heads import Hidden
 from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -89,18 +81,36 @@ class OPSD:
                 for p, s in zip(rollouts.problems[rows], solutions[rows])
             ]
             teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)
-            logits = self.teacher.logits(teacher.tokens_BT, teacher.position_ids_BT)
-            if logits is not None:
-                mb.extras["teacher_logits_BRV"] = response_rows(
-                    logits, teacher, mb.response_mask_BR.shape[1]
-                )
+            self._keep(mb, "teacher", teacher)
             if self.loss.ref_kl_coef:  # the initial policy on the student's own sequence
-                ref = self.teacher.logits(mb.student.tokens_BT, mb.student.position_ids_BT)
-                if ref is not None:
-                    mb.extras["ref_logits_BRV"] = response_rows(
-                        ref, mb.student, mb.response_mask_BR.shape[1]
-                    )
+                self._keep(mb, "ref", mb.student)
         return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens), **counts})
+
+    def _keep(self, mb: MicroBatch, name: str, packed) -> None:
+        """The teacher's view of ``packed`` at the response positions, kept in ``mb.extras``:
+        logits ``[B, R, V/tp]``, or with ``loss.fused`` hidden states ``[B, R, H]`` and the
+        teacher's output-layer shard (last pipeline stage only)."""
+        r_max = mb.response_mask_BR.shape[1]
+        if not self.loss.fused:
+            logits = self.teacher.logits(packed.tokens_BT, packed.position_ids_BT)
+            if logits is not None:
+                mb.extras[f"{name}_logits_BRV"] = response_rows(logits, packed, r_max)
+            return
+        states, weight = self.teacher.hidden(packed.tokens_BT, packed.position_ids_BT)
+        if states is not None:
+            mb.extras[f"{name}_hidden_BRH"] = response_rows(states, packed, r_max)
+            mb.extras[f"{name}_weight_VH"] = weight
+
+    def _view(self, mb: MicroBatch, name: str, student):
+        """What ``_keep`` kept, in the student's form (``losses/heads.py``)."""
+        if not isinstance(student, Hidden):
+            return mb.extras[f"{name}_logits_BRV"]
+        weight = mb.extras[f"{name}_weight_VH"]
+        return Hidden(
+            mb.extras[f"{name}_hidden_BRH"],
+            student.weight_VH if weight is None else weight,
+            student.chunk_tokens,
+        )
 
     def _contexts(self, rollouts: Rollouts) -> tuple[list[str | None], dict[str, float]]:
         """The solution text each rollout's teacher reads: the reference, or a correct peer."""
@@ -118,16 +128,17 @@ class OPSD:
             "peer_skipped": float(sum(s is None for s in chosen)),
         }
 
-    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups):
         """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over ``groups.tp``),
-        or the sampled-token objective; diagnostics: the two entropies, or the advantage, and
-        ``DIAGNOSTICS`` (``losses/diagnostics.py``; a ``(values, mask)`` pair is averaged over its
-        own mask)."""
+        or the sampled-token objective; ``student`` is its logits ``[B, R, V/tp]`` or, with
+        ``loss.fused``, its hidden states (``heads.Hidden``). Diagnostics: the two entropies, or
+        the advantage, and ``DIAGNOSTICS`` (``losses/diagnostics.py``; a ``(values, mask)`` pair is
+        averaged over its own mask)."""
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
-        teacher = mb.extras["teacher_logits_BRV"]
+        teacher = self._view(mb, "teacher", student)
         if self.loss.kind == "jsd" and self.loss.teacher_top_k:
             out = vocab_parallel_topk_jsd(
-                student_BRV,
+                student,
                 teacher,
                 beta=self.loss.beta,
                 k=self.loss.teacher_top_k,
@@ -137,25 +148,25 @@ class OPSD:
             )
             diag = {"teacher_topk_mass": out.teacher_mass}
         elif self.loss.kind == "jsd":
-            out = vocab_parallel_jsd_with_entropy(
-                student_BRV, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
+            out = heads.jsd(
+                student, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
             )
             diag = {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
         else:
-            out = vocab_parallel_sampled_token_loss(
-                student_BRV, teacher, mb.response_tokens_BR, baseline=self.loss.baseline, **kw
+            out = heads.sampled_token(
+                student, teacher, mb.response_tokens_BR, baseline=self.loss.baseline, **kw
             )
             diag = {"advantage": out.advantage}
         loss = out.loss
         if self.loss.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
             h_t = diag.get("teacher_entropy")  # the full JSD computed it already
             if h_t is None:
-                h_t = vocab_parallel_entropy(teacher, **kw)
+                h_t = heads.entropy(teacher, **kw)
             low = h_t > self.loss.entropy_threshold
             loss = torch.where(low, self.loss.low_confidence_weight * loss, loss)
             diag["low_confidence_fraction"] = low.to(torch.float32)
         if self.loss.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
-            ref_kl = vocab_parallel_jsd(student_BRV, mb.extras["ref_logits_BRV"], beta=1.0, **kw)
+            ref_kl = heads.jsd(student, self._view(mb, "ref", student), beta=1.0, **kw).loss
             loss = loss + self.loss.ref_kl_coef * ref_kl
             diag["ref_kl"] = ref_kl.detach()
         first, middle, last = position_thirds(mb.response_mask_BR)
@@ -163,11 +174,10 @@ class OPSD:
         if self.loss.kind == "sampled_token":  # the objective computed it already
             teacher_lp = out.teacher_logprobs
         else:
-            teacher_lp = teacher_token_logprobs(teacher, mb.response_tokens_BR, **kw)
+            with torch.no_grad():
+                teacher_lp = heads.token_logprobs(teacher, mb.response_tokens_BR, **kw)
         diag.update(
-            top1_agreement=top1_agreement(
-                student_BRV.detach(), teacher, self.vocab_size, groups.tp
-            ),
+            top1_agreement=heads.top1_agreement(student, teacher, self.vocab_size, groups.tp),
             teacher_logprob=teacher_lp,
             divergence_first=(per_token, first),
             divergence_middle=(per_token, middle),

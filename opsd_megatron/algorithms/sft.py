@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import zlib
 
-import torch
-
 from opsd_megatron.algorithms.base import Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.rollouts import RolloutSource
 from opsd_megatron.config import SFTConfig
 from opsd_megatron.data.prompts import teacher_prompt_ids
-from opsd_megatron.losses import vocab_parallel_token_logprobs
+from opsd_megatron.losses import heads
 from opsd_megatron.platform.parallel import ParallelGroups
 
 
@@ -54,10 +52,10 @@ class SFT:
             },
         )
 
-    def per_token_loss(self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups):
+    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups):
         """−log p_S(y*_n) per reference token."""
-        logprobs = vocab_parallel_token_logprobs(
-            student_BRV,
+        logprobs = heads.token_logprobs(
+            student,
             mb.response_tokens_BR,
             vocab_size=self.vocab_size,
             group=groups.tp if groups is not None else None,

@@ -159,8 +159,17 @@ class LossConfig:
     entropy_threshold: float = 1.0
     low_confidence_weight: float = 0.0
     top_k_mode: str = "tail"  # tail | renorm
+    # true: the last stage stops at the final norm and the loss projects hidden states through
+    # the output layer's vocab shard one token chunk at a time (losses/linear_jsd.py); the teacher
+    # pass keeps [R, H] hidden states per sequence instead of [R, V/tp] logits. false: logits.
+    fused: bool = False
+    chunk_tokens: Optional[int] = None  # fused: tokens per chunk (null: ~2^24 fp32 elements on GPU)
 
     def __post_init__(self):
+        if self.fused and self.teacher_top_k:
+            raise ConfigError("loss.teacher_top_k needs loss.fused=false (its top-K reads logits)")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ConfigError(f"loss.chunk_tokens must be >= 1 or null, got {self.chunk_tokens}")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.term_clip is not None and self.term_clip <= 0:

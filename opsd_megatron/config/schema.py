@@ -65,6 +65,12 @@ class OPSDConfig:
                 "problem: it needs algorithm=opsd and rollout.num_rollouts >= 2, got "
                 f"{self.algorithm} and {self.rollout.num_rollouts}"
             )
+        if self.loss.fused and (self.rollout.top_k or self.rollout.top_p < 1.0):
+            raise ConfigError(
+                "loss.fused computes log-probs of the tempered softmax only: it needs "
+                f"rollout.top_k=0 and rollout.top_p=1 (got {self.rollout.top_k}, "
+                f"{self.rollout.top_p}), or loss.fused=false"
+            )
         if self.loss.ref_kl_coef and self.teacher.update != "fixed":
             raise ConfigError(
                 "loss.ref_kl_coef needs teacher.update=fixed: the reference policy is the "

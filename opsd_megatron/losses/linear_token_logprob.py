@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses.linear_jsd import chunk_tokens_for
-from opsd_megatron.losses.sampled_token import SampledTokenOutput
+from opsd_megatron.losses.linear_jsd import chunk_tokens_for, vocab_parallel_linear_jsd
+from opsd_megatron.losses.sampled_token import BASELINES, SampledTokenOutput
 from opsd_megatron.losses.token_logprob import _local_target_index
 from opsd_megatron.losses.validation import check_temperature
 from opsd_megatron.losses.vocab_parallel import (
@@ -116,9 +116,13 @@ def vocab_parallel_linear_sampled_token_loss(
     chunk_tokens: int | None = None,
     teacher_weight_VH: torch.Tensor | None = None,
     reduce_hidden_grad: bool = True,
+    baseline: str = "none",
 ) -> SampledTokenOutput:
-    """The sampled-token objective −sg[log p_T(ŷ) − log p_S(ŷ)]·log p_S(ŷ) from hidden states
-    (``losses/sampled_token.py``, no importance weight)."""
+    """The sampled-token objective −sg[Â]·log p_S(ŷ), Â = log p_T(ŷ) − log p_S(ŷ) (+ sg[KL(p_S ‖ p_T)]
+    with ``baseline="reverse_kl"``), from hidden states (``losses/sampled_token.py``, no
+    importance weight)."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     kw = dict(
         temperature=temperature, vocab_size=vocab_size, group=group, chunk_tokens=chunk_tokens
     )
@@ -131,6 +135,16 @@ def vocab_parallel_linear_sampled_token_loss(
             teacher_hidden_NH.detach(), w_t.detach(), tokens_N, **kw
         )
     advantage = (teacher_lp - student_lp).detach()
+    if baseline == "reverse_kl":
+        with torch.no_grad():
+            advantage = advantage + vocab_parallel_linear_jsd(
+                student_hidden_NH.detach(),
+                teacher_hidden_NH.detach(),
+                weight_VH.detach(),
+                beta=1.0,
+                teacher_weight_VH=w_t.detach(),
+                **kw,
+            ).loss.to(advantage.dtype)
     loss = -advantage * student_lp
     return SampledTokenOutput(
         loss, advantage, student_lp.detach(), teacher_lp, torch.ones_like(advantage)

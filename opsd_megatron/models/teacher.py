@@ -25,6 +25,7 @@ import torch
 from opsd_megatron.config import TeacherConfig
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.lora import adapters, adapters_disabled
+from opsd_megatron.models.output_head import hidden_states_out, output_weight
 
 
 class Teacher:
@@ -121,10 +122,31 @@ class Teacher:
         micro_batch_size: int | None = None,
     ) -> torch.Tensor | None:
         """Teacher logits ``[B, T, V/tp]`` (last pipeline stage; None elsewhere), forward-only."""
+        return self._forward(tokens_BT, position_ids_BT, micro_batch_size, hidden=False)[0]
+
+    @torch.no_grad()
+    def hidden(
+        self,
+        tokens_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor | None = None,
+        micro_batch_size: int | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``loss.fused``: the teacher's final-norm hidden states ``[B, T, H]`` and its output-layer
+        shard — None where it is the student's own (adapters off, EMA adapters, the live student);
+        (None, None) off the last pipeline stage."""
+        return self._forward(tokens_BT, position_ids_BT, micro_batch_size, hidden=True)
+
+    def _forward(self, tokens_BT, position_ids_BT, micro_batch_size, hidden: bool):
         with self.active() as model:
             was_training = model.training
             model.eval()
             try:
-                return forward_logits(model, tokens_BT, position_ids_BT, micro_batch_size)
+                if not hidden:
+                    return forward_logits(model, tokens_BT, position_ids_BT, micro_batch_size), None
+                with hidden_states_out(model):
+                    states = forward_logits(model, tokens_BT, position_ids_BT, micro_batch_size)
+                # a frozen copy's own shard (kept on the device when the copy is offloaded)
+                weight = None if model is self.student else output_weight(model)
+                return states, None if weight is None else weight.detach()
             finally:
                 model.train(was_training)

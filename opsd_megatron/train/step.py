@@ -16,6 +16,7 @@ Legend: B micro-batch rows, T sequence length, R response length, V local vocab 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -24,9 +25,11 @@ import torch.distributed as dist
 from opsd_megatron.algorithms.base import Algorithm
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import step_response_stats
-from opsd_megatron.losses import global_normalizer, partial_loss, vocab_parallel_token_logprobs
+from opsd_megatron.losses import global_normalizer, heads, partial_loss
+from opsd_megatron.losses.heads import Hidden
 from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.models.forward import pad_for_sequence_parallel
+from opsd_megatron.models.output_head import hidden_states_out, output_weight
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
 from opsd_megatron.train.setup import Components
@@ -93,17 +96,22 @@ def student_pass(
     (on the last pipeline stage; empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    groups, reduction = c.groups, c.cfg.loss.reduction
+    groups, reduction, fused = c.groups, c.cfg.loss.reduction, c.cfg.loss.fused
+    weight = output_weight(c.model) if fused else None  # the output layer's vocab shard
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
         tokens, positions = pad_for_sequence_parallel(
             model, mb.student.tokens_BT, mb.student.position_ids_BT
         )
-        logits = model(tokens, positions, attention_mask=None)
+        # fused: the last stage returns final-norm hidden states [B, T, H], not logits
+        with hidden_states_out(c.model) if fused else contextlib.nullcontext():
+            output = model(tokens, positions, attention_mask=None)
 
-        def loss_fn(logits_BTV):
-            student = response_rows(logits_BTV, mb.student, mb.response_mask_BR.shape[1])
+        def loss_fn(output_BTX):
+            student = response_rows(output_BTX, mb.student, mb.response_mask_BR.shape[1])
+            if fused:
+                student = Hidden(student, weight, c.cfg.loss.chunk_tokens)
             per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {
@@ -114,10 +122,10 @@ def student_pass(
                 values, mask = v if isinstance(v, tuple) else (v, mb.response_mask_BR)
                 stats[k] = masked_mean(values.detach(), mask)
             if mb.sampled:
-                stats["sampler_logprob_error"] = _sampler_logprob_error(c, student.detach(), mb)
+                stats["sampler_logprob_error"] = _sampler_logprob_error(c, student, mb)
             return loss, torch.ones((), dtype=torch.int), stats  # already globally normalised
 
-        return logits, loss_fn
+        return output, loss_fn
 
     results = get_forward_backward_func()(
         forward_step_func=step_fn,
@@ -145,14 +153,13 @@ def share_stats(stats: dict, keys: list[str], summed: set[str], groups: Parallel
     return {k: v if k in summed else v / groups.dp_size for k, v in zip(keys, t.tolist())}
 
 
-def _sampler_logprob_error(
-    c: Components, student_BRV: torch.Tensor, mb: MicroBatch
-) -> torch.Tensor:
+@torch.no_grad()
+def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tensor:
     """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, both of the sampling
     distribution (temperature, top-k, top-p): ~0 when the rollout engine samples from the weights
-    being trained (catches a stale or wrong vLLM refit)."""
-    lp = vocab_parallel_token_logprobs(
-        student_BRV,
+    being trained (catches a stale or wrong vLLM refit). ``student``: logits or ``heads.Hidden``."""
+    lp = heads.token_logprobs(
+        student.detach() if isinstance(student, torch.Tensor) else student,
         mb.response_tokens_BR,
         **c.cfg.rollout.logprob_distribution,
         vocab_size=c.arch.vocab_size,

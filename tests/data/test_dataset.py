@@ -157,3 +157,30 @@ def test_synthetic_benchmark_sizes_and_an_out_of_distribution_split():
     for bad in ("synthetic:arith:x", "synthetic:arith:5:0", "synthetic:arith:1:2:3"):
         with pytest.raises(DataError, match="synthetic:arith\\[:N\\[:DIGITS\\]\\]"):
             load_benchmark(bad, EvalConfig())
+
+
+def test_prepare_dataset_tool_writes_answers_only_rows(tmp_path, capsys):
+    """tools/prepare_dataset.py: the rows a run reads, here without their solutions (the data of
+    reference-free OPSD); an existing file is kept, a bad source is named."""
+    import importlib.util
+
+    from opsd_megatron.config import DataConfig
+    from opsd_megatron.data.dataset import load_problems
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_dataset", Path(__file__).resolve().parents[2] / "tools" / "prepare_dataset.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "answers.jsonl"
+    argv = ["synthetic:arith", "--out", str(out), "--drop-solutions", "data.num_synthetic=50"]
+    assert tool.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 50 and all(set(r) == {"id", "problem", "answer"} for r in rows)
+    full = load_problems(DataConfig(source="synthetic:arith", num_synthetic=50)).rows
+    assert {r["problem"]: r["answer"] for r in rows} == {r["problem"]: r["answer"] for r in full}
+    back = load_problems(DataConfig(source=str(out)), solution_required=False).rows
+    assert len(back) == 50 and all(r["solution"] is None for r in back)
+    assert tool.main(argv) == 2 and "exists" in capsys.readouterr().err
+    assert tool.main([str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""The demonstration's figures: each arm's accuracy curve against sampled tokens, its final
+per-benchmark figures (accuracy, response length, marker and repetition rates — the in-domain and
+an out-of-distribution split side by side when an arm evaluates both), the spread over seeds, and
+the plots and the text table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FIGURES = ("avg@1", "response_length", "marker_rate", "repetition_rate", "truncation_rate")
+
+
+def _first_benchmark_accuracy(run_dir: Path, step: int, average: float) -> float:
+    """The first benchmark's accuracy at ``step`` (the curve follows the in-domain split when an arm
+    evaluates several); the logged average when the step's report is not there."""
+    report = run_dir / "eval" / f"step_{step:06d}.json"
+    if not report.is_file():
+        return average
+    benchmarks = json.loads(report.read_text())["benchmarks"]
+    return next(iter(benchmarks.values()))["avg@1"] if benchmarks else average
+
+
+def curve(run_dir: Path, start_acc: float) -> list[tuple[float, float]]:
+    """[(tokens so far, held-out accuracy)] from a run's metrics.jsonl, starting at the base."""
+    points, tokens = [(0.0, start_acc)], 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        tokens += m.get("generated_tokens", 0.0) or m.get("reference_tokens", 0.0)
+        if "eval/avg@1" in m:
+            points.append((tokens, _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])))
+    return points
+
+
+def final_figures(run_dir: Path) -> dict:
+    """{benchmark: {figure: value}} of the run's last periodic evaluation ({} when none)."""
+    reports = sorted(p for p in (run_dir / "eval").glob("step_*.json") if "teacher" not in p.name)
+    if not reports:
+        return {}
+    benchmarks = json.loads(reports[-1].read_text())["benchmarks"]
+    return {name: {k: b[k] for k in FIGURES if k in b} for name, b in benchmarks.items()}
+
+
+def table(base: dict, arms: dict) -> str:
+    """The arms side by side: final accuracy, length and marker rate per benchmark, tokens sampled."""
+    names = sorted({b for a in arms.values() for b in a.get("final", {})})
+    head = "| arm | tokens | " + " | ".join(f"{b} acc | {b} length | {b} markers/1k" for b in names)
+    rows = [head + " |", "|---" * (2 + 3 * len(names)) + "|"]
+    for arm, a in arms.items():
+        cells = [arm, f"{a['tokens']:.0f}"]
+        for b in names:
+            f = a.get("final", {}).get(b, {})
+            cells += [
+                f"{100 * f['avg@1']:.0f} %" if "avg@1" in f else "",
+                f"{f['response_length']:.1f}" if "response_length" in f else "",
+                f"{f['marker_rate']:.2f}" if "marker_rate" in f else "",
+            ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return f"base: {100 * base['accuracy']:.0f} % alone\n" + "\n".join(rows)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(7, 4.5))
+
+
+def _save(plt, fig, ax, out_png: Path, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot(curves: dict, base: dict, out_png: Path) -> None:
+    plt, fig, ax = _figure()
+    for name, pts in curves.items():
+        label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.axhline(
+        100 * base["teacher_accuracy"],
+        color="gray",
+        ls=":",
+        label="base with the reference (teacher)",
+    )
+    _save(plt, fig, ax, out_png, "tokens sampled during training", "held-out accuracy (%)")
+
+
+def spread(runs: list[dict]) -> dict:
+    """Per arm: accuracy at each evaluation step over seeds (mean, min, max) and the lift's spread."""
+    out = {}
+    for name in runs[0]["arms"]:
+        curves = [r["arms"][name]["curve"] for r in runs]
+        n = min(len(c) for c in curves)
+        points = []
+        for i in range(n):
+            accs = [c[i][1] for c in curves]
+            points.append(
+                {
+                    "tokens": sum(c[i][0] for c in curves) / len(curves),
+                    "mean": sum(accs) / len(accs),
+                    "min": min(accs),
+                    "max": max(accs),
+                }
+            )
+        lifts = [r["arms"][name]["final_accuracy"] - r["base_accuracy"] for r in runs]
+        out[name] = {
+            "points": points,
+            "lift_mean": sum(lifts) / len(lifts),
+            "lift_min": min(lifts),
+            "lift_max": max(lifts),
+        }
+    return out
+
+
+def plot_spread(spread: dict, out_png: Path) -> None:
+    plt, fig, ax = _figure()
+    for name, arm in spread.items():
+        x = [p["tokens"] for p in arm["points"]]
+        (line,) = ax.plot(
+            x, [100 * p["mean"] for p in arm["points"]], marker="o", ms=3, label=f"{name} (mean)"
+        )
+        ax.fill_between(
+            x,
+            [100 * p["min"] for p in arm["points"]],
+            [100 * p["max"] for p in arm["points"]],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    _save(
+        plt,
+        fig,
+        ax,
+        out_png,
+        "tokens sampled during training (SFT: reference tokens trained on)",
+        "held-out accuracy (%), band: min-max over seeds",
+    )
