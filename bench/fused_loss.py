@@ -1,6 +1,7 @@
 """Benchmark: the fused output layer + JSD (``vocab_parallel_linear_jsd``, logits never whole) vs
 the materialized path (``logits = h @ W.T`` for student and teacher, then ``vocab_parallel_jsd``),
-forward+backward (hidden-state and weight gradients) time and peak memory at T and 4T tokens.
+forward+backward (hidden-state and weight gradients) time and peak memory at T and 4T tokens,
+and the bare GEMMs of the same projections (the floor: ``fused/GEMM``).
 
     python bench/fused_loss.py                       # CPU: H=256, V=32768, T=512 and 2048
     python bench/fused_loss.py --tokens 4096 --hidden 4096 --vocab 151936   # a GPU
@@ -42,6 +43,10 @@ def worker(args) -> dict:
         h_s.grad = w.grad = None
         if args.worker == "fused":
             loss = vocab_parallel_linear_jsd(h_s, h_t, w, beta=args.beta).loss
+        elif args.worker == "gemm":  # the floor: the projections and their gradients, no loss
+            loss = (h_s @ w.T).float().mean(dim=1)
+            with torch.no_grad():
+                h_t @ w.T
         else:
             loss = vocab_parallel_jsd(h_s @ w.T, (h_t @ w.T).detach(), beta=args.beta)
         loss.mean().backward()
@@ -91,7 +96,7 @@ def _run(args, tokens: int) -> dict:
         if k not in ("worker", "sizes")
     ]
     results = {}
-    for name in ("materialized", "fused"):
+    for name in ("materialized", "fused", "gemm"):
         out = subprocess.run(
             [sys.executable, __file__, f"--worker={name}", *flags],
             check=True,
@@ -114,7 +119,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--worker", choices=["materialized", "fused"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["materialized", "fused", "gemm"], help=argparse.SUPPRESS)
     p.add_argument("--baseline-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -126,12 +131,14 @@ def main() -> None:
     )
     runs = {n: _run(args, n) for n in (t, 4 * t)}
     for n, r in runs.items():
-        m, f = r["materialized"], r["fused"]
+        m, f, g = r["materialized"], r["fused"], r["gemm"]
         diff = max(abs(a - b) for a, b in zip(m["head"], f["head"]))
         print(
             f"  T={n:6d}  materialized {m['ms']:9.1f} ms {m['peak'] / gib:7.3f} GiB | fused "
             f"{f['ms']:9.1f} ms {f['peak'] / gib:7.3f} GiB | time fused/mat {f['ms'] / m['ms']:.2f}x"
             f"  memory mat/fused {m['peak'] / max(f['peak'], 1):.1f}x  |Δloss| {diff:.1e}"
+            f"\n            bare GEMMs {g['ms']:9.1f} ms {g['peak'] / gib:7.3f} GiB | fused/GEMM "
+            f"{f['ms'] / g['ms']:.2f}x time, +{(f['peak'] - g['peak']) / gib:.2f} GiB"
         )
     grow = runs[4 * t]["fused"]["peak"] / max(runs[t]["fused"]["peak"], 1)
     print(

@@ -4,6 +4,7 @@ and finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,27 +46,53 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path):
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
 
 
+def _group_members(pgid: int, wait_s: float) -> list[str]:
+    """Command lines of the processes still in process group ``pgid`` after up to ``wait_s``."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:160]}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
     import signal as sig
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # stderr to a file, not a pipe: what a terminal user sees is the launcher's exit, and a pipe
+    # would also wait for any straggler that inherited it
+    err_file = tmp_path / "stderr.txt"
+    with err_file.open("w") as err_out:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err_out, text=True, start_new_session=True
+        )
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
         time.sleep(0.1)
     os.killpg(proc.pid, sig.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
     try:
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     except subprocess.TimeoutExpired:  # never leave the ranks behind; say where it stood
         os.killpg(proc.pid, sig.SIGKILL)
-        _, err = proc.communicate()
+        proc.wait()
         raise AssertionError(
-            f"still running 120 s after Ctrl-C; its stderr ended with: {err[-3000:]}"
+            f"still running 120 s after Ctrl-C; its stderr ended with: "
+            f"{err_file.read_text()[-3000:]}"
         ) from None
+    left = _group_members(proc.pid, wait_s=30)  # the ranks and their helpers go with it
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig.SIGKILL)
+    err = err_file.read_text()
+    assert not left, f"left running 30 s after the launcher exited: {left}"
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "opsd-train: interrupted"
     assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
