@@ -18,6 +18,7 @@ from opsd_megatron.models.build import stage_layer_offset
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import HFCheckpointReader, HFCheckpointWriter
 from opsd_megatron.platform.parallel import current_groups
+from opsd_megatron.platform.progress import Progress
 
 
 def _base_parameters(model) -> dict[str, torch.Tensor]:
@@ -96,10 +97,16 @@ def export_hf_weights(
 
     writes = groups.tp_rank == 0
     writer = HFCheckpointWriter(Path(out_dir), max_shard_bytes, prefix=f"stage{groups.pp_rank}-")
-    for _, full in iter_stage_hf_tensors(model, arch):
+    shown = dist.get_rank() == 0  # the first stage's progress stands for all
+    progress = Progress(len(_base_parameters(model)), label="export") if shown else None
+    for i, (_, full) in enumerate(iter_stage_hf_tensors(model, arch), 1):
         if writes:
             for hf_name, tensor in full.items():
                 writer.add(hf_name, tensor.to(dtype) if dtype is not None else tensor)
+        if progress is not None:
+            progress.update(i, "tensors")
+    if progress is not None:
+        progress.close()
     parts = writer.close_parts() if writes else []
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, parts)

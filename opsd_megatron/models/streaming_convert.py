@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.planner import (
 from opsd_megatron.models import weight_map as wm
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import HFCheckpointReader
+from opsd_megatron.platform.progress import Progress
 
 
 def _chunks(model) -> list[tuple[str, object]]:
@@ -100,6 +101,7 @@ class _LazyHFPlanner(SavePlanner):
             )
             self.sources[index] = (name, ch.data, sizes)
         self._cached = (None, None)
+        self.progress, self.done = Progress(len(self.items), label="convert"), 0
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=True) -> None:
         pass
@@ -136,6 +138,8 @@ class _LazyHFPlanner(SavePlanner):
         return self._cached[1]
 
     def resolve_data(self, write_item: WriteItem):
+        self.done += 1
+        self.progress.update(min(self.done, self.progress.total), "chunks")
         source = self.sources[write_item.index]
         if isinstance(source, io.BytesIO):
             return source
@@ -166,6 +170,7 @@ def stream_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.
         planner = _LazyHFPlanner(_chunks(model), params, reader, arch, dtype)
         writer = FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1)
         dcp_save(state_dict={}, storage_writer=writer, planner=planner, no_dist=True)
+        planner.progress.close()
     torch.save({}, Path(out_dir) / "common.pt")
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_dir))
     return len(planner.items)

@@ -62,6 +62,7 @@ def test_bf16_both_ways_and_overwrite(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in mc.rglob("*") if p.is_file()} == before
     res = _tool("convert_hf_to_megatron.py", *to_mc, "--overwrite")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "[opsd] convert" in res.stdout and "(100%)" in res.stdout, res.stdout[-500:]  # progress
     convert_megatron_to_hf(mc, tmp_path / "back32", dtype="auto")
     assert all(torch.equal(want[k], v) for k, v in _tensors(tmp_path / "back32").items()), (
         "the fp32 conversion replaced the bf16 one"
@@ -80,6 +81,7 @@ def test_adapters_are_merged_as_peft_merges_them(tmp_path):
         "--out", str(tmp_path / "merged"), "--dtype", "float32",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "[opsd] export" in res.stdout, res.stdout[-500:]  # progress
     from opsd_megatron.config import load_config
 
     adapters = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
