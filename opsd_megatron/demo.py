@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from opsd_megatron import demo_report as report
 from opsd_megatron.config import ConfigError, load_config, load_structured
+from opsd_megatron.errors import UserError
 
 
 @dataclass
@@ -184,10 +185,27 @@ def _train_base(d: DemoConfig) -> dict:
         )
 
 
+def _check_data(d: DemoConfig) -> None:
+    """Every stage's data source exists before the first step (an arm's missing file would
+    otherwise fail after the base and the arms before it have trained)."""
+    from opsd_megatron.data.sources import resolve
+
+    for name, stage in {"base": d.base, **d.arms}.items():
+        recipe = OmegaConf.merge(OmegaConf.create(d.common), OmegaConf.create(stage))
+        source = OmegaConf.select(recipe, "data.source", default="synthetic:arith")
+        for spec in [source] if isinstance(source, str) else list(source):
+            if not str(spec).startswith("synthetic:"):
+                try:
+                    resolve(f"demo stage '{name}': data.source", str(spec), "dataset")
+                except UserError as err:
+                    raise ConfigError(str(err)) from None
+
+
 def run_demo(d: DemoConfig) -> dict:
     """The whole demonstration for one seed triple; returns (and writes) its summary."""
     t0 = time.perf_counter()
     out = Path(d.output_dir)
+    _check_data(d)
     base = _train_base(d)
     base_model = str(out / "base" / "checkpoints" / f"step_{base['steps']:06d}" / "model")
     arms = {}

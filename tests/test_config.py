@@ -85,6 +85,11 @@ def test_demo_recipe_errors_name_the_problem(tmp_path):
     bad.write_text("arms: {opsd: {}, x: {from: nope}}\n")
     with pytest.raises(ConfigError, match="arms.x.from='nope' must name an arm"):
         load_demo(str(bad), [])
+    from opsd_megatron.demo import _check_data
+
+    v = load_demo(str(ROOT / "recipes" / "demo_variants.yaml"), [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="demo stage 'peer_success': data.source=.*answers_only"):
+        _check_data(v)  # before any stage trains: the answers-only file is not prepared
 
 
 def test_renamed_teacher_keys_still_load_with_a_warning(tmp_path):
