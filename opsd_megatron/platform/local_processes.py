@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import time
 import traceback
 from datetime import timedelta
@@ -87,6 +88,21 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
+def _exit_on_sigterm():
+    """While ranks run, SIGTERM (``kill PID``) unwinds through ``run_distributed``'s ``finally``,
+    which kills the ranks: by default it would end this process at once and leave the ranks (the
+    forkserver's children, not ours) running. Returns (the handler to restore,), or None off the
+    main thread, where handlers cannot be set."""
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return (signal.signal(signal.SIGTERM, _raise),)
+    except ValueError:
+        return None
+
+
 def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -126,6 +142,7 @@ def run_distributed(
     ]
     for p in procs:
         p.start()
+    previous = _exit_on_sigterm()
     reports: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
     grace_end = None  # after the first failure, collect the others' reports briefly, then stop
@@ -164,6 +181,10 @@ def run_distributed(
             if p.is_alive():
                 _kill_tree(p.pid)
                 p.join(timeout=30)
+        if previous is not None:
+            signal.signal(
+                signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL
+            )
         del master
     failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}
     if failed:

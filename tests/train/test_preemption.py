@@ -96,3 +96,28 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "opsd-train: interrupted"
     assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
+
+
+def test_sigterm_to_the_launcher_takes_its_ranks_with_it(tmp_path):
+    """``kill PID`` of opsd-train (SIGTERM to the launcher alone, not its group): the ranks — the
+    forkserver's children, not the launcher's — are killed too instead of training on unseen
+    (found when a killed launcher left a SmolLM2 rank running for 45 minutes)."""
+    import signal as sig
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended early"
+            time.sleep(0.1)
+        proc.send_signal(sig.SIGTERM)
+        proc.wait(timeout=120)
+        left = _group_members(proc.pid, wait_s=30)
+        assert not left, f"left running after the launcher got SIGTERM: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig.SIGKILL)
