@@ -158,8 +158,8 @@ def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tens
     """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, both of the sampling
     distribution (temperature, top-k, top-p): ~0 when the rollout engine samples from the weights
     being trained (catches a stale or wrong vLLM refit). ``student``: logits or ``heads.Hidden``."""
-    lp = heads.token_logprobs(
-        student.detach() if isinstance(student, torch.Tensor) else student,
+    lp = heads.token_logprobs(  # under no_grad: no graph, whichever form ``student`` has
+        student,
         mb.response_tokens_BR,
         **c.cfg.rollout.logprob_distribution,
         vocab_size=c.arch.vocab_size,
