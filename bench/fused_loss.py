@@ -1,7 +1,8 @@
 """Benchmark: the fused output layer + JSD (``vocab_parallel_linear_jsd``, logits never whole) vs
 the materialized path (``logits = h @ W.T`` for student and teacher, then ``vocab_parallel_jsd``),
 forward+backward (hidden-state and weight gradients) time and peak memory at T and 4T tokens,
-and the bare GEMMs of the same projections (the floor: ``fused/GEMM``).
+and the bare GEMMs of the same projections (the floor: ``fused/GEMM``); ``--compile`` adds the
+fused path with ``loss.compile=true`` (its per-chunk work through torch.compile).
 
     python bench/fused_loss.py                       # CPU: H=256, V=32768, T=512 and 2048
     python bench/fused_loss.py --tokens 4096 --hidden 4096 --vocab 151936   # a GPU
@@ -41,8 +42,9 @@ def worker(args) -> dict:
 
     def step():
         h_s.grad = w.grad = None
-        if args.worker == "fused":
-            loss = vocab_parallel_linear_jsd(h_s, h_t, w, beta=args.beta).loss
+        if args.worker in ("fused", "compiled"):
+            mode = "true" if args.worker == "compiled" else "false"
+            loss = vocab_parallel_linear_jsd(h_s, h_t, w, beta=args.beta, compile=mode).loss
         elif args.worker == "gemm":  # the floor: the projections and their gradients, no loss
             loss = (h_s @ w.T).float().mean(dim=1)
             with torch.no_grad():
@@ -93,10 +95,10 @@ def _run(args, tokens: int) -> dict:
     flags = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k not in ("worker", "sizes")
+        if k not in ("worker", "sizes", "compile")
     ]
     results = {}
-    for name in ("materialized", "fused", "gemm"):
+    for name in ("materialized", "fused", "gemm") + (("compiled",) if args.compile else ()):
         out = subprocess.run(
             [sys.executable, __file__, f"--worker={name}", *flags],
             check=True,
@@ -119,7 +121,10 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--worker", choices=["materialized", "fused", "gemm"], help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help="also the fused path compiled")
+    p.add_argument(
+        "--worker", choices=["materialized", "fused", "gemm", "compiled"], help=argparse.SUPPRESS
+    )
     p.add_argument("--baseline-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -140,6 +145,12 @@ def main() -> None:
             f"\n            bare GEMMs {g['ms']:9.1f} ms {g['peak'] / gib:7.3f} GiB | fused/GEMM "
             f"{f['ms'] / g['ms']:.2f}x time, +{(f['peak'] - g['peak']) / gib:.2f} GiB"
         )
+        if "compiled" in r:
+            c = r["compiled"]
+            print(
+                f"            fused compiled {c['ms']:9.1f} ms {c['peak'] / gib:7.3f} GiB | "
+                f"eager/compiled {f['ms'] / c['ms']:.2f}x  compiled/GEMM {c['ms'] / g['ms']:.2f}x"
+            )
     grow = runs[4 * t]["fused"]["peak"] / max(runs[t]["fused"]["peak"], 1)
     print(
         f"  fused peak from T to 4T: {grow:.2f}x (materialized: "

@@ -14,7 +14,7 @@ PY=${PYTHON:-python}
 echo "== loss: vocab-parallel JSD vs naive =="
 "$PY" bench/loss.py
 echo "== fused output layer + JSD vs materialized and the bare GEMMs =="
-"$PY" bench/fused_loss.py --tokens 4096 --hidden 4096 --vocab 151936
+"$PY" bench/fused_loss.py --tokens 4096 --hidden 4096 --vocab 151936 --compile
 echo "== rollouts: vLLM vs the Megatron sampler =="
 if "$PY" -c 'import vllm' 2>/dev/null; then
   echo "vLLM $("$PY" -c 'import vllm; print(vllm.__version__)')"

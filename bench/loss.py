@@ -1,7 +1,10 @@
-"""Benchmark: our vocab-parallel JSD vs the naive PyTorch formula, forward+backward time and peak memory.
+"""Benchmark: our vocab-parallel JSD vs the naive PyTorch formula, forward+backward time and peak memory,
+and ours with ``loss.compile=true`` (its per-chunk work through torch.compile; the first call,
+which compiles, is reported apart).
 
     python bench/loss.py                      # CPU: small sizes; GPU: T=8192, V=151936, bf16
     python bench/loss.py --tokens 2048 --vocab 65536 --beta 0.5
+    python bench/loss.py --no-compile         # skip the compiled variant (tens of seconds on CPU)
 
 Each variant runs in its own process, so its peak memory is its own: on GPU the peak of
 torch.cuda.max_memory_allocated above the inputs, on CPU the growth of the process's max RSS
@@ -44,6 +47,10 @@ def ours(student, teacher, beta, temperature):
     return vocab_parallel_jsd(student, teacher, beta=beta, temperature=temperature)
 
 
+def ours_compiled(student, teacher, beta, temperature):
+    return vocab_parallel_jsd(student, teacher, beta=beta, temperature=temperature, compile="true")
+
+
 def _peak_bytes(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -57,7 +64,7 @@ def worker(args) -> dict:
     student = (torch.randn(args.tokens, args.vocab, generator=g) * 2).to(device=device, dtype=dtype)
     teacher = (torch.randn(args.tokens, args.vocab, generator=g) * 2).to(device=device, dtype=dtype)
     student.requires_grad_(True)
-    fn = {"naive": naive_jsd, "ours": ours}[args.worker]
+    fn = {"naive": naive_jsd, "ours": ours, "compiled": ours_compiled}[args.worker]
 
     def step():
         student.grad = None
@@ -66,8 +73,10 @@ def worker(args) -> dict:
         return loss
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    loss = step()  # warm-up (allocator, kernels); its peak counts too, as it would in training
+    t0 = time.perf_counter()
+    loss = step()  # warm-up (allocator, kernels; compiles); its peak counts too, as in training
     sync()
+    first_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else None
@@ -81,6 +90,7 @@ def worker(args) -> dict:
     return {
         "median_ms": 1e3 * sorted(times)[len(times) // 2],
         "peak_extra_bytes": peak,
+        "first_call_s": first_s,
         "loss_head": loss.detach().float()[:8].tolist(),
     }
 
@@ -112,7 +122,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeat", type=int, default=5 if cuda else 3)
-    p.add_argument("--worker", choices=["naive", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--no-compile", action="store_true", help="skip the loss.compile variant")
+    p.add_argument("--worker", choices=["naive", "ours", "compiled"], help=argparse.SUPPRESS)
     p.add_argument("--baseline-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -121,9 +132,13 @@ def main() -> None:
 
     if args.device == "cpu":
         args.baseline_rss = _baseline_rss(args)
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "worker"]
+    passthrough = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("worker", "no_compile")
+    ]
     results = {}
-    for name in ("naive", "ours"):
+    for name in ("naive", "ours") + (() if args.no_compile else ("compiled",)):
         out = subprocess.run(
             [sys.executable, __file__, f"--worker={name}", *passthrough],
             check=True,
@@ -145,6 +160,18 @@ def main() -> None:
         f"memory naive/ours: {n['peak_extra_bytes'] / max(o['peak_extra_bytes'], 1):.2f}x   "
         f"max |loss diff| on 8 tokens: {max_diff:.2e}"
     )
+    if "compiled" in results:
+        c = results["compiled"]
+        diff = max(abs(a - b) for a, b in zip(c["loss_head"], o["loss_head"]))
+        print(
+            f"  compiled: {c['median_ms']:7.2f} ms   peak +{c['peak_extra_bytes'] / gib:7.3f} GiB   "
+            f"first call (compiles) {c['first_call_s']:.1f} s"
+        )
+        print(
+            f"  speed-up eager/compiled: {o['median_ms'] / c['median_ms']:.2f}x   memory "
+            f"eager/compiled: {o['peak_extra_bytes'] / max(c['peak_extra_bytes'], 1):.2f}x   "
+            f"max |loss diff| compiled vs eager: {diff:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -149,7 +149,12 @@ class OPSD:
             diag = {"teacher_topk_mass": out.teacher_mass}
         elif self.loss.kind == "jsd":
             out = heads.jsd(
-                student, teacher, beta=self.loss.beta, term_clip=self.loss.term_clip, **kw
+                student,
+                teacher,
+                beta=self.loss.beta,
+                term_clip=self.loss.term_clip,
+                compile=self.loss.compile,
+                **kw,
             )
             diag = {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
         else:
@@ -166,7 +171,8 @@ class OPSD:
             loss = torch.where(low, self.loss.low_confidence_weight * loss, loss)
             diag["low_confidence_fraction"] = low.to(torch.float32)
         if self.loss.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
-            ref_kl = heads.jsd(student, self._view(mb, "ref", student), beta=1.0, **kw).loss
+            ref = self._view(mb, "ref", student)
+            ref_kl = heads.jsd(student, ref, beta=1.0, compile=self.loss.compile, **kw).loss
             loss = loss + self.loss.ref_kl_coef * ref_kl
             diag["ref_kl"] = ref_kl.detach()
         first, middle, last = position_thirds(mb.response_mask_BR)

@@ -164,8 +164,15 @@ class LossConfig:
     # pass keeps [R, H] hidden states per sequence instead of [R, V/tp] logits. false: logits.
     fused: bool = False
     chunk_tokens: Optional[int] = None  # fused: tokens per chunk (null: ~2^24 fp32 elements on GPU)
+    # the JSD's per-chunk elementwise work through torch.compile (losses/compiled.py): true, false
+    # (eager: the reference), auto (compiled on CUDA, eager on CPU where compiling costs more
+    # than it saves in a short run; a compiler failure falls back to eager with a warning)
+    compile: str = "false"
 
     def __post_init__(self):
+        if str(self.compile).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"loss.compile must be auto|true|false, got {self.compile!r}")
+        self.compile = str(self.compile).lower()  # YAML reads true/false as booleans
         if self.fused and self.teacher_top_k:
             raise ConfigError("loss.teacher_top_k needs loss.fused=false (its top-K reads logits)")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:

@@ -56,8 +56,19 @@ def _chunk_kw(h: Hidden) -> dict:
     return dict(chunk_tokens=h.chunk_tokens, reduce_hidden_grad=h.reduce_hidden_grad)
 
 
-def jsd(student, teacher, *, beta, term_clip=None, temperature=1.0, vocab_size=None, group=None):
-    """Per-token JSD_β and both entropies (``jsd.py`` / ``linear_jsd.py``)."""
+def jsd(
+    student,
+    teacher,
+    *,
+    beta,
+    term_clip=None,
+    temperature=1.0,
+    vocab_size=None,
+    group=None,
+    compile="false",
+):
+    """Per-token JSD_β and both entropies (``jsd.py`` / ``linear_jsd.py``); ``compile``:
+    ``loss.compile`` (``compiled.py``)."""
     if not _fused(student, teacher):
         return vocab_parallel_jsd_with_entropy(
             student,
@@ -67,6 +78,7 @@ def jsd(student, teacher, *, beta, term_clip=None, temperature=1.0, vocab_size=N
             temperature=temperature,
             vocab_size=vocab_size,
             group=group,
+            compile=compile,
         )
     out = vocab_parallel_linear_jsd(
         student.flat(),
@@ -78,6 +90,7 @@ def jsd(student, teacher, *, beta, term_clip=None, temperature=1.0, vocab_size=N
         term_clip=term_clip,
         group=group,
         teacher_weight_VH=teacher.weight_VH,
+        compile=compile,
         **_chunk_kw(student),
     )
     shape = student.token_shape

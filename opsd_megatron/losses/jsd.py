@@ -26,16 +26,16 @@ min(e_v, clip) before summing; clamped terms pass no gradient (their g_v is zero
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
+from opsd_megatron.losses.compiled import kernels, normalize
+from opsd_megatron.losses.jsd_math import JSDMath  # noqa: F401  (re-exported: the math's home)
 from opsd_megatron.losses.validation import check_logits_pair, check_temperature
 from opsd_megatron.losses.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
     all_reduce_per_token,
-    chunk_log_probs,
     global_softmax_stats,
     resolve_chunk_elements,
     token_chunks,
@@ -52,50 +52,19 @@ class JSDOutput(NamedTuple):
     teacher_entropy: torch.Tensor
 
 
-def _xlogy_terms(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """p·diff with 0 where p == 0 (so -inf log-probs of impossible tokens give 0, not NaN)."""
-    return torch.where(p > 0, p * diff, 0.0)
-
-
-class JSDMath:
-    """Local per-shard arithmetic; no communication. Inputs are log-probs of a chunk ``[N, V]``."""
-
-    @staticmethod
-    def terms(ls: torch.Tensor, lt: torch.Tensor, beta: float):
-        """Per-entry divergence terms e and their derivative g = ∂e/∂(log p_S)."""
-        ps, pt = torch.exp(ls), torch.exp(lt)
-        if beta == 0.0:
-            return _xlogy_terms(pt, lt - ls), -pt
-        if beta == 1.0:
-            ps_term = _xlogy_terms(ps, ls - lt)
-            return ps_term, ps_term + ps
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        student_part = _xlogy_terms(ps, ls - lm)
-        e = beta * _xlogy_terms(pt, lt - lm) + (1.0 - beta) * student_part
-        return e, (1.0 - beta) * student_part
-
-    @staticmethod
-    def clip(e: torch.Tensor, g: torch.Tensor, term_clip: float | None):
-        if term_clip is None:
-            return e, g
-        kept = e <= term_clip
-        return torch.where(kept, e, term_clip), torch.where(kept, g, 0.0)
-
-    @staticmethod
-    def neg_entropy_terms(lp: torch.Tensor) -> torch.Tensor:
-        return _xlogy_terms(torch.exp(lp), lp)
-
-    @staticmethod
-    def student_grad(
-        ls: torch.Tensor, g: torch.Tensor, sum_g: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        return (g - torch.exp(ls) * sum_g[:, None]) / temperature
-
-
 class _VocabParallelJSD(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, student_NV, teacher_NV, beta, temperature, vocab_size, term_clip, group, chunk_elements
+        ctx,
+        student_NV,
+        teacher_NV,
+        beta,
+        temperature,
+        vocab_size,
+        term_clip,
+        group,
+        chunk_elements,
+        compile_mode,
     ):
         dtype = working_dtype(student_NV, teacher_NV)
         shard = vocab_shard(student_NV.shape[1], vocab_size, group)
@@ -106,22 +75,16 @@ class _VocabParallelJSD(torch.autograd.Function):
 
         # Per-token partial sums over this shard: divergence, Σg, −H_S, −H_T.
         partial_4N = torch.zeros(4, n, dtype=dtype, device=student_NV.device)
+        partials, _ = kernels(compile_mode, student_NV.device)
         for sl in token_chunks(n, shard.width, chunk_elements):
-            ls = chunk_log_probs(
-                student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype
-            )
-            lt = chunk_log_probs(
-                teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype
-            )
-            e, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
-            partial_4N[0, sl] = e.sum(dim=1)
-            partial_4N[1, sl] = g.sum(dim=1)
-            partial_4N[2, sl] = JSDMath.neg_entropy_terms(ls).sum(dim=1)
-            partial_4N[3, sl] = JSDMath.neg_entropy_terms(lt).sum(dim=1)
+            partial_4N[:, sl] = partials(
+                student_NV[sl], teacher_NV[sl], max_2N[0, sl], log_sum_2N[0, sl],
+                max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, beta, term_clip, dtype,
+            )  # fmt: skip
         totals_4N = all_reduce_per_token(partial_4N, "sum", group)
 
         ctx.save_for_backward(student_NV, teacher_NV, max_2N, log_sum_2N, totals_4N[1].clone())
-        ctx.params = (beta, temperature, term_clip, shard, chunk_elements, dtype)
+        ctx.params = (beta, temperature, term_clip, shard, chunk_elements, dtype, compile_mode)
         student_entropy_N, teacher_entropy_N = -totals_4N[2], -totals_4N[3]
         ctx.mark_non_differentiable(student_entropy_N, teacher_entropy_N)
         return totals_4N[0].clone(), student_entropy_N, teacher_entropy_N
@@ -130,23 +93,19 @@ class _VocabParallelJSD(torch.autograd.Function):
     def backward(ctx, grad_loss_N, _grad_hs, _grad_ht):
         student_NV, teacher_NV, max_2N, log_sum_2N, sum_g_N = ctx.saved_tensors
         if grad_loss_N is None:
-            return (None,) * 8
-        beta, temperature, term_clip, shard, chunk_elements, dtype = ctx.params
+            return (None,) * 9
+        beta, temperature, term_clip, shard, chunk_elements, dtype, compile_mode = ctx.params
+        _, student_grad = kernels(compile_mode, student_NV.device)
         grad_NV = torch.empty_like(student_NV)
         grad_NV[:, shard.real :] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(student_NV.shape[0], shard.width, chunk_elements):
-            ls = chunk_log_probs(
-                student_NV[sl], max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype
-            )
-            lt = chunk_log_probs(
-                teacher_NV[sl], max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype
-            )
-            _, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
-            grad = JSDMath.student_grad(ls, g, sum_g_N[sl], temperature) * grad_loss_N[sl, None].to(
-                dtype
-            )
+            grad = student_grad(
+                student_NV[sl], teacher_NV[sl], max_2N[0, sl], log_sum_2N[0, sl],
+                max_2N[1, sl], log_sum_2N[1, sl], sum_g_N[sl], grad_loss_N[sl],
+                shard, temperature, beta, term_clip, dtype,
+            )  # fmt: skip
             grad_NV[sl, : shard.real] = grad.to(grad_NV.dtype)
-        return grad_NV, None, None, None, None, None, None, None
+        return grad_NV, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_jsd_with_entropy(
@@ -159,12 +118,14 @@ def vocab_parallel_jsd_with_entropy(
     term_clip: float | None = None,
     group=None,
     chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    compile: str = "false",
 ) -> JSDOutput:
     """Per-token JSD_β plus student and teacher entropies from the same pass (see module doc).
 
     ``student_logits``/``teacher_logits``: ``[..., V/tp]`` vocab shards (any float dtype; math in
     fp32, or fp64 when fed fp64). ``vocab_size``: the real vocabulary; Megatron's padded columns
-    beyond it are ignored. ``group``: the tensor-parallel group (None: unsharded). Returns
+    beyond it are ignored. ``group``: the tensor-parallel group (None: unsharded). ``compile``:
+    ``loss.compile`` (auto|true|false, ``compiled.py``). Returns
     per-token tensors ``[...]``; only the loss is differentiable, and only w.r.t. the student.
     """
     check_logits_pair(student_logits, teacher_logits)
@@ -184,6 +145,7 @@ def vocab_parallel_jsd_with_entropy(
         term_clip,
         group,
         resolve_chunk_elements(chunk_elements, student_logits.device),
+        normalize(compile),
     )
     return JSDOutput(loss.reshape(lead), hs.reshape(lead), ht.reshape(lead))
 
@@ -198,6 +160,7 @@ def vocab_parallel_jsd(
     term_clip: float | None = None,
     group=None,
     chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    compile: str = "false",
 ) -> torch.Tensor:
     """Per-token generalized JSD_β ``[...]`` between vocab-sharded student and teacher logits."""
     return vocab_parallel_jsd_with_entropy(
@@ -209,4 +172,5 @@ def vocab_parallel_jsd(
         term_clip=term_clip,
         group=group,
         chunk_elements=chunk_elements,
+        compile=compile,
     ).loss

@@ -30,11 +30,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses.jsd import JSDMath, JSDOutput
+from opsd_megatron.losses.compiled import kernels, normalize
+from opsd_megatron.losses.jsd import JSDOutput
 from opsd_megatron.losses.validation import check_temperature
 from opsd_megatron.losses.vocab_parallel import (
     all_reduce_per_token,
-    chunk_log_probs,
     global_softmax_stats,
     group_size,
     token_chunks,
@@ -58,7 +58,19 @@ def chunk_tokens_for(width: int, chunk_tokens: int | None, device: torch.device)
 class _LinearJSD(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, h_s, h_t, w, w_t, beta, temperature, vocab_size, term_clip, group, chunk, reduce
+        ctx,
+        h_s,
+        h_t,
+        w,
+        w_t,
+        beta,
+        temperature,
+        vocab_size,
+        term_clip,
+        group,
+        chunk,
+        reduce,
+        compile_mode,
     ):
         dtype = working_dtype(h_s, w)
         shard = vocab_shard(w.shape[0], vocab_size, group)
@@ -67,24 +79,17 @@ class _LinearJSD(torch.autograd.Function):
         max_2N = torch.empty(2, n, dtype=dtype, device=h_s.device)
         log_sum_2N = torch.empty_like(max_2N)
         step = chunk * shard.width  # the softmax statistics see one chunk as one piece
+        partials, _ = kernels(compile_mode, h_s.device)
         for sl in token_chunks(n, shard.width, step):
             s, t = h_s[sl] @ w.T, h_t[sl] @ w_t.T
             m, z = global_softmax_stats([s, t], shard, temperature, dtype, step, group)
             max_2N[:, sl], log_sum_2N[:, sl] = m, z
-            ls = chunk_log_probs(s, m[0], z[0], shard, temperature, dtype)
-            lt = chunk_log_probs(t, m[1], z[1], shard, temperature, dtype)
-            e, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
-            part = torch.stack(
-                [
-                    e.sum(1),
-                    g.sum(1),
-                    JSDMath.neg_entropy_terms(ls).sum(1),
-                    JSDMath.neg_entropy_terms(lt).sum(1),
-                ]
+            part = partials(
+                s, t, m[0], z[0], m[1], z[1], shard, temperature, beta, term_clip, dtype
             )
             stats[:, sl] = all_reduce_per_token(part, "sum", group)
         ctx.save_for_backward(h_s, h_t, w, w_t, max_2N, log_sum_2N, stats[1].clone())
-        ctx.params = (beta, temperature, term_clip, shard, dtype, group, step, reduce)
+        ctx.params = (beta, temperature, term_clip, shard, dtype, group, step, reduce, compile_mode)
         hs, ht = -stats[2], -stats[3]
         ctx.mark_non_differentiable(hs, ht)
         return stats[0].clone(), hs, ht
@@ -92,18 +97,18 @@ class _LinearJSD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss_N, _gh_s, _gh_t):
         h_s, h_t, w, w_t, max_2N, log_sum_2N, sum_g_N = ctx.saved_tensors
-        beta, temperature, term_clip, shard, dtype, group, step, reduce = ctx.params
+        beta, temperature, term_clip, shard, dtype, group, step, reduce, compile_mode = ctx.params
         if grad_loss_N is None:
-            return (None,) * 11
+            return (None,) * 12
         grad_h = torch.zeros_like(h_s) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
+        _, student_grad = kernels(compile_mode, h_s.device)
         for sl in token_chunks(h_s.shape[0], shard.width, step):
             s, t = h_s[sl] @ w.T, h_t[sl] @ w_t.T
-            ls = chunk_log_probs(s, max_2N[0, sl], log_sum_2N[0, sl], shard, temperature, dtype)
-            lt = chunk_log_probs(t, max_2N[1, sl], log_sum_2N[1, sl], shard, temperature, dtype)
-            _, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
-            grad = JSDMath.student_grad(ls, g, sum_g_N[sl], temperature)
-            grad = (grad * grad_loss_N[sl, None].to(dtype)).to(w.dtype)  # [chunk, real columns]
+            grad = student_grad(
+                s, t, max_2N[0, sl], log_sum_2N[0, sl], max_2N[1, sl], log_sum_2N[1, sl],
+                sum_g_N[sl], grad_loss_N[sl], shard, temperature, beta, term_clip, dtype,
+            ).to(w.dtype)  # [chunk, real columns]  # fmt: skip
             real = w[: shard.real]
             if grad_h is not None:
                 grad_h[sl] = grad @ real
@@ -111,7 +116,7 @@ class _LinearJSD(torch.autograd.Function):
                 grad_w[: shard.real] += grad.T @ h_s[sl]
         if grad_h is not None and reduce and group_size(group) > 1:
             dist.all_reduce(grad_h, group=group)  # [N, H]: the vocabulary's partial sums
-        return grad_h, None, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, None, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_jsd(
@@ -127,6 +132,7 @@ def vocab_parallel_linear_jsd(
     chunk_tokens: int | None = None,
     teacher_weight_VH: torch.Tensor | None = None,
     reduce_hidden_grad: bool = True,
+    compile: str = "false",
 ) -> JSDOutput:
     """Per-token JSD_β ``[N]`` (and both entropies) of softmax(h W^T / τ) over the real
     vocabulary, from ``[N, H]`` hidden states and this rank's ``[V/tp, H]`` output-layer shard
@@ -161,5 +167,6 @@ def vocab_parallel_linear_jsd(
         group,
         chunk,
         reduce_hidden_grad,
+        normalize(compile),
     )
     return JSDOutput(loss, hs, ht)

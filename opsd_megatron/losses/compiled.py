@@ -1,0 +1,73 @@
+"""The JSD's per-chunk elementwise work as two functions, eager or through ``torch.compile``
+(``loss.compile``: Inductor — C++/OpenMP on CPU, Triton on GPU).
+
+Eager, one chunk's forward makes ~15 ``[n, V]`` fp32 temporaries (upcast, shift, two log-softmaxes,
+two exps, the mixture's logaddexp, the terms, the clip) and reads each back; Inductor fuses them
+into a few loops over the logits that keep only the per-token partial sums. Both functions (``jsd_math.py``) start
+from the chunk's raw logits and the global per-token softmax statistics, so the communication
+(``vocab_parallel.py``) stays outside the compiled region: the graph has no collectives, and the
+materialized (``jsd.py``) and fused (``linear_jsd.py``) paths share one compiled kernel pair.
+
+``mode``: ``"false"`` eager (the reference); ``"true"`` compiled (a compiler failure is an error
+naming the key); ``"auto"`` compiled on CUDA, eager elsewhere — on CPU compiling costs tens of
+seconds per run for the speed measured in ``bench/loss.py --compile`` (README), and a failed
+compile falls back to eager with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from opsd_megatron.losses.jsd_math import jsd_partials, jsd_student_grad
+
+MODES = ("auto", "true", "false")
+
+
+def resolve(mode, device: torch.device) -> bool:
+    """Whether the loss runs compiled on ``device`` under ``loss.compile=mode``."""
+    mode = normalize(mode)
+    return mode == "true" or (mode == "auto" and device.type == "cuda")
+
+
+def normalize(mode) -> str:
+    """``loss.compile`` as one of MODES (YAML gives booleans for true/false)."""
+    text = str(mode).lower()
+    if text not in MODES:
+        raise ValueError(f"loss.compile must be auto|true|false, got {mode!r}")
+    return text
+
+
+class _Kernel:
+    """``torch.compile(fn)``; on a compiler error: raise (``strict``) or warn once and run eager."""
+
+    def __init__(self, fn, strict: bool):
+        self.eager, self.strict, self.failed = fn, strict, False
+        # dynamic: the token count varies by chunk and micro-batch; one graph serves them all.
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # torch._dynamo / Inductor errors have no common public base
+            if self.strict:
+                raise RuntimeError(f"loss.compile=true: torch.compile failed: {err}") from err
+            warnings.warn(f"loss.compile=auto: torch.compile failed, running eager: {err}")
+            self.failed = True
+            return self.eager(*args)
+
+
+def kernels(mode, device: torch.device):
+    """``(jsd_partials, jsd_student_grad)`` for ``loss.compile=mode`` on ``device``."""
+    return _kernels(resolve(mode, device), normalize(mode) == "true")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(compiled: bool, strict: bool):
+    if not compiled:
+        return jsd_partials, jsd_student_grad
+    return _Kernel(jsd_partials, strict), _Kernel(jsd_student_grad, strict)
