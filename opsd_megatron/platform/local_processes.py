@@ -16,6 +16,7 @@ machine without torchrun (e.g. checkpoint conversion at TP=2 on CPU).
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -78,6 +79,22 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads):
             dist.destroy_process_group()
 
 
+def _stop(procs, grace_s: float, reap_s: float = 30.0) -> None:
+    """Give the ranks ``grace_s`` to exit, then kill every one left at once (not one by one: a
+    rank left running while another is reaped keeps training and writing). A killed rank may
+    take seconds to vanish — a thread in an fsync of a checkpoint finishes its write first — so
+    the reaping shares one deadline."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        _kill_tree(p.pid)
+    deadline = time.monotonic() + reap_s
+    for p in alive:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
 def _kill_tree(pid: int) -> None:
     """Kill a rank and whatever it started (e.g. checkpoint writer processes), so nothing lingers."""
     try:
@@ -88,19 +105,37 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def _exit_on_sigterm():
-    """While ranks run, SIGTERM (``kill PID``) unwinds through ``run_distributed``'s ``finally``,
-    which kills the ranks: by default it would end this process at once and leave the ranks (the
-    forkserver's children, not ours) running. Returns (the handler to restore,), or None off the
-    main thread, where handlers cannot be set."""
+# After Ctrl-C or SIGTERM the launcher kills the ranks and exits within seconds; should anything
+# in that teardown block, a watchdog dumps every thread's stack to stderr and exits after this.
+TEARDOWN_WATCHDOG_S = 60.0
 
-    def _raise(signum, frame):
+
+def _exit_on_signals():
+    """While ranks run, SIGTERM (``kill PID``) and SIGINT (Ctrl-C) unwind through
+    ``run_distributed``'s ``finally``, which kills the ranks: by default SIGTERM would end this
+    process at once and leave the ranks (the forkserver's children, not ours) running. Either
+    signal also arms the teardown watchdog. Returns the handlers to restore, or None off the main
+    thread, where handlers cannot be set."""
+
+    def _unwind(signum, frame):
+        faulthandler.dump_traceback_later(TEARDOWN_WATCHDOG_S, exit=True)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    try:
-        return (signal.signal(signal.SIGTERM, _raise),)
+    try:  # a signal the caller ignores (nohup, a background job's SIGINT) stays ignored
+        return {
+            sig: signal.signal(sig, _unwind)
+            for sig in (signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(sig) is not signal.SIG_IGN
+        }
     except ValueError:
         return None
+
+
+def _restore(previous) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _context():
@@ -142,7 +177,7 @@ def run_distributed(
     ]
     for p in procs:
         p.start()
-    previous = _exit_on_sigterm()
+    previous = _exit_on_signals()
     reports: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
     grace_end = None  # after the first failure, collect the others' reports briefly, then stop
@@ -176,15 +211,8 @@ def run_distributed(
             )
     finally:  # after success the ranks exit by themselves; after a failure or Ctrl-C they are killed
         clean = len(reports) == world_size and all(st == "ok" for st, _ in reports.values())
-        for p in procs:
-            p.join(timeout=5 if clean else 0.5)
-            if p.is_alive():
-                _kill_tree(p.pid)
-                p.join(timeout=30)
-        if previous is not None:
-            signal.signal(
-                signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL
-            )
+        _stop(procs, grace_s=5.0 if clean else 0.5)
+        _restore(previous)
         del master
     failed = {r: payload for r, (status, payload) in sorted(reports.items()) if status == "error"}
     if failed:
