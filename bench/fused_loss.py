@@ -2,7 +2,9 @@
 the materialized path (``logits = h @ W.T`` for student and teacher, then ``vocab_parallel_jsd``),
 forward+backward (hidden-state and weight gradients) time and peak memory at T and 4T tokens,
 and the bare GEMMs of the same projections (the floor: ``fused/GEMM``); ``--compile`` adds the
-fused path with ``loss.compile=true`` (its per-chunk work through torch.compile).
+fused path with ``loss.compile=true`` (its per-chunk work through torch.compile);
+``--frozen-weight`` measures the LoRA case (no weight gradient: the fused forward computes the
+hidden-state gradient, nothing is recomputed).
 
     python bench/fused_loss.py                       # CPU: H=256, V=32768, T=512 and 2048
     python bench/fused_loss.py --tokens 4096 --hidden 4096 --vocab 151936   # a GPU
@@ -33,7 +35,7 @@ def _inputs(args, tokens):
     h_s = torch.randn(tokens, args.hidden, generator=g).to(device=device, dtype=dtype)
     h_t = (h_s.float() + 0.3 * torch.randn(tokens, args.hidden, generator=g)).to(device, dtype)
     w = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5).to(device, dtype)
-    return h_s.requires_grad_(True), h_t, w.requires_grad_(True)
+    return h_s.requires_grad_(True), h_t, w.requires_grad_(not args.frozen_weight)
 
 
 def worker(args) -> dict:
@@ -95,8 +97,8 @@ def _run(args, tokens: int) -> dict:
     flags = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k not in ("worker", "sizes", "compile")
-    ]
+        if k not in ("worker", "sizes", "compile", "frozen_weight")
+    ] + (["--frozen-weight"] if args.frozen_weight else [])
     results = {}
     for name in ("materialized", "fused", "gemm") + (("compiled",) if args.compile else ()):
         out = subprocess.run(
@@ -123,6 +125,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also the fused path compiled")
     p.add_argument(
+        "--frozen-weight",
+        action="store_true",
+        help="the output weight needs no gradient (LoRA): the fused forward computes the "
+        "hidden-state gradient instead of the backward recomputing the logits",
+    )
+    p.add_argument(
         "--worker", choices=["materialized", "fused", "gemm", "compiled"], help=argparse.SUPPRESS
     )
     p.add_argument("--baseline-rss", type=int, default=0, help=argparse.SUPPRESS)
@@ -132,7 +140,8 @@ def main() -> None:
         return
     gib, t = 1 << 30, args.tokens
     print(
-        f"fused linear JSD vs materialized: H={args.hidden} V={args.vocab} {args.dtype} on {args.device}"
+        f"fused linear JSD vs materialized: H={args.hidden} V={args.vocab} {args.dtype} on "
+        f"{args.device}, weight {'frozen' if args.frozen_weight else 'trained'}"
     )
     runs = {n: _run(args, n) for n in (t, 4 * t)}
     for n, r in runs.items():

@@ -10,12 +10,19 @@ the output layer, s = h_S W^T, t = h_T W_T^T (``[chunk, V]``), does the per-toke
 per-token scalars), and drops it. Nothing larger than ``[chunk, V]`` is ever created but the
 weight's own gradient.
 
-Backward recomputes each chunk's logits from the saved hidden states (what Liger-Kernel's fused
-linear losses and TRL's ``_chunked_divergence_loss`` also trade: one more GEMM per chunk for no
-stored logits) and gives, with ∂D/∂s = (g − p_S·Σg)/τ (``jsd.py``):
+Gradients, with ∂D/∂s = (g − p_S·Σg)/τ (``jsd.py``):
 
     ∂/∂h_S = (∂D/∂s) W          (this shard's part; summed over TP ranks, see below)
     ∂/∂W   = (∂D/∂s)^T h_S      (this shard's rows; tied embeddings / full-parameter training)
+
+Each token's loss depends on its own row only, so with a frozen weight (LoRA: the output layer
+is frozen) the forward computes every chunk's per-token ∂D_n/∂h_n = (∂D_n/∂s_n) W while the
+chunk's logits are at hand and keeps that ``[N, H]``; the backward only scales it by the incoming
+per-token gradient — three GEMMs per chunk in all, no recomputation (Liger-Kernel's fused linear
+losses do the same). When the weight needs its gradient (Σ over tokens weighted by the incoming
+gradient, unknown in the forward), the backward instead recomputes each chunk's logits from the
+saved hidden states — one more pair of GEMMs per chunk for no stored logits. ``bench/fused_loss.py``
+measures both (``--frozen-weight``).
 
 The hidden-state gradient of a vocab shard is a partial sum over the vocabulary.
 ``reduce_hidden_grad=True`` all-reduces it over ``group`` (``[N, H]``, hidden-sized); pass False
@@ -79,7 +86,10 @@ class _LinearJSD(torch.autograd.Function):
         max_2N = torch.empty(2, n, dtype=dtype, device=h_s.device)
         log_sum_2N = torch.empty_like(max_2N)
         step = chunk * shard.width  # the softmax statistics see one chunk as one piece
-        partials, _ = kernels(compile_mode, h_s.device)
+        partials, student_grad = kernels(compile_mode, h_s.device)
+        # frozen weight: each token's ∂D_n/∂h_n now, while the chunk's logits exist (module doc)
+        precompute = ctx.needs_input_grad[0] and not ctx.needs_input_grad[2]
+        unit_grad_h = torch.empty_like(h_s) if precompute else None
         for sl in token_chunks(n, shard.width, step):
             s, t = h_s[sl] @ w.T, h_t[sl] @ w_t.T
             m, z = global_softmax_stats([s, t], shard, temperature, dtype, step, group)
@@ -88,7 +98,17 @@ class _LinearJSD(torch.autograd.Function):
                 s, t, m[0], z[0], m[1], z[1], shard, temperature, beta, term_clip, dtype
             )
             stats[:, sl] = all_reduce_per_token(part, "sum", group)
-        ctx.save_for_backward(h_s, h_t, w, w_t, max_2N, log_sum_2N, stats[1].clone())
+            if precompute:
+                ones = torch.ones(s.shape[0], dtype=dtype, device=s.device)
+                grad = student_grad(
+                    s, t, m[0], z[0], m[1], z[1], stats[1, sl], ones,
+                    shard, temperature, beta, term_clip, dtype,
+                ).to(w.dtype)  # fmt: skip
+                unit_grad_h[sl] = grad @ w[: shard.real]
+        if precompute:  # the backward needs nothing else
+            ctx.save_for_backward(unit_grad_h)
+        else:
+            ctx.save_for_backward(h_s, h_t, w, w_t, max_2N, log_sum_2N, stats[1].clone())
         ctx.params = (beta, temperature, term_clip, shard, dtype, group, step, reduce, compile_mode)
         hs, ht = -stats[2], -stats[3]
         ctx.mark_non_differentiable(hs, ht)
@@ -96,10 +116,16 @@ class _LinearJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss_N, _gh_s, _gh_t):
-        h_s, h_t, w, w_t, max_2N, log_sum_2N, sum_g_N = ctx.saved_tensors
         beta, temperature, term_clip, shard, dtype, group, step, reduce, compile_mode = ctx.params
         if grad_loss_N is None:
             return (None,) * 12
+        if len(ctx.saved_tensors) == 1:  # frozen weight: scale the forward's per-token gradient
+            (unit,) = ctx.saved_tensors
+            grad_h = unit * grad_loss_N[:, None].to(unit.dtype)
+            if reduce and group_size(group) > 1:
+                dist.all_reduce(grad_h, group=group)
+            return grad_h, None, None, None, None, None, None, None, None, None, None, None
+        h_s, h_t, w, w_t, max_2N, log_sum_2N, sum_g_N = ctx.saved_tensors
         grad_h = torch.zeros_like(h_s) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
         _, student_grad = kernels(compile_mode, h_s.device)

@@ -1,7 +1,8 @@
 """The fused output layer + JSD (losses/linear_jsd.py) against an fp64 reference (logits = h W^T
 over the whole padded vocabulary, then tests/losses/reference.jsd, gradients by autograd) and
 against the materialized path (h W^T, then vocab_parallel_jsd) at TP=1, 2 and 4: values, the
-hidden-state gradient and the weight shard's gradient (tied / full-parameter), β ∈ {0, 0.5, 1},
+hidden-state gradient and the weight shard's gradient (tied / full-parameter; every other case a
+frozen weight, whose hidden-state gradient the forward computes), β ∈ {0, 0.5, 1},
 two temperatures, a term clip and a separate teacher weight, with padded vocab rows and several
 token chunks. A dispatch-mode test shows no tensor with more than a chunk of rows of vocab width
 is ever created."""
@@ -48,10 +49,11 @@ def _run(tp, group):
     rank = dist.get_rank() if group is not None else 0
     out = []
     for dtype in (torch.float64, torch.float32):
-        for beta, temp, clip, separate in CASES:
+        for i, (beta, temp, clip, separate) in enumerate(CASES):
             h_s, h_t, w, w_t = _inputs(dtype)
             h = h_s.clone().requires_grad_(True)
-            shard = _rows(w, rank, tp).clone().requires_grad_(True)
+            # odd cases: a frozen weight (LoRA), whose hidden-state gradient the forward computes
+            shard = _rows(w, rank, tp).clone().requires_grad_(i % 2 == 0)
             res = vocab_parallel_linear_jsd(
                 h,
                 h_t,
@@ -116,7 +118,8 @@ def test_fused_linear_jsd_equals_fp64_and_the_materialized_path(tp):
             want, want_gh, want_gw = _reference(beta, temp, clip, separate)
             assert (loss.double() - want).abs().max() <= TOL[dtype], case
             assert (gh.double() - want_gh).abs().max() <= TOL[dtype], case  # summed over TP
-            assert (gw.double() - _rows(want_gw, rank, tp)).abs().max() <= TOL[dtype], case
+            if gw is not None:  # the frozen-weight cases have none
+                assert (gw.double() - _rows(want_gw, rank, tp)).abs().max() <= TOL[dtype], case
             assert (loss - mat).abs().max() <= TOL[dtype], case
 
 
@@ -136,12 +139,13 @@ class _WidestVocabTensor(TorchDispatchMode):
         return out
 
 
-def test_no_tensor_of_more_than_a_chunk_of_vocab_rows_is_created():
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_no_tensor_of_more_than_a_chunk_of_vocab_rows_is_created(weight_grad):
     h_s, h_t, w, _ = _inputs(torch.float32)
     n = 64
     h_s, h_t = h_s.repeat(6, 1)[:n], h_t.repeat(6, 1)[:n]
     h = h_s.clone().requires_grad_(True)
-    weight = w.clone().requires_grad_(True)
+    weight = w.clone().requires_grad_(weight_grad)
     with _WidestVocabTensor(PADDED_VOCAB, tuple(w.shape)) as seen:
         loss = vocab_parallel_linear_jsd(
             h, h_t, weight, beta=0.5, vocab_size=REAL_VOCAB, chunk_tokens=8
