@@ -19,7 +19,6 @@ from opsd_megatron.config import GRPOConfig
 from opsd_megatron.data.grading import Grader, reference_answer
 from opsd_megatron.losses import heads
 from opsd_megatron.losses.heads import Hidden
-from opsd_megatron.models.output_head import output_weight
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
@@ -107,10 +106,7 @@ class GRPO:
             states, weight = self.reference.hidden(tokens, positions)
             if states is None:
                 return
-            ref = Hidden(
-                response_rows(states, mb.student, r_max),
-                output_weight(self.reference.student) if weight is None else weight,
-            )
+            ref = Hidden(response_rows(states, mb.student, r_max), weight)
         else:
             logits = self.reference.logits(tokens, positions)
             if logits is None:

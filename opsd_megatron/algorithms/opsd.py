@@ -105,11 +105,8 @@ class OPSD:
         """What ``_keep`` kept, in the student's form (``losses/heads.py``)."""
         if not isinstance(student, Hidden):
             return mb.extras[f"{name}_logits_BRV"]
-        weight = mb.extras[f"{name}_weight_VH"]
         return Hidden(
-            mb.extras[f"{name}_hidden_BRH"],
-            student.weight_VH if weight is None else weight,
-            student.chunk_tokens,
+            mb.extras[f"{name}_hidden_BRH"], mb.extras[f"{name}_weight_VH"], student.chunk_tokens
         )
 
     def _contexts(self, rollouts: Rollouts) -> tuple[list[str | None], dict[str, float]]:

@@ -131,9 +131,10 @@ class Teacher:
         position_ids_BT: torch.Tensor | None = None,
         micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``loss.fused``: the teacher's final-norm hidden states ``[B, T, H]`` and its output-layer
-        shard — None where it is the student's own (adapters off, EMA adapters, the live student);
-        (None, None) off the last pipeline stage."""
+        """``loss.fused``: the teacher's final-norm hidden states ``[B, T, H]`` and the output-layer
+        shard that makes its logits (detached: the student's own where the teacher is the student
+        with adapters off, EMA or live; a frozen copy's own); (None, None) off the last pipeline
+        stage."""
         return self._forward(tokens_BT, position_ids_BT, micro_batch_size, hidden=True)
 
     def _forward(self, tokens_BT, position_ids_BT, micro_batch_size, hidden: bool):
@@ -145,8 +146,7 @@ class Teacher:
                     return forward_logits(model, tokens_BT, position_ids_BT, micro_batch_size), None
                 with hidden_states_out(model):
                     states = forward_logits(model, tokens_BT, position_ids_BT, micro_batch_size)
-                # a frozen copy's own shard (kept on the device when the copy is offloaded)
-                weight = None if model is self.student else output_weight(model)
-                return states, None if weight is None else weight.detach()
+                # a frozen copy's own shard is kept on the device when the copy is offloaded
+                return states, None if states is None else output_weight(model).detach()
             finally:
                 model.train(was_training)
