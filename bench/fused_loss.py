@@ -3,7 +3,9 @@ the materialized path (``logits = h @ W.T`` for student and teacher, then ``voca
 forward+backward (hidden-state and weight gradients) time and peak memory at T and 4T tokens,
 and the bare GEMMs of the same projections (the floor: ``fused/GEMM``); ``--compile`` adds the
 fused path with ``loss.compile=true`` (its per-chunk work through torch.compile);
-``--frozen-weight`` measures the LoRA case (no weight gradient: the fused forward computes the
+with TRL installed (1.16: ``trl/trainer/distillation_trainer.py::_chunked_divergence_loss``,
+one device, not tensor-parallel) its chunked loss is measured too; ``--frozen-weight`` measures
+the LoRA case (no weight gradient: the fused forward computes the
 hidden-state gradient, nothing is recomputed).
 
     python bench/fused_loss.py                       # CPU: H=256, V=32768, T=512 and 2048
@@ -47,6 +49,13 @@ def worker(args) -> dict:
         if args.worker in ("fused", "compiled"):
             mode = "true" if args.worker == "compiled" else "false"
             loss = vocab_parallel_linear_jsd(h_s, h_t, w, beta=args.beta, compile=mode).loss
+        elif args.worker == "trl":  # TRL's chunked hidden-state JSD (a scalar mean; TP1 only)
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+            mask = torch.ones(1, h_s.shape[0], dtype=torch.bool, device=h_s.device)
+            loss = _chunked_divergence_loss(h_s[None], h_t[None], w, w.detach(), mask, args.beta)[0]
+            loss.backward()
+            return loss.reshape(1)
         elif args.worker == "gemm":  # the floor: the projections and their gradients, no loss
             loss = (h_s @ w.T).float().mean(dim=1)
             with torch.no_grad():
@@ -76,6 +85,7 @@ def worker(args) -> dict:
         "ms": 1e3 * sorted(times)[len(times) // 2],
         "peak": peak,
         "head": loss.detach().float()[:8].tolist(),
+        "mean": loss.detach().float().mean().item(),
     }
 
 
@@ -90,6 +100,17 @@ def _baseline_rss(args) -> int:
     return int(out.stdout)
 
 
+def _trl_version() -> str | None:
+    """TRL's version where its chunked divergence (trl/trainer/distillation_trainer.py, 1.16)
+    imports, else None."""
+    try:
+        import trl
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or an incompatible version
+        return None
+    return trl.__version__
+
+
 def _run(args, tokens: int) -> dict:
     args.tokens = tokens
     if args.device == "cpu":
@@ -100,7 +121,10 @@ def _run(args, tokens: int) -> dict:
         if k not in ("worker", "sizes", "compile", "frozen_weight")
     ] + (["--frozen-weight"] if args.frozen_weight else [])
     results = {}
-    for name in ("materialized", "fused", "gemm") + (("compiled",) if args.compile else ()):
+    names = ("materialized", "fused", "gemm") + (("compiled",) if args.compile else ())
+    if _trl_version():
+        names += ("trl",)
+    for name in names:
         out = subprocess.run(
             [sys.executable, __file__, f"--worker={name}", *flags],
             check=True,
@@ -131,7 +155,9 @@ def main() -> None:
         "hidden-state gradient instead of the backward recomputing the logits",
     )
     p.add_argument(
-        "--worker", choices=["materialized", "fused", "gemm", "compiled"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["materialized", "fused", "gemm", "compiled", "trl"],
+        help=argparse.SUPPRESS,
     )
     p.add_argument("--baseline-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -154,6 +180,13 @@ def main() -> None:
             f"\n            bare GEMMs {g['ms']:9.1f} ms {g['peak'] / gib:7.3f} GiB | fused/GEMM "
             f"{f['ms'] / g['ms']:.2f}x time, +{(f['peak'] - g['peak']) / gib:.2f} GiB"
         )
+        if "trl" in r:
+            x = r["trl"]
+            print(
+                f"            TRL {_trl_version()} chunked {x['ms']:9.1f} ms {x['peak'] / gib:7.3f} GiB"
+                f" | fused/TRL {f['ms'] / x['ms']:.2f}x time  |Δmean loss| "
+                f"{abs(x['mean'] - f['mean']):.1e}"
+            )
         if "compiled" in r:
             c = r["compiled"]
             print(
