@@ -4,11 +4,13 @@ then OPSD_STEPS OPSD steps from it under two different (trainer, rollout) seed p
 must use the reference (teacher >= 90 %) while solving few problems alone; each OPSD run must
 lift held-out accuracy by at least LIFT points; rerunning an arm reproduces it exactly.
 
-Measured here (README table: five seed triples, each its own base, one thread per rank): the
-step-60 lift was +57 for the shipped triple (6 % -> 63 %) and +32, +42, +39, +22 for [1, 1, 1]
-... [4, 4, 4] (at step 40: +46, +22, +29, +44, +14 — the slowest triple is flat for 30 steps,
-hence 60); LIFT sits 10 points below the smallest, so last-bit differences between machines,
-which sampling amplifies, cannot flip it. (By step 100 the five lift +71, +72, +74, +56, +64.)
+Measured here (README table: seven seed triples, each its own base, one thread per rank): the
+step-60 lift was +57 for the shipped triple (6 % -> 63 %), +32, +42, +39, +22 for [1, 1, 1] ...
+[4, 4, 4], and +25, +15 for the untuned [11, 12, 13], [101, 102, 103] (at step 40: +14 to +46
+over the five — the slowest is flat for 30 steps, hence 60). LIFT sits 10 points below the
+smallest, so last-bit differences between machines, which sampling amplifies, cannot flip it;
+an update that teaches nothing stays near 0 (the flat phase of [4, 4, 4]: -2 to -1 points).
+(By step 100 the seven lift +71, +72, +74, +56, +64, +43, +46.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OPSD_STEPS = 60
-LIFT = 0.12
+LIFT = 0.05
 REDUCED = [
     f"arms.opsd.trainer.max_steps={OPSD_STEPS}",
     "arms.sft=null",
@@ -28,6 +30,9 @@ REDUCED = [
     "common.logging.tensorboard=false",
     "common.logging.progress_bar=false",
     f"common.eval.interval={OPSD_STEPS}",
+    # one thread per rank: as the README table was measured (the shipped triple's run is that
+    # table's row), and no oversubscription beside the other pytest worker
+    "common.trainer.threads_per_rank=1",
 ]
 
 
