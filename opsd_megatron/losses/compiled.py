@@ -3,14 +3,14 @@
 
 Eager, one chunk's forward makes ~15 ``[n, V]`` fp32 temporaries (upcast, shift, two log-softmaxes,
 two exps, the mixture's logaddexp, the terms, the clip) and reads each back; Inductor fuses them
-into a few loops over the logits that keep only the per-token partial sums. Both functions (``jsd_math.py``) start
-from the chunk's raw logits and the global per-token softmax statistics, so the communication
+into a few loops over the logits that keep only the per-token partial sums. Both functions
+(``jsd_math.py``) start from the chunk's raw logits and the global per-token softmax statistics, so the communication
 (``vocab_parallel.py``) stays outside the compiled region: the graph has no collectives, and the
 materialized (``jsd.py``) and fused (``linear_jsd.py``) paths share one compiled kernel pair.
 
 ``mode``: ``"false"`` eager (the reference); ``"true"`` compiled (a compiler failure is an error
 naming the key); ``"auto"`` compiled on CUDA, eager elsewhere — on CPU compiling costs tens of
-seconds per run for the speed measured in ``bench/loss.py --compile`` (README), and a failed
+seconds per run for the speed ``bench/loss.py`` measures (README), and a failed
 compile falls back to eager with one warning.
 """
 
