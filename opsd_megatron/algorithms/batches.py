@@ -24,6 +24,11 @@ class MicroBatch:
     sampled: bool  # the responses were sampled (OPSD, GRPO), not reference solutions (SFT)
     extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where this micro-batch lives (the rank's device): what per-row tensors added to it use."""
+        return self.response_mask_BR.device
+
 
 def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> torch.Tensor:
     """Logits at the positions that predict the response, aligned by response index: [B, R, V]."""
@@ -41,8 +46,11 @@ def micro_batches(
     logprobs: list[list[float]] | None,
     micro: int,
     pad_id: int,
+    device: torch.device | str = "cpu",
 ) -> list[MicroBatch]:
-    """Micro-batches of one step, all padded to one width: the pipeline schedule sends fixed shapes."""
+    """Micro-batches of one step, all padded to one width: the pipeline schedule sends fixed shapes.
+    Built on the host from Python lists, then moved to ``device`` (the rank's): the one seam where
+    a step's data reaches the accelerator."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     out = []
     for s in range(0, len(prompts), micro):
@@ -58,10 +66,10 @@ def micro_batches(
                 lps[i, : len(r)] = torch.tensor(logprobs[s + i])
         out.append(
             MicroBatch(
-                pack(prompts[s : s + micro], resp, pad_id, pad_to=width),
-                mask,
-                tokens,
-                lps,
+                pack(prompts[s : s + micro], resp, pad_id, pad_to=width, device=device),
+                mask.to(device),
+                tokens.to(device),
+                lps.to(device),
                 logprobs is not None,
             )
         )

@@ -76,7 +76,8 @@ class GRPO:
                     )
                 )
                 for p, r in zip(rollouts.problems, rollouts.responses)
-            ]
+            ],
+            device=self.source.groups.device,
         )
         adv, informative = group_advantages(rewards.view(-1, g))
         adv, keep = adv.reshape(-1), informative.repeat_interleave(g)

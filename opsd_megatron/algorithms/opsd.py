@@ -74,13 +74,13 @@ class OPSD:
         solutions, counts = self._contexts(rollouts)
         for k, mb in enumerate(mbs):
             rows = slice(k * micro, (k + 1) * micro)
-            keep = torch.tensor([s is not None for s in solutions[rows]])
+            keep = torch.tensor([s is not None for s in solutions[rows]], device=mb.device)
             mb.response_mask_BR &= keep[:, None]  # no correct peer: left out of the loss
             prompts = [
                 teacher_prompt_ids(tok, self.data, p["problem"], s or "", p.get("answer"))
                 for p, s in zip(rollouts.problems[rows], solutions[rows])
             ]
-            teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id)
+            teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id, device=mb.device)
             self._keep(mb, "teacher", teacher)
             if self.loss.ref_kl_coef:  # the initial policy on the student's own sequence
                 self._keep(mb, "ref", mb.student)

@@ -90,7 +90,12 @@ class RolloutSource:
     ) -> list[MicroBatch]:
         """The step's sequences as micro-batches of ``micro_batch_size`` rows, all of one width."""
         return micro_batches(
-            prompts, responses, logprobs, self.micro_batch_size, self.tokenizer.pad_token_id
+            prompts,
+            responses,
+            logprobs,
+            self.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            self.groups.device,
         )
 
     def _save(self, step: int, problems, result) -> None:

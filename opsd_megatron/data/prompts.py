@@ -57,9 +57,14 @@ class PackedBatch:
 
 
 def pack(
-    prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int | None = None
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    pad_to: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> PackedBatch:
-    """[prompt ++ ŷ ++ pad...] per row; position ids 0..T-1; mask over the positions predicting ŷ."""
+    """[prompt ++ ŷ ++ pad...] per row; position ids 0..T-1; mask over the positions predicting ŷ.
+    Built on the host, then moved to ``device`` (the rank's) in one copy per tensor."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths) if pad_to is None else pad_to
     if width < max(lengths):
@@ -73,7 +78,12 @@ def pack(
     targets = torch.cat([tokens[:, 1:], torch.full((b, 1), pad_id, dtype=torch.long)], dim=1)
     positions = torch.arange(width).expand(b, width).contiguous()
     return PackedBatch(
-        tokens, positions, mask, targets, [len(p) for p in prompts], [len(r) for r in responses]
+        tokens.to(device),
+        positions.to(device),
+        mask.to(device),
+        targets.to(device),
+        [len(p) for p in prompts],
+        [len(r) for r in responses],
     )
 
 

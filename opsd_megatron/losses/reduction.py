@@ -49,7 +49,12 @@ def local_count(mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
 
 def global_normalizer(masks_BT: Iterable[torch.Tensor], mode: str, dp_group=None) -> torch.Tensor:
     """The global batch's count over all local micro-batches and all DP ranks (at least 1)."""
-    total = sum((local_count(m, mode) for m in masks_BT), torch.zeros((), dtype=torch.float64))
+    masks_BT = list(masks_BT)
+    device = masks_BT[0].device if masks_BT else None  # the collective runs where the masks are
+    total = sum(
+        (local_count(m, mode) for m in masks_BT),
+        torch.zeros((), dtype=torch.float64, device=device),
+    )
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0)

@@ -113,9 +113,7 @@ def build_gpt_model(
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
     mark_tensor_parallel_params(model)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    return model
+    return model.to(groups.device)  # the rank's one device (a no-op on CPU)
 
 
 def stage_layer_offset(arch: ArchSpec) -> int:

@@ -14,6 +14,17 @@ functions, so no gradient needs a manual all-reduce:
   B = ColumnParallel(r→out, gather_output=True) — shard [out/tp, r].
   Merged shard: W_k + s · B · A_k.
 
+Which kind a base is, and its full sizes, come from its weight as megatron and
+transformer-engine both mark it (``partition_dim`` 0 = column, 1 = row; the shard's shape), not
+from its class or ``input_size``/``output_size``: megatron's TE wrappers (megatron-core 0.16.1
+and 0.19 ``extensions/transformer_engine.py``) subclass ``te.pytorch.Linear``, whose
+``in_features``/``out_features`` are per-partition (TE 2.9 ``module/linear.py``).
+A base that fuses its input norm (``TELayerNormColumnParallelLinear``: TE 2.9
+``module/layernorm_linear.py``, the layer spec's ``input_layernorm`` is then an identity) is
+hooked on its *normalised* input, which the adapter recomputes from the layer's own norm weight,
+so ``merged()``, the PEFT export and the vLLM refit (all W + s·B·A on the normalised input) hold
+for both specs.
+
 Adapters live beside the linear they adapt (``self_attention.linear_qkv_lora``), not inside it,
 so megatron's distributed checkpointing sees them as their own TP-sharded tensors.
 ``adapters_disabled(model)`` switches every adapter off: that is the frozen teacher.
@@ -27,7 +38,6 @@ import math
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from opsd_megatron.config import LoRAConfig
 from opsd_megatron.platform.parallel import current_groups
@@ -43,13 +53,14 @@ def _kaiming(weight: torch.Tensor) -> None:
 class LoRAAdapter(torch.nn.Module):
     """The A/B pair for one megatron linear; added to its output by a forward hook."""
 
-    def __init__(self, base, cfg: LoRAConfig, row_parallel: bool, glu: bool):
+    def __init__(self, base, cfg: LoRAConfig, glu: bool):
         super().__init__()
         from megatron.core import tensor_parallel as mtp
 
         config = base.config
-        in_size, out_size = base.input_size, base.output_size
-        tp = base.tp_size if hasattr(base, "tp_size") else dist.get_world_size(base.tp_group)
+        tp = current_groups().tp_size
+        row_parallel, in_size, out_size = parallel_kind(base, tp)
+        self.fused_norm = fused_norm(base)
         if cfg.rank % tp:
             raise ValueError(
                 f"lora.rank={cfg.rank} must be divisible by tensor_model_parallel_size={tp}"
@@ -111,7 +122,8 @@ class LoRAAdapter(torch.nn.Module):
         if not self.enabled:
             return output
         out, bias = output
-        return out + self.delta(inputs[0]).to(out.dtype), bias
+        x = inputs[0] if self.fused_norm is None else self.fused_norm(inputs[0])
+        return out + self.delta(x).to(out.dtype), bias
 
     @torch.no_grad()
     def merged(self, base_weight: torch.Tensor) -> torch.Tensor:
@@ -144,10 +156,50 @@ class LoRAAdapter(torch.nn.Module):
         return out
 
 
+def parallel_kind(base, tp: int) -> tuple[bool, int, int]:
+    """(row-parallel?, full input size, full output size) of a TP linear, read off its weight."""
+    weight = getattr(base, "weight", None)
+    if weight is None or not getattr(weight, "tensor_model_parallel", False):
+        raise ValueError(
+            f"LoRA needs a tensor-parallel linear (weight marked with megatron's partition_dim); "
+            f"{type(base).__name__} has none"
+        )
+    out_local, in_local = weight.shape
+    if weight.partition_dim == 1:
+        return True, in_local * tp, out_local
+    return False, in_local, out_local * tp
+
+
+def fused_norm(base):
+    """The input norm a TE ``LayerNormLinear`` applies inside itself, as a function of x; None
+    for a plain linear (its input is already normalised by the layer's own norm module)."""
+    weight = getattr(base, "layer_norm_weight", None)
+    if weight is None:
+        return None
+    if getattr(base, "return_layernorm_output", False):
+        raise ValueError(f"LoRA cannot adapt {type(base).__name__} with return_layernorm_output")
+    kind = getattr(base, "normalization", "LayerNorm")
+    eps, shifted = base.eps, bool(getattr(base, "zero_centered_gamma", False))
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        gamma = (base.layer_norm_weight + 1) if shifted else base.layer_norm_weight
+        shape = (x.shape[-1],)
+        if kind == "RMSNorm":
+            y = torch.nn.functional.rms_norm(x.float(), shape, gamma.float(), eps)
+        elif kind == "LayerNorm":
+            bias = base.layer_norm_bias
+            y = torch.nn.functional.layer_norm(
+                x.float(), shape, gamma.float(), None if bias is None else bias.float(), eps
+            )
+        else:
+            raise ValueError(f"LoRA: unknown fused normalization {kind!r}")
+        return y.to(x.dtype)  # TE normalises in fp32 and returns the input dtype
+
+    return normalise
+
+
 def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
     """Attach adapters to the target linears and freeze everything else. Returns the adapted names."""
-    from megatron.core.tensor_parallel import RowParallelLinear
-
     from opsd_megatron.models.build import mark_tensor_parallel_params
 
     wanted = cfg.linear_names()
@@ -156,12 +208,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
         for child_name, child in list(parent.named_children()):
             if child_name not in wanted or child_name + SUFFIX in parent._modules:
                 continue
-            adapter = LoRAAdapter(
-                child,
-                cfg,
-                row_parallel=isinstance(child, RowParallelLinear),
-                glu=child_name == "linear_fc1",
-            )
+            adapter = LoRAAdapter(child, cfg, glu=child_name == "linear_fc1")
             mark_tensor_parallel_params(adapter)
             parent.add_module(child_name + SUFFIX, adapter)
             child.register_forward_hook(adapter.hook)

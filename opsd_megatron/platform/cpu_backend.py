@@ -88,7 +88,7 @@ def _cpu_factory(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = torch.device("cpu")  # the rank's device object, as on a GPU
         kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 

@@ -27,6 +27,9 @@ class ParallelGroups:
     dp_rank: int
     dp_size: int
     pp_last_rank: int  # global rank of this pipeline's last stage (where the logits are)
+    # The one device of this rank (chosen once, ``cpu_backend.default_device``): every tensor that
+    # meets the model, a collective or the sampler is created on it or moved to it at one seam.
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_first_stage(self) -> bool:
@@ -51,6 +54,7 @@ class ParallelGroups:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+            device=cpu_backend.default_device(),
         )
 
 

@@ -6,6 +6,9 @@ every row through the pipeline (forward-only) against megatron's static KV cache
 (``models/kv_cache.py``); a row still inside its prompt takes its own next prompt token, so every
 row sees exactly its own unpadded context. The last stage samples vocab-parallel (``sampling.py``)
 and broadcasts the tokens to the other stages. Seeded per call, so a run is reproducible.
+
+Every tensor lives on the rank's device (``groups.device``), the generator too; the host sees the
+tokens once, at the end, and one "any row alive?" flag per step.
 """
 
 from __future__ import annotations
@@ -39,19 +42,20 @@ class MegatronSampler:
         """``groups``: where the model sits (default: the initialised layout's)."""
         self.model = model
         self.groups = groups or current_groups()
+        self.device = self.groups.device
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
         self.pad_id, self.vocab_size, self.seed = pad_id, vocab_size, seed
         self.calls = 0
 
     def _generator(self) -> torch.Generator:
+        """This call's stream, on the rank's device (CUDA noise needs a CUDA generator)."""
         key = (self.seed, self.calls, self.groups.dp_rank, self.groups.tp_rank)
-        return torch.Generator().manual_seed(hash(key) % (2**63))
+        return torch.Generator(device=self.device).manual_seed(hash(key) % (2**63))
 
     def _next(self, logits, b: int, gen):
         """Sample from last-position logits (last stage) and share the tokens with every stage."""
         g = self.groups
-        tok, lp = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
         if logits is not None:
             tok, lp = sample_next_tokens(
                 logits,
@@ -62,7 +66,9 @@ class MegatronSampler:
                 vocab_size=self.vocab_size,
                 group=g.tp,
             )
-            tok, lp = tok.cpu(), lp.cpu()
+        else:
+            tok = torch.zeros(b, dtype=torch.long, device=self.device)
+            lp = torch.zeros(b, dtype=torch.float32, device=self.device)
         if g.pp_size > 1:
             dist.broadcast(tok, g.pp_last_rank, group=g.pp)
             dist.broadcast(lp, g.pp_last_rank, group=g.pp)
@@ -84,40 +90,36 @@ class MegatronSampler:
         rows whose prompt is longer take their own prompt token until it is consumed."""
         gen = self._generator()
         self.calls += 1
-        b = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        total = int(lengths.max()) + max_new_tokens
+        b, device = len(prompts), self.device
+        host_lengths = [len(p) for p in prompts]
+        total = max(host_lengths) + max_new_tokens
         tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
-        positions = torch.arange(total).expand(b, total)
-        generated = torch.zeros(b, dtype=torch.long)
-        alive = torch.ones(b, dtype=torch.bool)
-        responses, logprobs = [[] for _ in range(b)], [[] for _ in range(b)]
-        device = _device(self.model)
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens = tokens.to(device)  # the one host -> device copy of the prompts
+        lengths = torch.tensor(host_lengths, device=device)
+        positions = torch.arange(total, device=device).expand(b, total)
+        logprobs_BT = torch.zeros(b, total, dtype=torch.float32, device=device)
+        generated = torch.zeros(b, dtype=torch.long, device=device)
+        alive = torch.ones(b, dtype=torch.bool, device=device)
         ctx = new_context(b, total)
-        start = int(lengths.min())
+        start = min(host_lengths)
         was_training = self.model.training
         self.model.eval()
         try:
             with sharded_inference_logits(self.model):
                 t = start  # next position to fill
                 chunk = slice(0, start)
-                while alive.any() and t < total:
+                while t < total and bool(alive.any()):
                     logits = forward_logits(
-                        self.model,
-                        tokens[:, chunk].to(device),
-                        positions[:, chunk].to(device),
-                        inference_context=ctx,
+                        self.model, tokens[:, chunk], positions[:, chunk], inference_context=ctx
                     )
                     ctx.sequence_len_offset += chunk.stop - chunk.start
                     tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
                     sampling = alive & (lengths <= t)  # rows past their prompt
-                    for i in torch.nonzero(sampling, as_tuple=True)[0].tolist():
-                        tokens[i, t] = tok[i]
-                        responses[i].append(int(tok[i]))
-                        logprobs[i].append(float(lp[i]))
-                        generated[i] += 1
+                    tokens[:, t] = torch.where(sampling, tok, tokens[:, t])
+                    logprobs_BT[:, t] = torch.where(sampling, lp, 0.0)
+                    generated += sampling.long()
                     alive &= ~(sampling & torch.isin(tok, self.stop_ids)) & (
                         generated < max_new_tokens
                     )
@@ -125,9 +127,11 @@ class MegatronSampler:
                     t += 1
         finally:
             self.model.train(was_training)
-        finished = [bool(r) and r[-1] in self.stop_ids.tolist() for r in responses]
+        rows, lps = tokens.tolist(), logprobs_BT.tolist()  # the host sees the tokens once
+        stops = set(self.stop_ids.tolist())
+        responses, logprobs = [], []
+        for i, (n, start_i) in enumerate(zip(generated.tolist(), host_lengths)):
+            responses.append(rows[i][start_i : start_i + n])
+            logprobs.append(lps[i][start_i : start_i + n])
+        finished = [bool(r) and r[-1] in stops for r in responses]
         return RolloutResult(responses, logprobs, finished)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

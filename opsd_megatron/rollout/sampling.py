@@ -41,12 +41,15 @@ def sample_next_tokens(
     if greedy:
         score = z.double()
     else:
-        u = torch.rand(keep.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+        # the generator lives on the logits' device (a CPU generator cannot draw CUDA noise)
+        u = torch.rand(
+            keep.shape, generator=generator, dtype=torch.float64, device=keep.device
+        ).clamp_(1e-300, 1.0)
         score = keep.double() - torch.log(-torch.log(u))
     if score.shape[1] == 0:
         best, idx = (
             score.new_full((score.shape[0],), -torch.inf),
-            torch.zeros(score.shape[0], dtype=torch.long),
+            torch.zeros(score.shape[0], dtype=torch.long, device=score.device),
         )
     else:
         best, idx = score.max(dim=1)

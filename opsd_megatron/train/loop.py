@@ -94,7 +94,7 @@ def run(cfg: OPSDConfig) -> dict:
                     if report is not None:
                         last.update({f"eval_teacher/{k}": v for k, v in report["average"].items()})
             logger.log(last)
-            stop = preemption.requested(cfg.trainer.output_dir)
+            stop = preemption.requested(cfg.trainer.output_dir, c.groups.device)
             if stop or done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
                 save_checkpoint(c, done, counters)
             if stop:

@@ -27,11 +27,12 @@ def install() -> None:
     signal.signal(signal.SIGUSR1, _handler)
 
 
-def requested(output_dir: str) -> bool:
-    """Collective: True on every rank if any rank got SIGUSR1 or ``OUT/PREEMPT`` exists."""
+def requested(output_dir: str, device: torch.device) -> bool:
+    """Collective: True on every rank if any rank got SIGUSR1 or ``OUT/PREEMPT`` exists.
+    ``device``: the rank's (NCCL reduces only accelerator tensors)."""
     flag_file = Path(output_dir) / FLAG_FILE
     local = _received or (dist.get_rank() == 0 and flag_file.exists())
-    flag = torch.tensor([1.0 if local else 0.0])
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 

@@ -123,7 +123,8 @@ def student_pass(
                 stats[k] = masked_mean(values.detach(), mask)
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student, mb)
-            return loss, torch.ones((), dtype=torch.int), stats  # already globally normalised
+            # already globally normalised; megatron adds the token count up on the loss's device
+            return loss, torch.ones((), dtype=torch.int, device=loss.device), stats
 
         return output, loss_fn
 
@@ -146,7 +147,8 @@ def student_pass(
 def share_stats(stats: dict, keys: list[str], summed: set[str], groups: ParallelGroups) -> dict:
     """Loss statistics live on the last pipeline stage: give them to every rank; over DP, keys in
     ``summed`` add up (the loss is a sum of partial losses) and the rest are averaged."""
-    t = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(stats.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    t = t.to(groups.device)  # NCCL reduces only accelerator tensors
     if groups.pp_size > 1:
         dist.broadcast(t, groups.pp_last_rank, group=groups.pp)
     dist.all_reduce(t, group=groups.dp)
