@@ -59,9 +59,21 @@ class Teacher:
             self.device = next(self.model.parameters()).device
             if cfg.offload:
                 self.model.to("cpu")
+        # The EMA accumulates in fp32 whatever the parameter dtype: (1 - rate) * (w_S - w_T) is
+        # far below bf16's resolution (2^-8 |w|) at rate 0.99, so a bf16 average would not move
+        # (the problem fp32 master weights solve for the student). A frozen copy in fp32 is its
+        # own accumulator; in bf16 it gets an fp32 twin where its weights live.
+        self.ema32 = {}
         if self.update == "ema" and self.model is None:
             self.shadow = {
-                n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad
+                n: p.detach().to(torch.float32, copy=True)
+                for n, p in student.named_parameters()
+                if p.requires_grad
+            }
+        elif self.update == "ema":
+            self.ema32 = {
+                n: p.data if p.dtype == torch.float32 else p.detach().to(torch.float32, copy=True)
+                for n, p in self.model.named_parameters()
             }
 
     @torch.no_grad()
@@ -72,11 +84,14 @@ class Teacher:
         if self.shadow is not None:
             for n, p in self.student.named_parameters():
                 if n in self.shadow:
-                    self.shadow[n].lerp_(p.detach(), 1 - self.ema_rate)
+                    self.shadow[n].lerp_(p.detach().to(torch.float32), 1 - self.ema_rate)
             return
         teacher_params = dict(self.model.named_parameters())
         for n, p in self.student.named_parameters():
-            teacher_params[n].lerp_(p.detach().to(teacher_params[n].device), 1 - self.ema_rate)
+            acc = self.ema32[n]
+            acc.lerp_(p.detach().to(acc.device, torch.float32), 1 - self.ema_rate)
+            if acc is not teacher_params[n].data:
+                teacher_params[n].copy_(acc)
 
     @contextlib.contextmanager
     def _swapped_in_shadow(self):

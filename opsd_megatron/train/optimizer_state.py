@@ -37,19 +37,20 @@ def _inner(optimizer) -> list:
 
 
 def _init_adam_state(optimizer) -> None:
-    """Give every parameter AdamW state (zeros, step 0) before a load fills it in place: megatron's
-    distributed optimizer reads the (common) step count from existing state while building the
-    sharded dict, and torch creates AdamW state only at the first step."""
+    """Give every parameter its optimizer state before a load fills it in place, the way megatron
+    does (each optimizer's own ``init_state_fn``: exp_avg/exp_avg_sq, or TE's
+    ``initialize_state``): megatron's distributed optimizer reads the existing state while
+    building the sharded dict, and torch creates Adam state only at the first step. Only torch's
+    own Adam keeps a per-parameter ``step`` (which megatron 0.16.1 reads for it); TE's FusedAdam
+    keeps it in the param group and refuses any state name it does not know (TE 2.9
+    ``get_unscaled_state``: ``KeyError: 'step'``), so nothing else is added."""
     for inner in _inner(optimizer):
         torch_opt = inner.optimizer
-        for group in torch_opt.param_groups:
-            for p in group["params"]:
-                if not torch_opt.state[p]:
-                    torch_opt.state[p] = {
-                        "step": torch.tensor(0.0),
-                        "exp_avg": torch.zeros_like(p),
-                        "exp_avg_sq": torch.zeros_like(p),
-                    }
+        inner.init_state_fn(torch_opt, inner.config)
+        if isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in torch_opt.param_groups:
+                for p in group["params"]:
+                    torch_opt.state[p].setdefault("step", torch.tensor(0.0))
 
 
 def _keep_step_on_load(optimizer) -> None:
