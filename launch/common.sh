@@ -48,7 +48,11 @@ on_preemption_warning() {
 }
 trap on_preemption_warning USR1
 
-srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1 "${container_args[@]}" \
+# The one task per node runs every rank of the node: it gets all of the node's CPUs (srun's
+# default is one CPU per task). CPUS_PER_TASK overrides it.
+CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1 \
+  --cpus-per-task="$CPUS_PER_TASK" "${container_args[@]}" \
   "${launcher[@]}" "$RECIPE" "trainer.output_dir=$OUT_DIR" "$@" &
 step_pid=$!
 rc=0

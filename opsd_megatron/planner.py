@@ -161,6 +161,16 @@ def activation_bytes_per_layer(
     return hidden_norms + qk_norms + attention + nbytes * 3 * sb * f
 
 
+def sampler_kv_cache_bytes(
+    arch: ArchSpec, tp: int, layers: int, batch: int, max_len: int, bytes_per_param: int
+) -> int:
+    """megatron's static KV cache as the Megatron sampler allocates it: per layer of the stage a
+    key and a value buffer ``[max_len, batch, kv_heads/tp, head_dim]`` in the parameter dtype
+    (megatron-core 0.16.1 ``transformer/attention.py::_allocate_memory``)."""
+    kv_heads = max(1, arch.num_query_groups // tp)
+    return 2 * layers * max_len * batch * kv_heads * arch.head_dim * bytes_per_param
+
+
 def plan(p: PlanInput) -> dict[str, float]:
     """Bytes per GPU on the most loaded stage, by term, plus the total."""
     a = p.arch
@@ -219,6 +229,10 @@ def plan(p: PlanInput) -> dict[str, float]:
         )
         weights_here = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param
         vllm = p.vllm.free_bytes_needed(weights_here, kv)
+    sampler_kv = 0.0
+    if p.vllm is None:  # the Megatron sampler decodes this rank's rollouts at once (kv_cache.py)
+        sampler_kv = sampler_kv_cache_bytes(a, p.tp, layers_here, p.rollouts_per_rank,
+                                            p.student_seq_len, p.bytes_per_param)  # fmt: skip
     terms = {
         "weights": weights,
         "gradients": grads,
@@ -229,6 +243,7 @@ def plan(p: PlanInput) -> dict[str, float]:
         "loss_working_set": loss_working,
         "frozen_teacher_copy": teacher_copy,
         "vllm": vllm,
+        "sampler_kv_cache": sampler_kv,
     }
     terms["total"] = sum(terms.values())
     return terms

@@ -199,3 +199,47 @@ def test_activation_estimate_matches_what_megatron_saves(family, tp, s, b, sp):
     assert recomputed == 2 * s * b * arch.hidden_size // (tp if sp else 1), (
         "recompute keeps each layer's input"
     )
+
+
+def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
+    """The bytes megatron's static KV cache holds after one Megatron-sampler call on this rank,
+    and the planner's term for the same stage, batch and length."""
+    import opsd_megatron.rollout.megatron_sampler as ms
+    from opsd_megatron.models import arch_from_hf_config, build_gpt_model
+    from opsd_megatron.planner import sampler_kv_cache_bytes
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout.megatron_sampler import MegatronSampler
+
+    groups = initialize_model_parallel(tp, 1)
+    arch = arch_from_hf_config(ARCH_KV)
+    model = build_gpt_model(arch)
+    contexts = []
+    original = ms.new_context
+    ms.new_context = lambda b, n: contexts.append(original(b, n)) or contexts[-1]
+    sampler = MegatronSampler(
+        model, temperature=1.0, top_k=0, top_p=1.0, stop_ids=[], pad_id=0,
+        vocab_size=arch.vocab_size, groups=groups,
+    )  # fmt: skip
+    sampler.generate([[1] * prompt] * batch, new)
+    held = sum(
+        t.numel() * t.element_size()
+        for pair in contexts[0].key_value_memory_dict.values()
+        for t in pair[:2]
+    )
+    planned = sampler_kv_cache_bytes(arch, tp, arch.num_layers, batch, prompt + new, 4)
+    return held, planned
+
+
+ARCH_KV = dict(
+    model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    max_position_embeddings=128, tie_word_embeddings=True, torch_dtype="float32",
+)  # fmt: skip
+
+
+def test_sampler_kv_cache_term_matches_what_megatron_allocates():
+    """The Megatron sampler's KV cache (issue 27: left out of the plan): byte for byte what
+    megatron's StaticInferenceContext holds after a generation, at TP1 and TP2."""
+    for tp in (1, 2):
+        for held, planned in run_distributed(_sampler_cache, tp, tp, 3, 5, 4, timeout=120):
+            assert held == planned > 0, (tp, held, planned)
