@@ -113,7 +113,9 @@ def build_gpt_model(
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
     mark_tensor_parallel_params(model)
-    return model.to(groups.device)  # the rank's one device (a no-op on CPU)
+    if groups.device.type != "cpu":  # the rank's one device; on CPU (meta too) it stays put
+        model.to(groups.device)
+    return model
 
 
 def stage_layer_offset(arch: ArchSpec) -> int:
