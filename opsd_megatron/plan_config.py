@@ -24,6 +24,7 @@ def plan_input(cfg: OPSDConfig, layout: Layout) -> PlanInput:
         bytes_per_param=bytes_per_param,
         lora_rank=cfg.lora.rank if cfg.lora else None,
         micro_batch_size=cfg.trainer.micro_batch_size,
+        micro_batch_tokens=cfg.trainer.micro_batch_tokens,
         micro_batches_per_rank=layout.grad_accumulation,
         student_seq_len=student,
         response_len=r.max_new_tokens,

@@ -41,6 +41,7 @@ class PlanInput:
     lora_rank: int | None = 64
     lora_targets: tuple = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
     micro_batch_size: int = 1
+    micro_batch_tokens: int | None = None  # trainer.micro_batch_tokens: the micro-batch by budget
     micro_batches_per_rank: int = 4
     student_seq_len: int = 2560  # prompt + max_new_tokens
     response_len: int = 2048
@@ -164,9 +165,9 @@ def activation_bytes_per_layer(
 def sampler_kv_cache_bytes(
     arch: ArchSpec, tp: int, layers: int, batch: int, max_len: int, bytes_per_param: int
 ) -> int:
-    """megatron's static KV cache as the Megatron sampler allocates it: per layer of the stage a
-    key and a value buffer ``[max_len, batch, kv_heads/tp, head_dim]`` in the parameter dtype
-    (megatron-core 0.16.1 ``transformer/attention.py::_allocate_memory``)."""
+    """The Megatron sampler's KV cache: per layer of the stage a key and a value buffer of
+    ``max_len x batch x kv_heads/tp x head_dim`` in the parameter dtype (``models/decoder.py`` at
+    PP=1; megatron-core 0.16.1 ``transformer/attention.py::_allocate_memory`` at PP>1)."""
     kv_heads = max(1, arch.num_query_groups // tp)
     return 2 * layers * max_len * batch * kv_heads * arch.head_dim * bytes_per_param
 
@@ -194,6 +195,8 @@ def plan(p: PlanInput) -> dict[str, float]:
     optimizer = per_param * trainable / (p.dp if p.distributed_optimizer else 1)
     layers_here = a.num_layers // p.pp
     s, b, h = p.student_seq_len, p.micro_batch_size, a.hidden_size
+    if p.micro_batch_tokens:  # at most the budget's tokens, in rows of at most s: its bound is
+        b = p.micro_batch_tokens / s  # the budget's tokens for linear terms, budget x s for scores
     if p.recompute:
         activations = (
             layers_here * p.bytes_per_param * s * b * h // (p.tp if p.sequence_parallel else 1)
@@ -209,7 +212,8 @@ def plan(p: PlanInput) -> dict[str, float]:
     # ([b, s, V/tp] logits or [b, s, h] states), its response rows and their gradient
     width = h if p.fused else v_local
     resp_rows = b * p.response_len * width
-    kept = p.micro_batches_per_rank * resp_rows * p.bytes_per_param * (2 if p.ref_pass else 1)
+    rows = p.micro_batches_per_rank * p.micro_batch_size  # the step's rows on this rank
+    kept = rows * p.response_len * width * p.bytes_per_param * (2 if p.ref_pass else 1)
     teacher_kept = kept if last else 0
     student_out = (b * s * width + 2 * resp_rows) * p.bytes_per_param if last else 0
     loss_working = (  # the chunked fp32 working set, fused or not (linear_jsd.py, jsd.py)

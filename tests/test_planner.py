@@ -213,19 +213,21 @@ def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
     groups = initialize_model_parallel(tp, 1)
     arch = arch_from_hf_config(ARCH_KV)
     model = build_gpt_model(arch)
-    contexts = []
-    original = ms.new_context
-    ms.new_context = lambda b, n: contexts.append(original(b, n)) or contexts[-1]
+    made = []
+    original = ms.KVDecoder  # at PP1 the sampler's cache (PP>1: megatron's static one, same size)
+
+    class Recorded(original):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    ms.KVDecoder = Recorded
     sampler = MegatronSampler(
         model, temperature=1.0, top_k=0, top_p=1.0, stop_ids=[], pad_id=0,
         vocab_size=arch.vocab_size, groups=groups,
     )  # fmt: skip
     sampler.generate([[1] * prompt] * batch, new)
-    held = sum(
-        t.numel() * t.element_size()
-        for pair in contexts[0].key_value_memory_dict.values()
-        for t in pair[:2]
-    )
+    held = sum(t.numel() * t.element_size() for t in made[0].keys + made[0].values)
     planned = sampler_kv_cache_bytes(arch, tp, arch.num_layers, batch, prompt + new, 4)
     return held, planned
 
@@ -238,8 +240,26 @@ ARCH_KV = dict(
 
 
 def test_sampler_kv_cache_term_matches_what_megatron_allocates():
-    """The Megatron sampler's KV cache (issue 27: left out of the plan): byte for byte what
-    megatron's StaticInferenceContext holds after a generation, at TP1 and TP2."""
+    """The Megatron sampler's KV cache (issue 27: left out of the plan): byte for byte what the
+    sampler's decoder holds after a generation, at TP1 and TP2."""
     for tp in (1, 2):
         for held, planned in run_distributed(_sampler_cache, tp, tp, 3, 5, 4, timeout=120):
             assert held == planned > 0, (tp, held, planned)
+
+
+def test_a_token_budget_bounds_activations_like_its_rows():
+    """``trainer.micro_batch_tokens``: a budget of b full-length rows plans the activations of a
+    micro-batch of b rows; half the budget, about half; the teacher's kept rows do not
+    depend on how rows are grouped."""
+    arch = arch_from_hf_config(dict(model_type="qwen3", vocab_size=1000, hidden_size=256,
+                                    intermediate_size=512, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=4))  # fmt: skip
+    base = PlanInput(arch=arch, tp=1, pp=1, dp=1, micro_batch_size=4, student_seq_len=512,
+                     impl="local")  # fmt: skip
+    rows4 = plan(base)
+    budget = plan(PlanInput(**{**base.__dict__, "micro_batch_tokens": 4 * 512}))
+    assert budget["activations"] == rows4["activations"]
+    assert budget["teacher_logits"] == rows4["teacher_logits"]
+    half = plan(PlanInput(**{**base.__dict__, "micro_batch_tokens": 2 * 512}))
+    # half, but for the terms a layer keeps whatever the rows (RoPE's cos/sin, the causal mask)
+    assert 0 < half["activations"] - rows4["activations"] / 2 < 0.01 * rows4["activations"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opsd_megatron.config import ConfigError
 from opsd_megatron.data.prompts import PackedBatch, pack
 
 
@@ -23,6 +24,7 @@ class MicroBatch:
     sampler_logprobs_BR: torch.Tensor
     sampled: bool  # the responses were sampled (OPSD, GRPO), not reference solutions (SFT)
     extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
+    rows: list[int] = field(default_factory=list)  # the step's rollouts it holds, in row order
 
     @property
     def device(self) -> torch.device:
@@ -47,30 +49,62 @@ def micro_batches(
     micro: int,
     pad_id: int,
     device: torch.device | str = "cpu",
+    max_tokens: int | None = None,
 ) -> list[MicroBatch]:
-    """Micro-batches of one step, all padded to one width: the pipeline schedule sends fixed shapes.
-    Built on the host from Python lists, then moved to ``device`` (the rank's): the one seam where
-    a step's data reaches the accelerator."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    """The step's sequences as micro-batches, built on the host from Python lists, then moved to
+    ``device`` (the rank's): the one seam where a step's data reaches the accelerator.
+
+    ``max_tokens`` None: ``micro`` consecutive rows each, all padded to the step's longest
+    sequence (the pipeline schedule's fixed shape). Else by token budget: ``token_budget_groups``,
+    each padded to its own longest row."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    if max_tokens is None:
+        groups = [
+            list(range(s, min(s + micro, len(prompts)))) for s in range(0, len(prompts), micro)
+        ]
+        width = max(lengths)
+    else:
+        groups, width = token_budget_groups(lengths, max_tokens), None
     out = []
-    for s in range(0, len(prompts), micro):
-        resp = responses[s : s + micro]
+    for rows in groups:
+        resp = [responses[i] for i in rows]
         r_max = max(1, max(len(r) for r in resp))
         mask = torch.zeros(len(resp), r_max, dtype=torch.bool)
         tokens = torch.full((len(resp), r_max), pad_id, dtype=torch.long)
         lps = torch.zeros(len(resp), r_max)
-        for i, r in enumerate(resp):
-            mask[i, : len(r)] = True
-            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        for j, (i, r) in enumerate(zip(rows, resp)):
+            mask[j, : len(r)] = True
+            tokens[j, : len(r)] = torch.tensor(r, dtype=torch.long)
             if logprobs is not None:
-                lps[i, : len(r)] = torch.tensor(logprobs[s + i])
+                lps[j, : len(r)] = torch.tensor(logprobs[i])
+        packed = pack([prompts[i] for i in rows], resp, pad_id, pad_to=width, device=device)
         out.append(
             MicroBatch(
-                pack(prompts[s : s + micro], resp, pad_id, pad_to=width, device=device),
+                packed,
                 mask.to(device),
                 tokens.to(device),
                 lps.to(device),
                 logprobs is not None,
+                rows=rows,
             )
         )
     return out
+
+
+def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices grouped longest first so that rows x the group's longest length <= max_tokens
+    (first fit in order of length: each group is as full as the next row allows)."""
+    too_long = [n for n in lengths if n > max_tokens]
+    if too_long:
+        raise ConfigError(
+            f"trainer.micro_batch_tokens={max_tokens} is smaller than a sequence of this step "
+            f"({max(too_long)} tokens: prompt + response); raise it or leave it unset"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

@@ -64,7 +64,7 @@ class GRPO:
     def score(self, rollouts: Rollouts) -> Scored:
         """Binary rewards from the grader, group-normalised advantages; groups with no reward
         variance are masked out of the loss; reference log-probs for the KL term."""
-        tok, g, micro = self.source.tokenizer, self.grpo.group_size, self.source.micro_batch_size
+        tok, g = self.source.tokenizer, self.grpo.group_size
         rewards = torch.tensor(
             [
                 float(
@@ -82,8 +82,8 @@ class GRPO:
         adv, informative = group_advantages(rewards.view(-1, g))
         adv, keep = adv.reshape(-1), informative.repeat_interleave(g)
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
-        for k, mb in enumerate(mbs):
-            rows = slice(k * micro, (k + 1) * micro)
+        for mb in mbs:
+            rows = torch.tensor(mb.rows, device=mb.device)
             mb.response_mask_BR &= keep[rows, None]
             mb.extras["advantage_B"] = adv[rows]
             if self.grpo.kl_coef > 0:

@@ -69,18 +69,24 @@ class OPSD:
         """The teacher pass: each micro-batch's responses after the teacher prompt (problem +
         reference solution), forward-only; its vocab-sharded logits at the response positions go
         to ``extras["teacher_logits_BRV"]`` on the last pipeline stage."""
-        tok, micro = self.source.tokenizer, self.source.micro_batch_size
+        tok = self.source.tokenizer
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
         solutions, counts = self._contexts(rollouts)
-        for k, mb in enumerate(mbs):
-            rows = slice(k * micro, (k + 1) * micro)
-            keep = torch.tensor([s is not None for s in solutions[rows]], device=mb.device)
+        for mb in mbs:
+            keep = torch.tensor([solutions[i] is not None for i in mb.rows], device=mb.device)
             mb.response_mask_BR &= keep[:, None]  # no correct peer: left out of the loss
             prompts = [
-                teacher_prompt_ids(tok, self.data, p["problem"], s or "", p.get("answer"))
-                for p, s in zip(rollouts.problems[rows], solutions[rows])
+                teacher_prompt_ids(
+                    tok,
+                    self.data,
+                    rollouts.problems[i]["problem"],
+                    solutions[i] or "",
+                    rollouts.problems[i].get("answer"),
+                )
+                for i in mb.rows
             ]
-            teacher = pack(prompts, rollouts.responses[rows], tok.pad_token_id, device=mb.device)
+            responses = [rollouts.responses[i] for i in mb.rows]
+            teacher = pack(prompts, responses, tok.pad_token_id, device=mb.device)
             self._keep(mb, "teacher", teacher)
             if self.loss.ref_kl_coef:  # the initial policy on the student's own sequence
                 self._keep(mb, "ref", mb.student)

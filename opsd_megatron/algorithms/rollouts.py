@@ -40,6 +40,7 @@ class RolloutSource:
     groups: ParallelGroups
     save_dir: Path | None = None  # write every rollout to save_dir/step_N_dpR.jsonl
     seed: int = 0  # rollout.seed: the root of every request's seed
+    micro_batch_tokens: int | None = None  # trainer.micro_batch_tokens: micro-batches by budget
 
     def _my_share(self, step_batch: list) -> list:
         share = len(step_batch) // self.groups.dp_size
@@ -88,7 +89,7 @@ class RolloutSource:
         responses: list[list[int]],
         logprobs: list[list[float]] | None,
     ) -> list[MicroBatch]:
-        """The step's sequences as micro-batches of ``micro_batch_size`` rows, all of one width."""
+        """The step's sequences as micro-batches (``batches.micro_batches``)."""
         return micro_batches(
             prompts,
             responses,
@@ -96,6 +97,7 @@ class RolloutSource:
             self.micro_batch_size,
             self.tokenizer.pad_token_id,
             self.groups.device,
+            self.micro_batch_tokens,
         )
 
     def _save(self, step: int, problems, result) -> None:

@@ -74,6 +74,12 @@ class TrainerConfig:
     max_steps: int = 100
     global_batch_size: int = 32
     micro_batch_size: int = 1
+    # Micro-batches by token budget (verl's use_dynamic_bsz, NeMo-RL's dynamic batching): the
+    # step's sequences, longest first, grouped so that rows x the group's longest sequence stays
+    # within this many tokens, each group padded only to its own longest row (micro_batch_size
+    # then does not apply to the student and teacher passes). None: micro_batch_size rows each,
+    # all padded to the step's longest sequence. Gradients are the same either way.
+    micro_batch_tokens: Optional[int] = None
     seed: int = 42
     output_dir: str = "runs/opsd"
     save_rollouts: bool = (
@@ -89,6 +95,8 @@ class TrainerConfig:
             at_least(f"trainer.{key}", getattr(self, key), 1)
         if self.threads_per_rank is not None:
             at_least("trainer.threads_per_rank", self.threads_per_rank, 1)
+        if self.micro_batch_tokens is not None:
+            at_least("trainer.micro_batch_tokens", self.micro_batch_tokens, 2)
 
 
 @dataclass

@@ -71,6 +71,12 @@ class OPSDConfig:
                 f"rollout.top_k=0 and rollout.top_p=1 (got {self.rollout.top_k}, "
                 f"{self.rollout.top_p}), or loss.fused=false"
             )
+        budget, longest = self.trainer.micro_batch_tokens, self.rollout.max_new_tokens + 1
+        if budget is not None and self.algorithm != "sft" and budget < longest:
+            raise ConfigError(
+                f"trainer.micro_batch_tokens={budget} is smaller than one sequence can be "
+                f"(a prompt and rollout.max_new_tokens={longest - 1}): raise it or leave it unset"
+            )
         if self.loss.ref_kl_coef and self.teacher.update != "fixed":
             raise ConfigError(
                 "loss.ref_kl_coef needs teacher.update=fixed: the reference policy is the "

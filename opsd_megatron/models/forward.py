@@ -58,11 +58,13 @@ def forward_logits(
     position_ids_BT: torch.Tensor | None = None,
     micro_batch_size: int | None = None,
     inference_context=None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the schedule.
 
     With an ``inference_context`` (KV cache, see ``kv_cache.py``) the tokens continue the cached
-    prefix; the batch then goes through in one micro-batch.
+    prefix; the batch then goes through in one micro-batch, with ``attention_mask`` (True =
+    masked, ``[B, 1, S, cached + S]``) if given.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -87,7 +89,12 @@ def forward_logits(
         if inference_context is None:
             out = m(tokens, positions, attention_mask=None)
         else:
-            out = m(tokens, positions, attention_mask=None, inference_context=inference_context)
+            out = m(
+                tokens,
+                positions,
+                attention_mask=attention_mask,
+                inference_context=inference_context,
+            )
 
         def keep_logits(output, non_loss_data=False):
             return output.detach() if non_loss_data else (output.sum() * 0, {})

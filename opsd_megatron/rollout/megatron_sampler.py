@@ -1,11 +1,19 @@
 """The Megatron-native rollout engine: batched autoregressive sampling with the training model
 itself, on CPU or GPU, under TP and PP.
 
-The prompts are prefilled up to the shortest one's length, then each step feeds one position of
-every row through the pipeline (forward-only) against megatron's static KV cache
-(``models/kv_cache.py``); a row still inside its prompt takes its own next prompt token, so every
-row sees exactly its own unpadded context. The last stage samples vocab-parallel (``sampling.py``)
-and broadcasts the tokens to the other stages. Seeded per call, so a run is reproducible.
+Whole-prompt prefill: the prompts are right-aligned in one ``[B, L]`` batch (left padding) and
+prefilled in one forward pass against megatron's static KV cache (``models/kv_cache.py``) with an
+explicit mask — causal, and no query ever sees a padding key; then one position per step, for
+generated tokens only, the same padding keys masked. megatron applies RoPE by cache position
+(megatron-core 0.16.1 ``transformer/attention.py``, static batching), so a row shifted by its
+padding sees the same relative positions as unpadded: attention is unchanged. The mask is applied
+by megatron's local attention at every step (``dot_product_attention.py``: the mask is always
+used); transformer-engine's fused attention runs causal or no-mask kernels with a static cache
+and would ignore it, so with TE the sampler prefills only the shortest prompt and feeds the rest
+position by position (every row still sees exactly its own context). At PP=1 a step calls the
+model directly; PP>1 goes through megatron's forward-only schedule. The last stage samples
+vocab-parallel (``sampling.py``) and broadcasts the tokens to the other stages. Seeded per call,
+so a run is reproducible.
 
 Every tensor lives on the rank's device (``groups.device``), the generator too; the host sees the
 tokens once, at the end, and one "any row alive?" flag per step.
@@ -16,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.models.decoder import KVDecoder
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
 from opsd_megatron.platform.parallel import ParallelGroups, current_groups
@@ -86,8 +95,80 @@ class MegatronSampler:
             return self._generate(prompts, max_new_tokens)
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
-        """Prefill the shortest prompt's length, then one position per step with the KV cache;
-        rows whose prompt is longer take their own prompt token until it is consumed."""
+        if not masks_honoured(self.model):
+            return self._generate_stepwise(prompts, max_new_tokens)
+        gen = self._generator()
+        self.calls += 1
+        b, device = len(prompts), self.device
+        host_lengths = [len(p) for p in prompts]
+        width = max(host_lengths)
+        total = width + max_new_tokens
+        tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):  # right-aligned: every prompt ends at width - 1
+            tokens[i, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+        tokens = tokens.to(device)  # the one host -> device copy of the prompts
+        pads = torch.tensor([width - n for n in host_lengths], device=device)
+        keys = torch.arange(total, device=device)
+        padding_BK = keys[None, :] < pads[:, None]  # True: a padding key, masked for every query
+        positions = (keys[None, :] - pads[:, None]).clamp(min=0)
+        logprobs_BT = torch.zeros(b, total, dtype=torch.float32, device=device)
+        generated = torch.zeros(b, dtype=torch.long, device=device)
+        alive = torch.ones(b, dtype=torch.bool, device=device)
+        if self.groups.pp_size == 1:  # the whole model here: the lean decoder (decoder.py)
+            ctx = KVDecoder(self.model, b, total, device)
+        else:
+            ctx = new_context(b, total)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with sharded_inference_logits(self.model):
+                causal = keys[None, :width] > keys[:width, None]  # [q, k]: a later key
+                itself = keys[None, :width] == keys[:width, None]  # a padding query sees itself
+                mask = (causal[None, None] | padding_BK[:, None, None, :width]) & ~itself
+                logits = self._forward(tokens[:, :width], positions[:, :width], mask, ctx)
+                for t in range(width, total):
+                    tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
+                    tokens[:, t] = torch.where(alive, tok, self.pad_id)
+                    logprobs_BT[:, t] = torch.where(alive, lp, 0.0)
+                    generated += alive.long()
+                    alive &= ~torch.isin(tok, self.stop_ids) & (generated < max_new_tokens)
+                    if t + 1 == total or not bool(alive.any()):
+                        break
+                    mask = padding_BK[:, None, None, : t + 1]
+                    logits = self._forward(tokens[:, t : t + 1], positions[:, t : t + 1], mask, ctx)
+        finally:
+            self.model.train(was_training)
+        return self._result(tokens, logprobs_BT, generated, [width] * b)
+
+    def _forward(self, tokens_BS, positions_BS, mask, ctx):
+        """Logits of the new positions ``[B, S, V/tp]`` (None off the last stage); advances the
+        cache. PP=1 calls the model itself: the schedule's per-call work buys nothing there."""
+        if isinstance(ctx, KVDecoder):
+            return ctx.forward(tokens_BS, positions_BS, ~mask[:, 0])
+        if self.groups.pp_size == 1:
+            out = self.model(tokens_BS, positions_BS, attention_mask=mask, inference_context=ctx)
+        else:
+            out = forward_logits(
+                self.model, tokens_BS, positions_BS, inference_context=ctx, attention_mask=mask
+            )
+        ctx.sequence_len_offset += tokens_BS.shape[1]
+        return out
+
+    def _result(self, tokens, logprobs_BT, generated, starts: list[int]) -> RolloutResult:
+        """Each row's sampled tokens (from ``starts[i]``) and log-probs, read by the host once."""
+        rows, lps = tokens.tolist(), logprobs_BT.tolist()
+        stops = set(self.stop_ids.tolist())
+        responses, logprobs = [], []
+        for i, (n, start) in enumerate(zip(generated.tolist(), starts)):
+            responses.append(rows[i][start : start + n])
+            logprobs.append(lps[i][start : start + n])
+        finished = [bool(r) and r[-1] in stops for r in responses]
+        return RolloutResult(responses, logprobs, finished)
+
+    def _generate_stepwise(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
+        """For attention that ignores an explicit mask (TE): prefill the shortest prompt's length,
+        then one position per step; rows whose prompt is longer take their own prompt token
+        until it is consumed, so no row ever sees padding."""
         gen = self._generator()
         self.calls += 1
         b, device = len(prompts), self.device
@@ -96,7 +177,7 @@ class MegatronSampler:
         tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        tokens = tokens.to(device)  # the one host -> device copy of the prompts
+        tokens = tokens.to(device)
         lengths = torch.tensor(host_lengths, device=device)
         positions = torch.arange(total, device=device).expand(b, total)
         logprobs_BT = torch.zeros(b, total, dtype=torch.float32, device=device)
@@ -111,10 +192,7 @@ class MegatronSampler:
                 t = start  # next position to fill
                 chunk = slice(0, start)
                 while t < total and bool(alive.any()):
-                    logits = forward_logits(
-                        self.model, tokens[:, chunk], positions[:, chunk], inference_context=ctx
-                    )
-                    ctx.sequence_len_offset += chunk.stop - chunk.start
+                    logits = self._forward(tokens[:, chunk], positions[:, chunk], None, ctx)
                     tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
                     sampling = alive & (lengths <= t)  # rows past their prompt
                     tokens[:, t] = torch.where(sampling, tok, tokens[:, t])
@@ -127,11 +205,10 @@ class MegatronSampler:
                     t += 1
         finally:
             self.model.train(was_training)
-        rows, lps = tokens.tolist(), logprobs_BT.tolist()  # the host sees the tokens once
-        stops = set(self.stop_ids.tolist())
-        responses, logprobs = [], []
-        for i, (n, start_i) in enumerate(zip(generated.tolist(), host_lengths)):
-            responses.append(rows[i][start_i : start_i + n])
-            logprobs.append(lps[i][start_i : start_i + n])
-        finished = [bool(r) and r[-1] in stops for r in responses]
-        return RolloutResult(responses, logprobs, finished)
+        return self._result(tokens, logprobs_BT, generated, host_lengths)
+
+
+def masks_honoured(model) -> bool:
+    """Whether the model's attention applies an explicit mask with a KV cache (megatron's local
+    spec does; transformer-engine's fused attention does not)."""
+    return not any(type(m).__name__ == "TEDotProductAttention" for m in model.modules())

@@ -137,6 +137,7 @@ def build_components(cfg: OPSDConfig) -> Components:
         groups,
         Path(t.output_dir) / "rollouts" if t.save_rollouts else None,
         cfg.rollout.seed,
+        t.micro_batch_tokens,
     )
     algorithm = build_algorithm(cfg, source, teacher, arch.vocab_size)
     return Components(

@@ -27,7 +27,6 @@ from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import step_response_stats
 from opsd_megatron.losses import global_normalizer, heads, partial_loss
 from opsd_megatron.losses.heads import Hidden
-from opsd_megatron.losses.reduction import masked_mean
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.models.output_head import hidden_states_out, output_weight
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -114,13 +113,13 @@ def student_pass(
                 student = Hidden(student, weight, c.cfg.loss.chunk_tokens)
             per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
-            stats = {
+            stats = {  # the loss, and (sum, count) over response tokens of each diagnostic
                 "loss": loss.detach().clone(),
-                "divergence": masked_mean(per_token.detach(), mb.response_mask_BR),
+                "divergence": _sum_count(per_token, mb.response_mask_BR),
             }
             for k, v in diag.items():
                 values, mask = v if isinstance(v, tuple) else (v, mb.response_mask_BR)
-                stats[k] = masked_mean(values.detach(), mask)
+                stats[k] = _sum_count(values, mask)
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student, mb)
             # already globally normalised; megatron adds the token count up on the loss's device
@@ -128,31 +127,67 @@ def student_pass(
 
         return output, loss_fn
 
+    # Micro-batches by token budget differ in rows and width: the pipeline then sends each
+    # activation's shape ahead of it (megatron-core 0.16.1 p2p_communication._communicate_shapes)
+    shapes = {tuple(mb.student.tokens_BT.shape) for mb in micro_batches}
+    c.model.config.variable_seq_lengths = groups.pp_size > 1 and len(shapes) > 1
     results = get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=iter(micro_batches),
         model=[c.ddp],
         num_microbatches=len(micro_batches),
         seq_length=_schedule_seq_length(c.model, micro_batches),
-        micro_batch_size=c.cfg.trainer.micro_batch_size,
+        micro_batch_size=max(mb.student.tokens_BT.shape[0] for mb in micro_batches),
         forward_only=False,
     )
-    summed = {}
+    totals = {}
     for r in results or []:
         for k, v in r.items():
-            summed[k] = summed.get(k, 0.0) + float(v) / (1 if k == "loss" else len(results))
-    return summed
+            v = v.detach().double().reshape(-1)
+            totals[k] = totals[k] + v if k in totals else v
+    means = {
+        k: float(v[0]) if k == "loss" else float(v[0] / v[1].clamp(min=1))
+        for k, v in totals.items()
+    }
+    counts = {k: float(v[1]) for k, v in totals.items() if k != "loss"}
+    return TokenMeans(means, counts)
+
+
+class TokenMeans(dict):
+    """{statistic: this rank's value} — the summed loss, and each diagnostic's mean over this
+    rank's response tokens — with ``counts`` (tokens per diagnostic), so that DP ranks combine
+    into the mean over all the step's tokens however the rows were grouped into micro-batches."""
+
+    def __init__(self, means: dict, counts: dict):
+        super().__init__(means)
+        self.counts = counts
 
 
 def share_stats(stats: dict, keys: list[str], summed: set[str], groups: ParallelGroups) -> dict:
     """Loss statistics live on the last pipeline stage: give them to every rank; over DP, keys in
-    ``summed`` add up (the loss is a sum of partial losses) and the rest are averaged."""
-    t = torch.tensor([float(stats.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    t = t.to(groups.device)  # NCCL reduces only accelerator tensors
+    ``summed`` add up (the loss is a sum of partial losses), token means (``TokenMeans``) are
+    weighted by their token counts, and other values are averaged."""
+    counts = getattr(stats, "counts", {})
+    flat = []
+    for k in keys:
+        value, n = float(stats.get(k, 0.0)), 0.0 if k in summed else counts.get(k, 1.0)
+        flat += [value if k in summed else value * n, n]
+    t = torch.tensor(flat, dtype=torch.float64).to(groups.device)  # NCCL: accelerator tensors
     if groups.pp_size > 1:
         dist.broadcast(t, groups.pp_last_rank, group=groups.pp)
     dist.all_reduce(t, group=groups.dp)
-    return {k: v if k in summed else v / groups.dp_size for k, v in zip(keys, t.tolist())}
+    v = t.tolist()
+    return {
+        k: v[2 * j] if k in summed else v[2 * j] / max(v[2 * j + 1], 1e-30)
+        for j, k in enumerate(keys)
+    }
+
+
+def _sum_count(values_BR: torch.Tensor, mask_BR: torch.Tensor) -> torch.Tensor:
+    """[Σ values over the masked tokens, their number] (float64, on the values' device)."""
+    keep = mask_BR.bool()
+    total = torch.where(keep, values_BR.detach(), torch.zeros_like(values_BR)).sum()
+    return torch.stack([total.double(), keep.sum().double()])
 
 
 @torch.no_grad()
@@ -167,11 +202,11 @@ def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tens
         vocab_size=c.arch.vocab_size,
         group=c.groups.tp,
     )
-    return masked_mean((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
+    return _sum_count((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
 
 def _schedule_seq_length(model, micro_batches: list[MicroBatch]) -> int:
-    """The step's common width (``micro_batches`` pads all alike), padded as the forward pads it."""
-    width = micro_batches[0].student.tokens_BT.shape[1]
+    """The widest micro-batch, padded as the forward pads it (all alike without a token budget)."""
+    width = max(mb.student.tokens_BT.shape[1] for mb in micro_batches)
     tp = model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1
     return width + (-width) % tp

@@ -140,11 +140,17 @@ def test_logits_equal_hf_at_tp1_pp2_tp3(smollm2_hf, megatron_ckpt, tp, pp):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def _greedy_rollouts(ckpt: str, tp: int, pp: int, prompts: list[list[int]], stop_ids: list[int]):
+def _greedy_rollouts(
+    ckpt: str, tp: int, pp: int, prompts: list[list[int]], stop_ids: list[int], stepwise=False
+):
     from opsd_megatron.models import build_gpt_model
     from opsd_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_metadata
     from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout import megatron_sampler
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
+
+    if stepwise:  # the path taken where attention ignores an explicit mask (TE)
+        megatron_sampler.masks_honoured = lambda model: False
 
     groups = initialize_model_parallel(tp, pp)
     arch, _ = read_checkpoint_metadata(ckpt)
@@ -168,7 +174,7 @@ def hf_greedy(smollm2_hf):
     """(prompts, HF ``generate(do_sample=False)`` tokens), one prompt at a time: no padding."""
     from transformers import AutoModelForCausalLM
 
-    prompts = [_prompt_ids(smollm2_hf, p) for p in [PROBLEM, *PROBLEMS]]
+    prompts = [_prompt_ids(smollm2_hf, p) for p in [PROBLEM, "What is 7 + 5?", *PROBLEMS]]
     hf = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
     want = []
     for ids in prompts:
@@ -182,13 +188,16 @@ def hf_greedy(smollm2_hf):
     return prompts, want
 
 
-# PP2 only (the TP1 path plus the stage broadcast; measured equal at TP1 too): each decoded token
-# is one pass through the pipeline schedule, ≈40 s of CPU for 128 tokens, and the suite is kept lean
-@pytest.mark.parametrize("tp,pp", [(1, 2)], ids=["pp2"])
-def test_greedy_decoding_equals_hf_generate(smollm2_hf, megatron_ckpt, hf_greedy, tp, pp):
-    """``temperature=0`` is greedy: the Megatron sampler (batched, KV cache, prompts of different
-    lengths, PP2 across the tied embedding) writes HF ``generate(do_sample=False)``'s tokens
-    (measured: 32 of 32 new tokens on each of the 4 prompts at PP2, and 64 of 64 at TP1 and PP2)."""
+@pytest.mark.parametrize(
+    "tp,pp,stepwise",
+    [(1, 1, False), (1, 2, False), (3, 1, False), (1, 1, True)],
+    ids=["tp1", "pp2", "tp3", "tp1-stepwise"],
+)
+def test_greedy_decoding_equals_hf_generate(smollm2_hf, megatron_ckpt, hf_greedy, tp, pp, stepwise):
+    """``temperature=0`` is greedy: the Megatron sampler (batched, KV cache, prompts of very
+    different lengths — 5 prompts of 59 to 111 tokens — prefilled whole with left padding, PP2
+    across the tied embedding, TP3) writes HF ``generate(do_sample=False)``'s tokens, one prompt
+    at a time and unpadded; so does the stepwise path kept for attention that ignores a mask."""
     from opsd_megatron.data.tokenizer import load_tokenizer, stop_token_ids
 
     tok = load_tokenizer(str(smollm2_hf))
@@ -201,6 +210,7 @@ def test_greedy_decoding_equals_hf_generate(smollm2_hf, megatron_ckpt, hf_greedy
         pp,
         prompts,
         stop_token_ids(tok),
+        stepwise,
         timeout=600,
     )[0]
     print("greedy lengths", [len(g) for g in got], tok.decode(got[0])[:120])

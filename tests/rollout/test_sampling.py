@@ -168,3 +168,57 @@ def test_sampler_logprobs_equal_trainer_logprobs(tp, pp):
         assert torch.allclose(torch.tensor(sampled), trained.float(), atol=1e-5)
     again = run_distributed(_sampler_vs_trainer, tp * pp, tp, pp, 7)
     assert again[0][0] == responses, "same seed, same rollouts"
+
+
+def _stops(tp: int, pp: int):
+    """Greedy rollouts of prompts of very different lengths, without stops and then with row 0's
+    first token as the stop: whole-prompt prefill and the stepwise path (kept for TE)."""
+    from opsd_megatron.models import arch_from_hf_config, build_gpt_model
+    from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.models.random_init import RandomHFWeights
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout import megatron_sampler
+
+    groups = initialize_model_parallel(tp, pp)
+    arch = arch_from_hf_config(
+        dict(model_type="qwen3", vocab_size=200, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    model = build_gpt_model(arch, initialize=False)
+    load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
+    prompts = [[5, 6, 7], list(range(20, 45)), [14], [50, 51, 52, 53, 54, 55, 56, 57]]
+
+    def run(stop_ids, stepwise=False):
+        honoured = megatron_sampler.masks_honoured
+        if stepwise:
+            megatron_sampler.masks_honoured = lambda model: False
+        try:
+            sampler = megatron_sampler.MegatronSampler(
+                model, temperature=0.0, top_k=0, top_p=1.0, stop_ids=stop_ids, pad_id=0,
+                vocab_size=arch.vocab_size, groups=groups,
+            )  # fmt: skip
+            return sampler.generate(prompts, max_new_tokens=12)
+        finally:
+            megatron_sampler.masks_honoured = honoured
+
+    free = run([199])
+    stop = free.responses[0][0]
+    return free, run([stop]), run([stop], stepwise=True), run([199], stepwise=True), stop
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_whole_prompt_prefill_with_a_row_stopping_at_once(tp, pp):
+    """Left-padded prefill of prompts of 1 to 25 tokens: greedy tokens equal the stepwise path's
+    (no row ever sees padding either way), at TP1, TP2 and PP2; with row 0's first token as the
+    stop, row 0 ends after one token (finished) while a row that never meets it runs to the limit,
+    and every row is its free run cut at the stop."""
+    free, stopped, stopped_stepwise, free_stepwise, stop = run_distributed(
+        _stops, tp * pp, tp, pp, timeout=120
+    )[0]
+    assert free.responses == free_stepwise.responses
+    assert stopped.responses == stopped_stepwise.responses
+    assert stopped.responses[0] == [stop] and stopped.finished[0]
+    for full, cut, done in zip(free.responses, stopped.responses, stopped.finished):
+        want = full[: full.index(stop) + 1] if stop in full else full
+        assert cut == want and done == (stop in full)
+    assert any(len(r) == 12 and stop not in r for r in free.responses), "a row runs to the limit"

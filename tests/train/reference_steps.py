@@ -132,16 +132,13 @@ def _diagnostic_rows(s, t, tokens, per_token, loss: dict) -> dict[str, torch.Ten
     }
 
 
-def _as_the_trainer_averages(rows: list[dict], micro: int) -> dict[str, float]:
-    """Masked mean per micro-batch (consecutive rows), then the mean over micro-batches: what
-    ``student_pass`` and ``share_stats`` log (every DP rank holds as many micro-batches)."""
+def _as_the_trainer_averages(rows: list[dict]) -> dict[str, float]:
+    """The masked mean over every response token of the step: what ``student_pass`` and
+    ``share_stats`` log (token sums and counts over micro-batches and DP ranks)."""
     out = {}
     for key in rows[0]:
-        means = []
-        for k in range(0, len(rows), micro):
-            vals = torch.cat([r[key][0][r[key][1]] for r in rows[k : k + micro]])
-            means.append(vals.mean().item() if len(vals) else 0.0)
-        out[key] = sum(means) / len(means)
+        vals = torch.cat([r[key][0][r[key][1]] for r in rows])
+        out[key] = vals.mean().item() if len(vals) else 0.0
     return out
 
 
@@ -205,8 +202,7 @@ def reference_step(
         per_seq.append(per_token_losses(s, t, torch.tensor(resp), loss, beta, r))
         diag_rows.append(_diagnostic_rows(s.detach(), t, torch.tensor(resp), per_seq[-1], loss))
     if diagnostics is not None:
-        micro = load_config(Path(out) / "config.yaml").trainer.micro_batch_size
-        diagnostics.update(_as_the_trainer_averages(diag_rows, micro))
+        diagnostics.update(_as_the_trainer_averages(diag_rows))
     if loss.get("reduction", "sequence_mean") == "token_mean":
         total = torch.cat(per_seq).mean()
     else:

