@@ -96,7 +96,9 @@ def hf_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, eos_token_id=stop_ids)
     with torch.no_grad():
-        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, pad_token_id=pad_id, **kw)
+        model.generate(
+            ids[:2], attention_mask=mask[:2], max_new_tokens=4, pad_token_id=pad_id, **kw
+        )
         best = 0.0
         for _ in range(repeats):
             t0 = time.perf_counter()
