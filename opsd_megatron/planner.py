@@ -144,10 +144,9 @@ def activation_bytes_per_layer(
         qk_norms = (
             8 * (q + kv) + 4 * sb * (heads + groups)
         ) * a.qk_norm  # fp32 input and normalised, rstd
-        scores = b * heads * s * s
-        attention = (
-            nbytes * 3 * q + (4 + nbytes) * scores + s * s
-        )  # q, k, v expanded; fp32 softmax, cast; mask
+        # SDPA (layer_specs.SDPACoreAttention): q, k, v (not expanded) and a contiguous copy of
+        # one of k/v (measured), its output, the log-sum-exp
+        attention = nbytes * (q + 3 * kv + q) + 4 * b * heads * s
         attention += 4 * nbytes * s * d  # RoPE's cos/sin for q and k
         return (
             hidden_norms + qk_norms + attention + nbytes * q + nbytes * 5 * sb * f

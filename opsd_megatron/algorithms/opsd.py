@@ -22,6 +22,7 @@ from opsd_megatron.losses import heads
 from opsd_megatron.losses.diagnostics import position_thirds
 from opsd_megatron.losses.heads import Hidden
 from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
+from opsd_megatron.models.output_head import logits_of
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
@@ -97,13 +98,11 @@ class OPSD:
         logits ``[B, R, V/tp]``, or with ``loss.fused`` hidden states ``[B, R, H]`` and the
         teacher's output-layer shard (last pipeline stage only)."""
         r_max = mb.response_mask_BR.shape[1]
-        if not self.loss.fused:
-            logits = self.teacher.logits(packed.tokens_BT, packed.position_ids_BT)
-            if logits is not None:
-                mb.extras[f"{name}_logits_BRV"] = response_rows(logits, packed, r_max)
-            return
         states, weight = self.teacher.hidden(packed.tokens_BT, packed.position_ids_BT)
-        if states is not None:
+        if states is not None and not self.loss.fused:  # the output layer on ŷ's rows only
+            logits = logits_of(response_rows(states, packed, r_max), weight)
+            mb.extras[f"{name}_logits_BRV"] = logits
+        elif states is not None:
             mb.extras[f"{name}_hidden_BRH"] = response_rows(states, packed, r_max)
             mb.extras[f"{name}_weight_VH"] = weight
 

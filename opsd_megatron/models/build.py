@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.layer_specs import gpt_block_spec
+from opsd_megatron.models.output_head import contiguous_logit_grads
 from opsd_megatron.platform.parallel import current_groups
 
 
@@ -113,6 +114,7 @@ def build_gpt_model(
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
     mark_tensor_parallel_params(model)
+    contiguous_logit_grads(model)
     if groups.device.type != "cpu":  # the rank's one device; on CPU (meta too) it stays put
         model.to(groups.device)
     return model

@@ -16,7 +16,6 @@ Legend: B micro-batch rows, T sequence length, R response length, V local vocab 
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -28,7 +27,7 @@ from opsd_megatron.algorithms.rollouts import step_response_stats
 from opsd_megatron.losses import global_normalizer, heads, partial_loss
 from opsd_megatron.losses.heads import Hidden
 from opsd_megatron.models.forward import pad_for_sequence_parallel
-from opsd_megatron.models.output_head import hidden_states_out, output_weight
+from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
 from opsd_megatron.train.setup import Components
@@ -96,21 +95,24 @@ def student_pass(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     groups, reduction, fused = c.groups, c.cfg.loss.reduction, c.cfg.loss.fused
-    weight = output_weight(c.model) if fused else None  # the output layer's vocab shard
+    weight = output_weight(c.model)  # the output layer's vocab shard (None off the last stage)
 
     def step_fn(data_iterator, model):
         mb = next(data_iterator)
         tokens, positions = pad_for_sequence_parallel(
             model, mb.student.tokens_BT, mb.student.position_ids_BT
         )
-        # fused: the last stage returns final-norm hidden states [B, T, H], not logits
-        with hidden_states_out(c.model) if fused else contextlib.nullcontext():
+        # the last stage returns final-norm hidden states [B, T, H]: the output layer runs on
+        # the response rows only (logits_of), or chunk by chunk inside the fused loss
+        with hidden_states_out(c.model):
             output = model(tokens, positions, attention_mask=None)
 
-        def loss_fn(output_BTX):
-            student = response_rows(output_BTX, mb.student, mb.response_mask_BR.shape[1])
+        def loss_fn(output_BTH):
+            hidden = response_rows(output_BTH, mb.student, mb.response_mask_BR.shape[1])
             if fused:
-                student = Hidden(student, weight, c.cfg.loss.chunk_tokens)
+                student = Hidden(hidden, weight, c.cfg.loss.chunk_tokens)
+            else:
+                student = logits_of(hidden, weight)
             per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {  # the loss, and (sum, count) over response tokens of each diagnostic
