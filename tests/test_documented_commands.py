@@ -120,6 +120,13 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         for flag in (a for a in argv[2:] if a.startswith("--")):
             assert flag in res.stdout, f"{tool.name} has no {flag}"
+    elif argv[:3] == [".venv/bin/python", "-m", "pytest"]:  # the fast tier: a real marker over
+        from tests.conftest import SLOW  # files that exist (the list cannot go stale silently)
+
+        assert "slow:" in (ROOT / "pyproject.toml").read_text() and "-m" in argv
+        assert all((ROOT / path).exists() for path in SLOW), [
+            p for p in SLOW if not (ROOT / p).exists()
+        ]
     elif prog == "pip":  # extra packages the README names: pinned, so the command is reproducible
         assert argv[1] == "install" and all("==" in a for a in argv[2:] if not a.startswith("-"))
     else:
