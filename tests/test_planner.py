@@ -202,8 +202,8 @@ def test_activation_estimate_matches_what_megatron_saves(family, tp, s, b, sp):
 
 
 def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
-    """The bytes megatron's static KV cache holds after one Megatron-sampler call on this rank,
-    and the planner's term for the same stage, batch and length."""
+    """The bytes the sampler's KV cache holds after one Megatron-sampler call on this rank, and
+    the planner's term for the same stage, batch and length."""
     import opsd_megatron.rollout.megatron_sampler as ms
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.planner import sampler_kv_cache_bytes

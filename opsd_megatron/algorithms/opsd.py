@@ -99,12 +99,13 @@ class OPSD:
         teacher's output-layer shard (last pipeline stage only)."""
         r_max = mb.response_mask_BR.shape[1]
         states, weight = self.teacher.hidden(packed.tokens_BT, packed.position_ids_BT)
-        if states is not None and not self.loss.fused:  # the output layer on ŷ's rows only
-            logits = logits_of(response_rows(states, packed, r_max), weight)
-            mb.extras[f"{name}_logits_BRV"] = logits
-        elif states is not None:
-            mb.extras[f"{name}_hidden_BRH"] = response_rows(states, packed, r_max)
-            mb.extras[f"{name}_weight_VH"] = weight
+        if states is None:  # not the last pipeline stage
+            return
+        rows = response_rows(states, packed, r_max)
+        if self.loss.fused:
+            mb.extras[f"{name}_hidden_BRH"], mb.extras[f"{name}_weight_VH"] = rows, weight
+        else:  # the output layer on ŷ's rows only
+            mb.extras[f"{name}_logits_BRV"] = logits_of(rows, weight)
 
     def _view(self, mb: MicroBatch, name: str, student):
         """What ``_keep`` kept, in the student's form (``losses/heads.py``)."""

@@ -76,6 +76,15 @@ def partial_loss(
     return total / torch.as_tensor(normalizer, dtype=total.dtype, device=total.device)
 
 
+def masked_sum_count(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """[Σ values over the masked positions, their number] (float64, detached): what the trainer
+    adds up over micro-batches and DP ranks to log token means, however rows are grouped."""
+    _check_mask(values_BT, mask_BT)
+    keep = mask_BT.bool()
+    total = torch.where(keep, values_BT.detach(), torch.zeros_like(values_BT)).sum()
+    return torch.stack([total.double(), keep.sum().double()])
+
+
 def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Plain mean over masked positions of one tensor (for logging diagnostics such as entropy)."""
     _check_mask(values_BT, mask_BT)

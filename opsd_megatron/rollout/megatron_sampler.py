@@ -56,6 +56,7 @@ class MegatronSampler:
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
         self.pad_id, self.vocab_size, self.seed = pad_id, vocab_size, seed
         self.calls = 0
+        self.whole_prompt = masks_honoured(model)  # else the stepwise path (TE attention)
 
     def _generator(self) -> torch.Generator:
         """This call's stream, on the rank's device (CUDA noise needs a CUDA generator)."""
@@ -95,7 +96,7 @@ class MegatronSampler:
             return self._generate(prompts, max_new_tokens)
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> RolloutResult:
-        if not masks_honoured(self.model):
+        if not self.whole_prompt:
             return self._generate_stepwise(prompts, max_new_tokens)
         gen = self._generator()
         self.calls += 1
@@ -111,9 +112,7 @@ class MegatronSampler:
         keys = torch.arange(total, device=device)
         padding_BK = keys[None, :] < pads[:, None]  # True: a padding key, masked for every query
         positions = (keys[None, :] - pads[:, None]).clamp(min=0)
-        logprobs_BT = torch.zeros(b, total, dtype=torch.float32, device=device)
-        generated = torch.zeros(b, dtype=torch.long, device=device)
-        alive = torch.ones(b, dtype=torch.bool, device=device)
+        logprobs_BT, generated, alive = self._buffers(b, total)
         if self.groups.pp_size == 1:  # the whole model here: the lean decoder (decoder.py)
             ctx = KVDecoder(self.model, b, total, device)
         else:
@@ -154,6 +153,15 @@ class MegatronSampler:
         ctx.sequence_len_offset += tokens_BS.shape[1]
         return out
 
+    def _buffers(self, b: int, total: int):
+        """Per-position log-probs, tokens generated per row, rows still sampling (on device)."""
+        d = self.device
+        return (
+            torch.zeros(b, total, dtype=torch.float32, device=d),
+            torch.zeros(b, dtype=torch.long, device=d),
+            torch.ones(b, dtype=torch.bool, device=d),
+        )
+
     def _result(self, tokens, logprobs_BT, generated, starts: list[int]) -> RolloutResult:
         """Each row's sampled tokens (from ``starts[i]``) and log-probs, read by the host once."""
         rows, lps = tokens.tolist(), logprobs_BT.tolist()
@@ -180,9 +188,7 @@ class MegatronSampler:
         tokens = tokens.to(device)
         lengths = torch.tensor(host_lengths, device=device)
         positions = torch.arange(total, device=device).expand(b, total)
-        logprobs_BT = torch.zeros(b, total, dtype=torch.float32, device=device)
-        generated = torch.zeros(b, dtype=torch.long, device=device)
-        alive = torch.ones(b, dtype=torch.bool, device=device)
+        logprobs_BT, generated, alive = self._buffers(b, total)
         ctx = new_context(b, total)
         start = min(host_lengths)
         was_training = self.model.training

@@ -26,6 +26,7 @@ from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.rollouts import step_response_stats
 from opsd_megatron.losses import global_normalizer, heads, partial_loss
 from opsd_megatron.losses.heads import Hidden
+from opsd_megatron.losses.reduction import masked_sum_count
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -117,11 +118,11 @@ def student_pass(
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {  # the loss, and (sum, count) over response tokens of each diagnostic
                 "loss": loss.detach().clone(),
-                "divergence": _sum_count(per_token, mb.response_mask_BR),
+                "divergence": masked_sum_count(per_token, mb.response_mask_BR),
             }
             for k, v in diag.items():
                 values, mask = v if isinstance(v, tuple) else (v, mb.response_mask_BR)
-                stats[k] = _sum_count(values, mask)
+                stats[k] = masked_sum_count(values, mask)
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student, mb)
             # already globally normalised; megatron adds the token count up on the loss's device
@@ -185,13 +186,6 @@ def share_stats(stats: dict, keys: list[str], summed: set[str], groups: Parallel
     }
 
 
-def _sum_count(values_BR: torch.Tensor, mask_BR: torch.Tensor) -> torch.Tensor:
-    """[Σ values over the masked tokens, their number] (float64, on the values' device)."""
-    keep = mask_BR.bool()
-    total = torch.where(keep, values_BR.detach(), torch.zeros_like(values_BR)).sum()
-    return torch.stack([total.double(), keep.sum().double()])
-
-
 @torch.no_grad()
 def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tensor:
     """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, both of the sampling
@@ -204,7 +198,7 @@ def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tens
         vocab_size=c.arch.vocab_size,
         group=c.groups.tp,
     )
-    return _sum_count((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
+    return masked_sum_count((lp - mb.sampler_logprobs_BR.to(lp.dtype)).abs(), mb.response_mask_BR)
 
 
 def _schedule_seq_length(model, micro_batches: list[MicroBatch]) -> int:
