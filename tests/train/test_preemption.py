@@ -13,6 +13,10 @@ import time
 
 from tests.train.tiny import RECIPE, metrics, overrides
 
+# every checkpoint stays: the tests wait for step 1's, which keep_last would prune within two
+# steps — a window a loaded machine's polling can miss now that steps are fast
+KEEP_ALL = ["checkpoint.keep_last=100"]
+
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path):
     out = tmp_path / "run"
@@ -66,7 +70,13 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
     import signal as sig
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(out, tp=2, steps=50, extra=KEEP_ALL),
+    ]
     # stderr to a file, not a pipe: what a terminal user sees is the launcher's exit, and a pipe
     # would also wait for any straggler that inherited it
     err_file = tmp_path / "stderr.txt"
@@ -105,7 +115,13 @@ def test_sigterm_to_the_launcher_takes_its_ranks_with_it(tmp_path):
     import signal as sig
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "opsd_megatron.train.cli", RECIPE, *overrides(out, tp=2, steps=50)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "opsd_megatron.train.cli",
+        RECIPE,
+        *overrides(out, tp=2, steps=50, extra=KEEP_ALL),
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
