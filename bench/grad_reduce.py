@@ -35,11 +35,14 @@ def _bench(steps: int, distributed: bool):
     from opsd_megatron.config import LoRAConfig, OPSDConfig
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.models.loss_contract import finalize_gradients
     from opsd_megatron.platform import initialize_model_parallel
-    from opsd_megatron.train.optimizer import finish_gradients, wrap_and_build, zero_grads
+    from opsd_megatron.train.optimizer import wrap_and_build, zero_grads
 
-    initialize_model_parallel(1, 1)
-    model = build_gpt_model(arch_from_hf_config(ARCH), torch.float32, initialize=True)
+    groups = initialize_model_parallel(1, 1)
+    model = build_gpt_model(
+        arch_from_hf_config(ARCH), torch.float32, initialize=True, groups=groups
+    )
     apply_lora(model, LoRAConfig(rank=8, alpha=16.0))
     params = [p for p in model.parameters() if p.requires_grad]
     group = ps.get_data_parallel_group()
@@ -61,7 +64,7 @@ def _bench(steps: int, distributed: bool):
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
-        finish_gradients(ddp)
+        finalize_gradients(ddp)
     ddp_ms = (time.perf_counter() - t0) / steps * 1e3
     zero_grads(ddp, opt)
     return len(params), loop_ms, ddp_ms

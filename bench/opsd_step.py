@@ -30,14 +30,16 @@ RECIPE = ROOT / "recipes" / "smollm2_135m_gsm8k.yaml"
 
 def project_step(hf_dir: str, overrides: list[str]) -> dict:
     """One rank: the trainer's own components, phase by phase (``train/step.py``'s order)."""
-    from opsd_megatron.config import load_config
+    from opsd_megatron.config import load_config, validate_layout
     from opsd_megatron.losses import global_normalizer
-    from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.models.from_config import arch_of
+    from opsd_megatron.models.loss_contract import finalize_gradients
+    from opsd_megatron.train.components import build_components
+    from opsd_megatron.train.optimizer import optimizer_step, zero_grads
     from opsd_megatron.train.step import student_pass
 
     cfg = load_config(RECIPE, [f"model.hf_dir={hf_dir}", f"model.tokenizer={hf_dir}", *overrides])
-    c = build_components(cfg)
+    c = build_components(cfg, validate_layout(cfg, 1, arch=arch_of(cfg.model)))  # one rank
     c.sampler.generate([[1, 2, 3]], 2)  # warm: a run's steps after its first are what is timed
     times = {}
     t0 = time.perf_counter()
@@ -52,7 +54,7 @@ def project_step(hf_dir: str, overrides: list[str]) -> dict:
     zero_grads(c.ddp, c.optimizer)
     c.model.train()
     student_pass(c, c.algorithm, mbs, norm)
-    finish_gradients(c.ddp)
+    finalize_gradients(c.ddp)
     optimizer_step(c.optimizer, cfg.optimizer.grad_clip)
     times["student"] = time.perf_counter() - t0
     source = c.algorithm.source

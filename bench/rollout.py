@@ -64,7 +64,7 @@ def megatron_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pa
 
     groups = initialize_model_parallel(1, 1)
     arch, _ = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, torch.float32, initialize=False).eval()
+    model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups).eval()
     with HFCheckpointReader(hf_dir) as reader:
         load_hf_weights(model, reader, arch)
     sampler = MegatronSampler(

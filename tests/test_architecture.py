@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1] / "opsd_megatron"
 # bottom to top; a module is placed by its most specific entry
 LAYERS = [
     {"errors"},
-    {"platform", "losses", "config"},
+    {"config"},  # typed config and the one Layout type: every package may import it
+    {"platform", "losses"},
     {"data", "testing"},
     {"models"},
     {"rollout", "planner"},

@@ -48,8 +48,10 @@ def _count(tp, pp, cfg):
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
-    model = build_gpt_model(arch_from_hf_config(cfg), torch.bfloat16, initialize=False)
+    groups = initialize_model_parallel(tp, pp)
+    model = build_gpt_model(
+        arch_from_hf_config(cfg), torch.bfloat16, initialize=False, groups=groups
+    )
     base = sum(p.numel() for p in model.parameters())
     apply_lora(model, LoRAConfig(rank=8, alpha=16.0))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -154,13 +156,15 @@ def _saved_bytes_per_layer(tp, s, b, recompute, family, sp=False):
     from opsd_megatron.models.hf_config import arch_from_hf_config
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1)
+    groups = initialize_model_parallel(tp, 1)
     totals = []
     for layers in (1, 3):
         arch = arch_from_hf_config(
             {**ARCHS[family], "num_hidden_layers": layers, "max_position_embeddings": 4096}
         )
-        model = build_gpt_model(arch, torch.bfloat16, recompute=recompute, sequence_parallel=sp)
+        model = build_gpt_model(
+            arch, torch.bfloat16, recompute=recompute, sequence_parallel=sp, groups=groups
+        )
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen = {}
 
@@ -212,7 +216,7 @@ def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
 
     groups = initialize_model_parallel(tp, 1)
     arch = arch_from_hf_config(ARCH_KV)
-    model = build_gpt_model(arch)
+    model = build_gpt_model(arch, groups=groups)
     made = []
     original = ms.KVDecoder  # at PP1 the sampler's cache (PP>1: megatron's static one, same size)
 

@@ -4,15 +4,15 @@ the phases of ``base.Algorithm`` (rollout, score, per-token loss). ``algorithm: 
 from __future__ import annotations
 
 from opsd_megatron.algorithms.base import Algorithm, Rollouts, Scored
-from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.algorithms.step_data import StepData
 from opsd_megatron.config import OPSDConfig
 from opsd_megatron.models.teacher import Teacher
 
-__all__ = ["Algorithm", "RolloutSource", "Rollouts", "Scored", "build_algorithm"]
+__all__ = ["Algorithm", "StepData", "Rollouts", "Scored", "build_algorithm"]
 
 
 def build_algorithm(
-    cfg: OPSDConfig, source: RolloutSource, teacher: Teacher, vocab_size: int
+    cfg: OPSDConfig, source: StepData, teacher: Teacher, vocab_size: int
 ) -> Algorithm:
     """The configured algorithm, built from the config sections it needs."""
     from opsd_megatron.algorithms.grpo import GRPO

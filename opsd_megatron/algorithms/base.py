@@ -3,10 +3,11 @@
 ``rollout(step)`` draws this DP rank's problems and their responses (sampled by the student, or
 for SFT the reference solutions); ``score(rollouts)`` turns them into micro-batches with what the
 loss needs (OPSD: the teacher's logits; GRPO: rewards and advantages; SFT: nothing more);
-``per_token_loss`` is the loss on each response token given the student's logits. The trainer
+``per_token_loss`` is the loss on each response token given the student's next-token
+distributions (``Logits``, or ``Hidden`` with ``loss.fused``: one interface). The trainer
 (``train/step.py``) runs rollout -> score -> student pass -> gradient reduction -> optimizer step.
 
-Legend: B micro-batch rows, R response length, V local vocab shard.
+Legend: B micro-batch rows, R response length.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 import torch
 
 from opsd_megatron.algorithms.batches import MicroBatch
+from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.platform.parallel import ParallelGroups
 
 
@@ -35,11 +37,20 @@ class Rollouts:
 
 @dataclass
 class Scored:
-    """What the student pass consumes: micro-batches (per-algorithm tensors in ``extras``) and this
-    rank's counts for the step's metrics (summed over DP)."""
+    """What the student pass consumes: micro-batches (with the typed fields ``score`` fills) and
+    this rank's counts for the step's metrics (summed over DP)."""
 
     micro_batches: list[MicroBatch]
     counts: dict[str, float]
+
+
+@dataclass
+class Diagnostic:
+    """A per-token figure ``[B, R]`` logged as its mean over ``mask_BR`` (None: the response
+    mask), summed over micro-batches and DP ranks by token count."""
+
+    values_BR: torch.Tensor
+    mask_BR: torch.Tensor | None = None
 
 
 class Algorithm(Protocol):
@@ -58,8 +69,8 @@ class Algorithm(Protocol):
         ...
 
     def per_token_loss(
-        self, student_BRV: torch.Tensor, mb: MicroBatch, groups: ParallelGroups
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and diagnostics:
-        ``[B, R]`` tensors averaged over the response mask, or ``(values, mask)`` pairs."""
+        self, student: Logits | Hidden, mb: MicroBatch, groups: ParallelGroups
+    ) -> tuple[torch.Tensor, dict[str, Diagnostic]]:
+        """Loss per response token ``[B, R]`` (masked and reduced by the trainer) and the
+        diagnostics named in ``stat_names``."""
         ...

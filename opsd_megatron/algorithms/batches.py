@@ -12,6 +12,7 @@ import torch
 
 from opsd_megatron.config import ConfigError
 from opsd_megatron.data.prompts import PackedBatch, pack
+from opsd_megatron.losses.distributions import Hidden, Logits
 
 
 @dataclass
@@ -23,8 +24,12 @@ class MicroBatch:
     response_tokens_BR: torch.Tensor
     sampler_logprobs_BR: torch.Tensor
     sampled: bool  # the responses were sampled (OPSD, GRPO), not reference solutions (SFT)
-    extras: dict = field(default_factory=dict)  # per algorithm: teacher logits, advantages, ...
     rows: list[int] = field(default_factory=list)  # the step's rollouts it holds, in row order
+    # What ``Algorithm.score`` adds for its loss (on the last pipeline stage; None elsewhere):
+    teacher: Logits | Hidden | None = None  # OPSD: the teacher's view of the responses
+    reference: Logits | Hidden | None = None  # OPSD ref_kl: the initial policy's view
+    advantages_B: torch.Tensor | None = None  # GRPO: group-normalised advantage per row
+    reference_logprobs_BR: torch.Tensor | None = None  # GRPO KL: the initial policy's log p(ŷ)
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +89,7 @@ def micro_batches(
                 mask.to(device),
                 tokens.to(device),
                 lps.to(device),
-                logprobs is not None,
+                sampled=logprobs is not None,
                 rows=rows,
             )
         )

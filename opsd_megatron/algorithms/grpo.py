@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from opsd_megatron.algorithms.base import Rollouts, Scored
+from opsd_megatron.algorithms.base import Diagnostic, Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
-from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.algorithms.step_data import StepData
 from opsd_megatron.config import GRPOConfig
 from opsd_megatron.data.grading import Grader, reference_answer
-from opsd_megatron.losses import heads
-from opsd_megatron.losses.heads import Hidden
+from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
 
@@ -40,7 +39,7 @@ class GRPO:
 
     def __init__(
         self,
-        source: RolloutSource,
+        source: StepData,
         grpo: GRPOConfig,
         sampling: dict,
         reference: Teacher | None,
@@ -85,7 +84,7 @@ class GRPO:
         for mb in mbs:
             rows = torch.tensor(mb.rows, device=mb.device)
             mb.response_mask_BR &= keep[rows, None]
-            mb.extras["advantage_B"] = adv[rows]
+            mb.advantages_B = adv[rows]
             if self.grpo.kl_coef > 0:
                 self._reference_logprobs(mb)
         counts = {
@@ -112,32 +111,32 @@ class GRPO:
             logits = self.reference.logits(tokens, positions)
             if logits is None:
                 return
-            ref = response_rows(logits, mb.student, r_max)
-        mb.extras["ref_logprobs_BR"] = heads.token_logprobs(
-            ref,
+            ref = Logits(response_rows(logits, mb.student, r_max))
+        mb.reference_logprobs_BR = ref.token_logprobs(
             mb.response_tokens_BR,
             **self.sampling,
             vocab_size=self.vocab_size,
             group=self.source.groups.tp,
         )
 
-    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups | None):
+    def per_token_loss(
+        self, student: Logits | Hidden, mb: MicroBatch, groups: ParallelGroups | None
+    ):
         """−min(ρA, clip(ρ)A) (+ β_KL·k3) per response token, ρ against the sampler's log-probs."""
-        logprobs = heads.token_logprobs(
-            student,
+        logprobs = student.token_logprobs(
             mb.response_tokens_BR,
             **self.sampling,
             vocab_size=self.vocab_size,
             group=groups.tp if groups is not None else None,
         )
         ratio = torch.exp(logprobs - mb.sampler_logprobs_BR.to(logprobs.dtype))
-        adv = mb.extras["advantage_B"][:, None].to(logprobs.dtype)
+        adv = mb.advantages_B[:, None].to(logprobs.dtype)
         eps = self.grpo.clip_eps
         loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
         diag = {}
         if self.grpo.kl_coef > 0:
-            delta = mb.extras["ref_logprobs_BR"].to(logprobs.dtype) - logprobs
+            delta = mb.reference_logprobs_BR.to(logprobs.dtype) - logprobs
             kl = torch.exp(delta) - delta - 1
             loss = loss + self.grpo.kl_coef * kl
-            diag["kl"] = kl
+            diag["kl"] = Diagnostic(kl)
         return loss, diag

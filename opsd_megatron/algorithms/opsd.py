@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from opsd_megatron.algorithms.base import Rollouts, Scored
+from opsd_megatron.algorithms.base import Diagnostic, Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.peer import peer_solutions
-from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.algorithms.step_data import StepData
 from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids
-from opsd_megatron.losses import heads
 from opsd_megatron.losses.diagnostics import position_thirds
-from opsd_megatron.losses.heads import Hidden
-from opsd_megatron.losses.topk_jsd import vocab_parallel_topk_jsd
+from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.models.output_head import logits_of
 from opsd_megatron.models.teacher import Teacher
 from opsd_megatron.platform.parallel import ParallelGroups
@@ -40,7 +38,7 @@ class OPSD:
 
     def __init__(
         self,
-        source: RolloutSource,
+        source: StepData,
         loss: LossConfig,
         data: DataConfig,
         teacher: Teacher,
@@ -68,8 +66,8 @@ class OPSD:
 
     def score(self, rollouts: Rollouts) -> Scored:
         """The teacher pass: each micro-batch's responses after the teacher prompt (problem +
-        reference solution), forward-only; its vocab-sharded logits at the response positions go
-        to ``extras["teacher_logits_BRV"]`` on the last pipeline stage."""
+        reference solution), forward-only; its view of the response positions goes to
+        ``mb.teacher`` on the last pipeline stage (and the initial policy's to ``mb.reference``)."""
         tok = self.source.tokenizer
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
         solutions, counts = self._contexts(rollouts)
@@ -88,32 +86,22 @@ class OPSD:
             ]
             responses = [rollouts.responses[i] for i in mb.rows]
             teacher = pack(prompts, responses, tok.pad_token_id, device=mb.device)
-            self._keep(mb, "teacher", teacher)
+            mb.teacher = self._view(mb, teacher)
             if self.loss.ref_kl_coef:  # the initial policy on the student's own sequence
-                self._keep(mb, "ref", mb.student)
+                mb.reference = self._view(mb, mb.student)
         return Scored(mbs, {"generated_tokens": float(rollouts.generated_tokens), **counts})
 
-    def _keep(self, mb: MicroBatch, name: str, packed) -> None:
-        """The teacher's view of ``packed`` at the response positions, kept in ``mb.extras``:
-        logits ``[B, R, V/tp]``, or with ``loss.fused`` hidden states ``[B, R, H]`` and the
-        teacher's output-layer shard (last pipeline stage only)."""
-        r_max = mb.response_mask_BR.shape[1]
+    def _view(self, mb: MicroBatch, packed) -> Logits | Hidden | None:
+        """The teacher's view of ``packed`` at the response positions: logits ``[B, R, V/tp]``
+        (the output layer on ŷ's rows only), or with ``loss.fused`` hidden states ``[B, R, H]``
+        and the teacher's output-layer shard; None off the last pipeline stage."""
         states, weight = self.teacher.hidden(packed.tokens_BT, packed.position_ids_BT)
-        if states is None:  # not the last pipeline stage
-            return
-        rows = response_rows(states, packed, r_max)
+        if states is None:
+            return None
+        rows = response_rows(states, packed, mb.response_mask_BR.shape[1])
         if self.loss.fused:
-            mb.extras[f"{name}_hidden_BRH"], mb.extras[f"{name}_weight_VH"] = rows, weight
-        else:  # the output layer on ŷ's rows only
-            mb.extras[f"{name}_logits_BRV"] = logits_of(rows, weight)
-
-    def _view(self, mb: MicroBatch, name: str, student):
-        """What ``_keep`` kept, in the student's form (``losses/heads.py``)."""
-        if not isinstance(student, Hidden):
-            return mb.extras[f"{name}_logits_BRV"]
-        return Hidden(
-            mb.extras[f"{name}_hidden_BRH"], mb.extras[f"{name}_weight_VH"], student.chunk_tokens
-        )
+            return Hidden(rows, weight, self.loss.chunk_tokens)
+        return Logits(logits_of(rows, weight))
 
     def _contexts(self, rollouts: Rollouts) -> tuple[list[str | None], dict[str, float]]:
         """The solution text each rollout's teacher reads: the reference, or a correct peer."""
@@ -131,65 +119,53 @@ class OPSD:
             "peer_skipped": float(sum(s is None for s in chosen)),
         }
 
-    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups):
-        """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over ``groups.tp``),
-        or the sampled-token objective; ``student`` is its logits ``[B, R, V/tp]`` or, with
-        ``loss.fused``, its hidden states (``heads.Hidden``). Diagnostics: the two entropies, or
-        the advantage, and ``DIAGNOSTICS`` (``losses/diagnostics.py``; a ``(values, mask)`` pair is
-        averaged over its own mask)."""
+    def per_token_loss(self, student: Logits | Hidden, mb: MicroBatch, groups: ParallelGroups):
+        """JSD_β(p_T ‖ p_S) over the vocabulary per response token (vocab-parallel over
+        ``groups.tp``), or the sampled-token objective; ``student`` and ``mb.teacher`` are both
+        ``Logits`` or both ``Hidden`` (``loss.fused``). Diagnostics: the two entropies, or the
+        advantage, and ``DIAGNOSTICS`` (``losses/diagnostics.py``)."""
         kw = dict(temperature=self.loss.temperature, vocab_size=self.vocab_size, group=groups.tp)
-        teacher = self._view(mb, "teacher", student)
-        if self.loss.kind == "jsd" and self.loss.teacher_top_k:
-            out = vocab_parallel_topk_jsd(
-                student,
-                teacher,
-                beta=self.loss.beta,
-                k=self.loss.teacher_top_k,
-                mode=self.loss.top_k_mode,
-                term_clip=self.loss.term_clip,
-                **kw,
-            )
-            diag = {"teacher_topk_mass": out.teacher_mass}
-        elif self.loss.kind == "jsd":
-            out = heads.jsd(
-                student,
-                teacher,
-                beta=self.loss.beta,
-                term_clip=self.loss.term_clip,
-                compile=self.loss.compile,
-                **kw,
-            )
-            diag = {"student_entropy": out.student_entropy, "teacher_entropy": out.teacher_entropy}
+        loss_cfg, teacher, diag = self.loss, mb.teacher, {}
+        if loss_cfg.kind == "jsd" and loss_cfg.teacher_top_k:
+            out = student.topk_jsd(
+                teacher, beta=loss_cfg.beta, k=loss_cfg.teacher_top_k, mode=loss_cfg.top_k_mode,
+                term_clip=loss_cfg.term_clip, **kw,
+            )  # fmt: skip
+            diag["teacher_topk_mass"] = out.teacher_mass
+        elif loss_cfg.kind == "jsd":
+            out = student.jsd(
+                teacher, beta=loss_cfg.beta, term_clip=loss_cfg.term_clip,
+                compile=loss_cfg.compile, **kw,
+            )  # fmt: skip
+            diag.update(student_entropy=out.student_entropy, teacher_entropy=out.teacher_entropy)
         else:
-            out = heads.sampled_token(
-                student, teacher, mb.response_tokens_BR, baseline=self.loss.baseline, **kw
+            out = student.sampled_token(
+                teacher, mb.response_tokens_BR, baseline=loss_cfg.baseline, **kw
             )
-            diag = {"advantage": out.advantage}
+            diag["advantage"] = out.advantage
         loss = out.loss
-        if self.loss.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
+        if loss_cfg.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
             h_t = diag.get("teacher_entropy")  # the full JSD computed it already
             if h_t is None:
-                h_t = heads.entropy(teacher, **kw)
-            low = h_t > self.loss.entropy_threshold
-            loss = torch.where(low, self.loss.low_confidence_weight * loss, loss)
+                h_t = teacher.entropy(**kw)
+            low = h_t > loss_cfg.entropy_threshold
+            loss = torch.where(low, loss_cfg.low_confidence_weight * loss, loss)
             diag["low_confidence_fraction"] = low.to(torch.float32)
-        if self.loss.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
-            ref = self._view(mb, "ref", student)
-            ref_kl = heads.jsd(student, ref, beta=1.0, compile=self.loss.compile, **kw).loss
-            loss = loss + self.loss.ref_kl_coef * ref_kl
+        if loss_cfg.ref_kl_coef:  # λ·KL(p_S ‖ p_ref), differentiable w.r.t. the student
+            ref_kl = student.jsd(mb.reference, beta=1.0, compile=loss_cfg.compile, **kw).loss
+            loss = loss + loss_cfg.ref_kl_coef * ref_kl
             diag["ref_kl"] = ref_kl.detach()
-        first, middle, last = position_thirds(mb.response_mask_BR)
-        per_token = loss.detach()
-        if self.loss.kind == "sampled_token":  # the objective computed it already
+        if loss_cfg.kind == "sampled_token":  # the objective computed it already
             teacher_lp = out.teacher_logprobs
         else:
             with torch.no_grad():
-                teacher_lp = heads.token_logprobs(teacher, mb.response_tokens_BR, **kw)
+                teacher_lp = teacher.token_logprobs(mb.response_tokens_BR, **kw)
         diag.update(
-            top1_agreement=heads.top1_agreement(student, teacher, self.vocab_size, groups.tp),
+            top1_agreement=student.top1_agreement(teacher, self.vocab_size, groups.tp),
             teacher_logprob=teacher_lp,
-            divergence_first=(per_token, first),
-            divergence_middle=(per_token, middle),
-            divergence_last=(per_token, last),
         )
-        return loss, diag
+        stats = {k: Diagnostic(v) for k, v in diag.items()}
+        per_token = loss.detach()
+        thirds = zip(("first", "middle", "last"), position_thirds(mb.response_mask_BR))
+        stats.update({f"divergence_{where}": Diagnostic(per_token, m) for where, m in thirds})
+        return loss, stats

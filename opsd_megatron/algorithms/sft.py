@@ -8,10 +8,10 @@ import zlib
 
 from opsd_megatron.algorithms.base import Rollouts, Scored
 from opsd_megatron.algorithms.batches import MicroBatch
-from opsd_megatron.algorithms.rollouts import RolloutSource
+from opsd_megatron.algorithms.step_data import StepData
 from opsd_megatron.config import SFTConfig
 from opsd_megatron.data.prompts import teacher_prompt_ids
-from opsd_megatron.losses import heads
+from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.platform.parallel import ParallelGroups
 
 
@@ -20,7 +20,7 @@ class SFT:
 
     stat_names: tuple[str, ...] = ()
 
-    def __init__(self, source: RolloutSource, sft: SFTConfig, vocab_size: int):
+    def __init__(self, source: StepData, sft: SFTConfig, vocab_size: int):
         self.source, self.sft, self.vocab_size = source, sft, vocab_size
 
     def rollout(self, step: int) -> Rollouts:
@@ -52,10 +52,9 @@ class SFT:
             },
         )
 
-    def per_token_loss(self, student, mb: MicroBatch, groups: ParallelGroups):
+    def per_token_loss(self, student: Logits | Hidden, mb: MicroBatch, groups: ParallelGroups):
         """−log p_S(y*_n) per reference token."""
-        logprobs = heads.token_logprobs(
-            student,
+        logprobs = student.token_logprobs(
             mb.response_tokens_BR,
             vocab_size=self.vocab_size,
             group=groups.tp if groups is not None else None,

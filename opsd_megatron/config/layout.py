@@ -10,13 +10,24 @@ from opsd_megatron.config.schema import OPSDConfig
 
 @dataclass(frozen=True)
 class Layout:
-    """TP x PP x DP and the micro-batches each DP rank runs per step."""
+    """The one layout type: TP x PP x DP, sequence parallelism (only with TP > 1, as in
+    Megatron-LM), and the micro-batches each DP rank runs per step. Checked from the config by
+    ``validate_layout`` before any rank starts; the process groups built from it are
+    ``platform.ParallelGroups``."""
 
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    grad_accumulation: int
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    grad_accumulation: int = 1
+
+    def __post_init__(self):
+        if self.tp == 1 and self.sequence_parallel:  # nothing to split the sequence over
+            object.__setattr__(self, "sequence_parallel", False)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
 
     def describe(self) -> str:
         return (
@@ -65,4 +76,10 @@ def validate_layout(cfg: OPSDConfig, world_size: int | None = None, *, arch) -> 
         raise ConfigError(
             f"lora.rank={cfg.lora.rank} is not divisible by tensor_model_parallel_size={tp}"
         )
-    return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)
+    return Layout(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        sequence_parallel=p.sequence_parallel,
+        grad_accumulation=t.global_batch_size // per_step,
+    )

@@ -29,7 +29,8 @@ def _recorded_lora(model_dir: Path):
     return LoRAConfig(**block) if block else None
 
 
-def _rank_entry(recipe, overrides, checkpoint, tag):
+def _rank_entry(cfg, layout, checkpoint, tag):
+    """One rank: the config and layout the launcher resolved (never reloaded here)."""
     import torch.distributed as dist
 
     from opsd_megatron.data.tokenizer import load_tokenizer
@@ -39,11 +40,9 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
-    cfg = load_config(recipe, overrides)
     arch = arch_of(cfg.model)
-    layout = validate_layout(cfg, dist.get_world_size(), arch=arch)
     groups = initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
-    model = build_model(cfg, arch, params_dtype(cfg.model))
+    model = build_model(cfg, arch, params_dtype(cfg.model), groups)
     if checkpoint:  # the adapters the checkpoint recorded, never the recipe's lora section
         recorded = _recorded_lora(Path(checkpoint) / "model")
         if recorded is not None:
@@ -55,6 +54,18 @@ def _rank_entry(recipe, overrides, checkpoint, tag):
             apply_lora(model, recorded)
         load_model_checkpoint(model, Path(checkpoint) / "model", adapters_only=recorded is not None)
     return evaluate(model, load_tokenizer(cfg.model.tokenizer), cfg, arch, groups, tag)
+
+
+def resolve(recipe: str, overrides: list[str], world_size: int | None, checkpoint=None):
+    """(config, layout) checked once in the launching process (``UserError`` if it must not
+    start): the ranks receive them as is."""
+    cfg = load_config(recipe, overrides)
+    if not cfg.eval.benchmarks:
+        raise ConfigError(
+            "eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]"
+        )
+    check_eval_run(cfg, checkpoint)
+    return cfg, validate_layout(cfg, world_size, arch=arch_of(cfg.model))
 
 
 def main(argv=None) -> int:
@@ -83,13 +94,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # paths, benchmark files and the checkpoint are checked before any rank starts
-        cfg = load_config(args.recipe, args.overrides)
-        if not cfg.eval.benchmarks:
-            raise ConfigError(
-                "eval.benchmarks is empty: e.g. eval.benchmarks=[../shared/data/aime24.jsonl]"
-            )
-        check_eval_run(cfg, args.checkpoint)
-        layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
+        cfg, layout = resolve(args.recipe, args.overrides, launched_world_size(), args.checkpoint)
     except UserError as err:
         return report_error("opsd-eval", err, args.debug)
     if args.dry_run:
@@ -100,9 +105,7 @@ def main(argv=None) -> int:
     code, reports = guarded(
         "opsd-eval",
         args.debug,
-        lambda: run_ranks(
-            _rank_entry, layout.world_size, args.recipe, args.overrides, args.checkpoint, args.tag
-        ),
+        lambda: run_ranks(_rank_entry, layout.world_size, cfg, layout, args.checkpoint, args.tag),
     )
     if code is not None:
         return code

@@ -1,12 +1,13 @@
-"""The JSD's per-chunk elementwise work as two functions, eager or through ``torch.compile``
-(``loss.compile``: Inductor — C++/OpenMP on CPU, Triton on GPU).
+"""``@compilable``: a chunk kernel that ``loss.compile`` runs eager or through ``torch.compile``
+(Inductor — C++/OpenMP on CPU, Triton on GPU). The JSD's two kernels (``jsd.py``) carry it.
 
-Eager, one chunk's forward makes ~15 ``[n, V]`` fp32 temporaries (upcast, shift, two log-softmaxes,
-two exps, the mixture's logaddexp, the terms, the clip) and reads each back; Inductor fuses them
-into a few loops over the logits that keep only the per-token partial sums. Both functions
-(``jsd_math.py``) start from the chunk's raw logits and the global per-token softmax statistics, so the communication
-(``vocab_parallel.py``) stays outside the compiled region: the graph has no collectives, and the
-materialized (``jsd.py``) and fused (``linear_jsd.py``) paths share one compiled kernel pair.
+Eager, one chunk's forward makes ~15 ``[n, V]`` fp32 temporaries (upcast, shift, two
+log-softmaxes, two exps, the mixture's logaddexp, the terms, the clip) and reads each back;
+Inductor fuses them into a few loops over the logits that keep only the per-token partial sums.
+The kernels start from the chunk's raw logits and the global per-token softmax statistics, so the
+communication (``vocab_parallel.py``) stays outside the compiled region: the graph has no
+collectives, and the materialized (``jsd.py``) and fused (``linear_jsd.py``) paths share one
+compiled kernel pair.
 
 ``mode``: ``"false"`` eager (the reference); ``"true"`` compiled (a compiler failure is an error
 naming the key); ``"auto"`` compiled on CUDA, eager elsewhere — on CPU compiling costs tens of
@@ -20,8 +21,6 @@ import functools
 import warnings
 
 import torch
-
-from opsd_megatron.losses.jsd_math import jsd_partials, jsd_student_grad
 
 MODES = ("auto", "true", "false")
 
@@ -61,13 +60,31 @@ class _Kernel:
             return self.eager(*args)
 
 
-def kernels(mode, device: torch.device):
-    """``(jsd_partials, jsd_student_grad)`` for ``loss.compile=mode`` on ``device``."""
-    return _kernels(resolve(mode, device), normalize(mode) == "true")
+class Compilable:
+    """A kernel called eager as itself, or through ``torch.compile`` via ``.under(mode, device)``
+    (one compiled graph per strictness, made on first use)."""
+
+    def __init__(self, fn):
+        functools.update_wrapper(self, fn)
+        self.eager, self._compiled = fn, {}
+
+    def __call__(self, *args):
+        return self.eager(*args)
+
+    def under(self, mode, device: torch.device):
+        """The callable to use under ``loss.compile=mode`` on ``device``."""
+        if not resolve(mode, device):
+            return self.eager
+        strict = normalize(mode) == "true"
+        if strict not in self._compiled:
+            self._compiled[strict] = _Kernel(self.eager, strict)
+        return self._compiled[strict]
+
+    def reset(self) -> None:
+        """Forget the compiled graphs (tests that compare a fresh compile with eager)."""
+        self._compiled.clear()
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(compiled: bool, strict: bool):
-    if not compiled:
-        return jsd_partials, jsd_student_grad
-    return _Kernel(jsd_partials, strict), _Kernel(jsd_student_grad, strict)
+def compilable(fn) -> Compilable:
+    """Decorator: ``fn`` may run compiled under ``loss.compile`` (see module doc)."""
+    return Compilable(fn)

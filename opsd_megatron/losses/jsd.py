@@ -20,28 +20,119 @@ Gradient (student only; the teacher is a fixed target). With l = log p_S and g_v
 
 Σ_u g_u is a per-token scalar reduced in the forward, so the backward needs no communication.
 
+The arithmetic (``JSDMath`` and the two chunk kernels, which ``loss.compile`` runs through
+``torch.compile``: the ``@compilable`` decorator of ``compiled.py``), the autograd function and
+the public functions are all here; ``linear_jsd.py`` reuses the kernels on logits it makes chunk
+by chunk from hidden states.
+
 Per-term clip (``term_clip``, the OPSD code's ``jsd_token_clip``): each e_v is replaced by
 min(e_v, clip) before summing; clamped terms pass no gradient (their g_v is zero).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from opsd_megatron.losses.compiled import kernels, normalize
-from opsd_megatron.losses.jsd_math import JSDMath  # noqa: F401  (re-exported: the math's home)
+from opsd_megatron.losses.compiled import compilable, normalize
 from opsd_megatron.losses.validation import check_logits_pair, check_temperature
 from opsd_megatron.losses.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
+    VocabShard,
     all_reduce_per_token,
+    chunk_log_probs,
     global_softmax_stats,
     resolve_chunk_elements,
     token_chunks,
     vocab_shard,
     working_dtype,
 )
+
+
+# --- the arithmetic: per-entry terms, one chunk's partial sums and student gradient ---
+def _xlogy_terms(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """p·diff with 0 where p == 0 (so -inf log-probs of impossible tokens give 0, not NaN)."""
+    return torch.where(p > 0, p * diff, 0.0)
+
+
+class JSDMath:
+    """Local per-shard arithmetic (no communication) on a chunk's log-probs ``[N, V]``."""
+
+    @staticmethod
+    def terms(ls: torch.Tensor, lt: torch.Tensor, beta: float):
+        """Per-entry divergence terms e and their derivative g = ∂e/∂(log p_S)."""
+        ps, pt = torch.exp(ls), torch.exp(lt)
+        if beta == 0.0:
+            return _xlogy_terms(pt, lt - ls), -pt
+        if beta == 1.0:
+            ps_term = _xlogy_terms(ps, ls - lt)
+            return ps_term, ps_term + ps
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        student_part = _xlogy_terms(ps, ls - lm)
+        e = beta * _xlogy_terms(pt, lt - lm) + (1.0 - beta) * student_part
+        return e, (1.0 - beta) * student_part
+
+    @staticmethod
+    def clip(e: torch.Tensor, g: torch.Tensor, term_clip: float | None):
+        if term_clip is None:
+            return e, g
+        kept = e <= term_clip
+        return torch.where(kept, e, term_clip), torch.where(kept, g, 0.0)
+
+    @staticmethod
+    def neg_entropy_terms(lp: torch.Tensor) -> torch.Tensor:
+        return _xlogy_terms(torch.exp(lp), lp)
+
+    @staticmethod
+    def student_grad(
+        ls: torch.Tensor, g: torch.Tensor, sum_g: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        return (g - torch.exp(ls) * sum_g[:, None]) / temperature
+
+
+@compilable
+def jsd_partials(s, t, m_s, z_s, m_t, z_t, shard: VocabShard, temperature, beta, term_clip, dtype):
+    """``[4, n]`` per-token sums over a chunk's real columns: divergence, Σg, −H_S, −H_T.
+    ``s``/``t``: raw logits ``[n, V]``; ``m_*``/``z_*``: global row max and log-sum ``[n]``."""
+    ls = chunk_log_probs(s, m_s, z_s, shard, temperature, dtype)
+    lt = chunk_log_probs(t, m_t, z_t, shard, temperature, dtype)
+    e, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
+    return torch.stack(
+        [
+            e.sum(1),
+            g.sum(1),
+            JSDMath.neg_entropy_terms(ls).sum(1),
+            JSDMath.neg_entropy_terms(lt).sum(1),
+        ]
+    )
+
+
+@compilable
+def jsd_student_grad(
+    s,
+    t,
+    m_s,
+    z_s,
+    m_t,
+    z_t,
+    sum_g,
+    grad_loss,
+    shard: VocabShard,
+    temperature,
+    beta,
+    term_clip,
+    dtype,
+):
+    """∂(grad_loss · JSD)/∂s on a chunk's real columns ``[n, shard.real]`` (in ``dtype``)."""
+    ls = chunk_log_probs(s, m_s, z_s, shard, temperature, dtype)
+    lt = chunk_log_probs(t, m_t, z_t, shard, temperature, dtype)
+    _, g = JSDMath.clip(*JSDMath.terms(ls, lt, beta), term_clip)
+    return JSDMath.student_grad(ls, g, sum_g, temperature) * grad_loss[:, None].to(dtype)
+
+
+# --- the autograd function: global softmax statistics, per-token all-reduces ---
 
 
 class JSDOutput(NamedTuple):
@@ -75,7 +166,7 @@ class _VocabParallelJSD(torch.autograd.Function):
 
         # Per-token partial sums over this shard: divergence, Σg, −H_S, −H_T.
         partial_4N = torch.zeros(4, n, dtype=dtype, device=student_NV.device)
-        partials, _ = kernels(compile_mode, student_NV.device)
+        partials = jsd_partials.under(compile_mode, student_NV.device)
         for sl in token_chunks(n, shard.width, chunk_elements):
             partial_4N[:, sl] = partials(
                 student_NV[sl], teacher_NV[sl], max_2N[0, sl], log_sum_2N[0, sl],
@@ -95,7 +186,7 @@ class _VocabParallelJSD(torch.autograd.Function):
         if grad_loss_N is None:
             return (None,) * 9
         beta, temperature, term_clip, shard, chunk_elements, dtype, compile_mode = ctx.params
-        _, student_grad = kernels(compile_mode, student_NV.device)
+        student_grad = jsd_student_grad.under(compile_mode, student_NV.device)
         grad_NV = torch.empty_like(student_NV)
         grad_NV[:, shard.real :] = 0  # Megatron's padded vocab columns
         for sl in token_chunks(student_NV.shape[0], shard.width, chunk_elements):

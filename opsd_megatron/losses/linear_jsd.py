@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from opsd_megatron.losses.compiled import kernels, normalize
-from opsd_megatron.losses.jsd import JSDOutput
+from opsd_megatron.losses.compiled import normalize
+from opsd_megatron.losses.jsd import JSDOutput, jsd_partials, jsd_student_grad
 from opsd_megatron.losses.validation import check_temperature
 from opsd_megatron.losses.vocab_parallel import (
     all_reduce_per_token,
@@ -86,7 +86,8 @@ class _LinearJSD(torch.autograd.Function):
         max_2N = torch.empty(2, n, dtype=dtype, device=h_s.device)
         log_sum_2N = torch.empty_like(max_2N)
         step = chunk * shard.width  # the softmax statistics see one chunk as one piece
-        partials, student_grad = kernels(compile_mode, h_s.device)
+        partials = jsd_partials.under(compile_mode, h_s.device)
+        student_grad = jsd_student_grad.under(compile_mode, h_s.device)
         # frozen weight: each token's ∂D_n/∂h_n now, while the chunk's logits exist (module doc)
         precompute = ctx.needs_input_grad[0] and not ctx.needs_input_grad[2]
         unit_grad_h = torch.empty_like(h_s) if precompute else None
@@ -128,7 +129,7 @@ class _LinearJSD(torch.autograd.Function):
         h_s, h_t, w, w_t, max_2N, log_sum_2N, sum_g_N = ctx.saved_tensors
         grad_h = torch.zeros_like(h_s) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
-        _, student_grad = kernels(compile_mode, h_s.device)
+        student_grad = jsd_student_grad.under(compile_mode, h_s.device)
         for sl in token_chunks(h_s.shape[0], shard.width, step):
             s, t = h_s[sl] @ w.T, h_t[sl] @ w_t.T
             grad = student_grad(

@@ -1,41 +1,50 @@
 """Build a megatron-core GPTModel for an :class:`ArchSpec` on this rank's pipeline stage.
 
 The model definition is megatron-core's; this module only translates the HF architecture into a
-``TransformerConfig``. Where the model sits (TP/PP/DP groups) comes from ``parallel_state``, set
-up beforehand by :func:`opsd_megatron.platform.initialize_model_parallel`. Logits stay
+``TransformerConfig``. Where the model sits is the ``ParallelGroups`` it is built with (from
+:func:`opsd_megatron.platform.initialize_model_parallel`); the model carries them
+(``groups_of``), as megatron-core's own modules carry their process-group collection, so the
+code that loads, saves, exports or runs it uses the groups it was built on. Logits stay
 vocab-sharded (``parallel_output=True``) and padded to a multiple of 128·tp.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from opsd_megatron.config import Layout
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.layer_specs import gpt_block_spec
 from opsd_megatron.models.output_head import contiguous_logit_grads
-from opsd_megatron.platform.parallel import current_groups
+from opsd_megatron.platform.parallel import ParallelGroups
+
+_GROUPS = "opsd_parallel_groups"  # the attribute a built model carries its groups in
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+def groups_of(model: torch.nn.Module) -> ParallelGroups:
+    """The process groups ``model`` (or the module a megatron wrapper holds) was built with."""
+    m = model
+    while not hasattr(m, _GROUPS) and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, _GROUPS):
+        raise ValueError(
+            f"{type(model).__name__} was not built by build_gpt_model: its process groups are "
+            f"unknown"
+        )
+    return getattr(m, _GROUPS)
 
 
 def transformer_config(
     arch: ArchSpec,
-    layout: ParallelLayout,
+    layout: Layout,
     params_dtype: torch.dtype = torch.float32,
     recompute: bool = False,
     initialize: bool = True,
 ):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    arch.check_layout(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    arch.check_layout(layout.tp, layout.pp)
     extra = {}
     if recompute:
         extra.update(
@@ -68,8 +77,8 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=layout.tensor_model_parallel_size,
-        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         sequence_parallel=layout.sequence_parallel,
         perform_initialization=initialize,
         **extra,
@@ -80,12 +89,13 @@ def build_gpt_model(
     arch: ArchSpec,
     params_dtype: torch.dtype = torch.float32,
     *,
+    groups: ParallelGroups,
     recompute: bool = False,
     sequence_parallel: bool = False,
     transformer_engine: bool | None = None,
     initialize: bool = True,
 ):
-    """This rank's stage of the model, on the current device (CPU under the CPU backend).
+    """This rank's stage of the model on ``groups`` (its TP/PP place), on the rank's device.
 
     ``initialize=False`` skips random initialisation, for weights that are loaded right after.
     ``sequence_parallel`` applies only with TP > 1 (as in Megatron-LM); inputs must then be padded
@@ -93,16 +103,12 @@ def build_gpt_model(
     """
     from megatron.core.models.gpt import GPTModel
 
-    groups = current_groups()
-
-    tp = groups.tp_size
-    pp = groups.pp_size
-    layout = ParallelLayout(tp, pp, sequence_parallel=sequence_parallel and tp > 1)
+    layout = groups.layout(sequence_parallel=sequence_parallel)
     config = transformer_config(arch, layout, params_dtype, recompute, initialize)
     model = GPTModel(
         config,
         gpt_block_spec(arch, config, transformer_engine),
-        vocab_size=arch.padded_vocab_size(layout.tensor_model_parallel_size),
+        vocab_size=arch.padded_vocab_size(layout.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=groups.is_first_stage,
         post_process=groups.is_last_stage,
@@ -113,6 +119,7 @@ def build_gpt_model(
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    setattr(model, _GROUPS, groups)
     mark_tensor_parallel_params(model)
     contiguous_logit_grads(model)
     if groups.device.type != "cpu":  # the rank's one device; on CPU (meta too) it stays put
@@ -120,10 +127,8 @@ def build_gpt_model(
     return model
 
 
-def stage_layer_offset(arch: ArchSpec) -> int:
+def stage_layer_offset(arch: ArchSpec, groups: ParallelGroups) -> int:
     """Global index of this pipeline stage's first decoder layer."""
-    groups = current_groups()
-
     per_stage = arch.num_layers // groups.pp_size
     return groups.pp_rank * per_stage
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from opsd_megatron.errors import PathError
+from opsd_megatron.models.build import groups_of
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.lora import SUFFIX
-from opsd_megatron.platform.parallel import current_groups
 
 METADATA = "opsd_model.json"
 
@@ -45,8 +45,7 @@ def save_model_checkpoint(
     ``adapters_only``: just the LoRA adapters; ``base_only``: everything but them."""
     from megatron.core import dist_checkpointing
 
-    groups = current_groups()
-
+    groups = groups_of(model)
     ckpt_dir = Path(ckpt_dir)
     dist_checkpointing.save(_sharded(model, adapters_only, base_only), str(ckpt_dir))
     if dist.get_rank() == 0:

@@ -42,10 +42,10 @@ def _hf_to_megatron_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: str) ->
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
+    groups = initialize_model_parallel(tp, pp)
     before = _peak_rss_bytes()
     arch, raw = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, _dtype(dtype, arch.torch_dtype), initialize=False)
+    model = build_gpt_model(arch, _dtype(dtype, arch.torch_dtype), initialize=False, groups=groups)
     with HFCheckpointReader(hf_dir) as reader:
         loaded = load_hf_weights(model, reader, arch)
     save_model_checkpoint(model, out, arch, raw)
@@ -61,10 +61,10 @@ def _hf_to_megatron_streamed(hf_dir: str, out: str, dtype: str) -> dict:
     from opsd_megatron.models.streaming_convert import stream_hf_to_megatron
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(1, 1)
+    groups = initialize_model_parallel(1, 1)
     before = _peak_rss_bytes()
     arch, raw = read_hf_config(hf_dir)
-    chunks = stream_hf_to_megatron(hf_dir, out, _dtype(dtype, arch.torch_dtype))
+    chunks = stream_hf_to_megatron(hf_dir, out, _dtype(dtype, arch.torch_dtype), groups)
     write_metadata(
         out,
         arch,
@@ -89,10 +89,10 @@ def _megatron_to_hf_rank(
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
+    groups = initialize_model_parallel(tp, pp)
     arch, meta = read_checkpoint_metadata(ckpt_dir)
     out_dtype = _dtype(dtype, arch.torch_dtype)
-    model = build_gpt_model(arch, torch.float32, initialize=False)
+    model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups)
     load_model_checkpoint(model, ckpt_dir)
     if adapters:
         _, adapter_meta = read_checkpoint_metadata(adapters)

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from opsd_megatron.platform.parallel import current_groups
+from opsd_megatron.models.build import groups_of
 
 SP_ATTRIBUTES = (
     "sequence_parallel",
@@ -68,8 +68,7 @@ def forward_logits(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    groups = current_groups()
-
+    groups = groups_of(model)
     batch, seq = tokens_BT.shape
     micro = micro_batch_size or batch
     if batch % micro:

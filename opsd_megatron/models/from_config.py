@@ -7,6 +7,7 @@ import torch
 
 from opsd_megatron.config import ModelConfig, OPSDConfig
 from opsd_megatron.models.hf_config import ArchSpec
+from opsd_megatron.platform.parallel import ParallelGroups
 
 
 def arch_of(model: ModelConfig) -> ArchSpec:
@@ -28,7 +29,9 @@ def params_dtype(model: ModelConfig) -> torch.dtype:
     return getattr(torch, model.dtype)
 
 
-def build_model(cfg: OPSDConfig, arch: ArchSpec, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(
+    cfg: OPSDConfig, arch: ArchSpec, dtype: torch.dtype, groups: ParallelGroups
+) -> torch.nn.Module:
     """This rank's stage of the megatron model with the run's weights: the HF checkpoint, the
     converted megatron checkpoint, or (``model.architecture`` alone) seeded random weights that are
     the same at any TP/PP layout."""
@@ -36,11 +39,13 @@ def build_model(cfg: OPSDConfig, arch: ArchSpec, dtype: torch.dtype) -> torch.nn
     from opsd_megatron.models.checkpoint import load_model_checkpoint
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.models.loss_contract import configure_model
     from opsd_megatron.models.random_init import RandomHFWeights
 
     model = build_gpt_model(
         arch,
         dtype,
+        groups=groups,
         initialize=False,
         recompute=cfg.model.recompute,
         sequence_parallel=cfg.parallel.sequence_parallel,
@@ -53,5 +58,5 @@ def build_model(cfg: OPSDConfig, arch: ArchSpec, dtype: torch.dtype) -> torch.nn
             load_hf_weights(model, reader, arch)
     else:
         load_model_checkpoint(model, cfg.model.megatron_dir)
-    model.config.calculate_per_token_loss = True  # our loss is already globally normalised
+    configure_model(model)  # how megatron scales our already normalised loss
     return model

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.models import weight_map as wm
-from opsd_megatron.models.build import stage_layer_offset
+from opsd_megatron.models.build import groups_of, stage_layer_offset
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import HFCheckpointReader, HFCheckpointWriter
-from opsd_megatron.platform.parallel import current_groups
+from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.platform.progress import Progress
 
 
@@ -31,10 +31,9 @@ def _base_parameters(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
     """Copy this rank's shard of every parameter from the HF checkpoint; returns how many were set."""
-    groups = current_groups()
-
+    groups = groups_of(model)
     tp, tp_rank = groups.tp_size, groups.tp_rank
-    offset = stage_layer_offset(arch)
+    offset = stage_layer_offset(arch, groups)
     count = 0
     for local_name, param in _base_parameters(model).items():
         rule = wm.rule_for(wm.with_global_layer(local_name, offset), arch)
@@ -52,9 +51,7 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
     return count
 
 
-def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
-    groups = current_groups()
-
+def _gather_tp(tensor: torch.Tensor, groups: ParallelGroups) -> list[torch.Tensor]:
     tp = groups.tp_size
     if tp == 1:
         return [tensor]
@@ -72,7 +69,8 @@ def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
     """
     from opsd_megatron.models.lora import merged_weight
 
-    offset = stage_layer_offset(arch)
+    groups = groups_of(model)
+    offset = stage_layer_offset(arch, groups)
     for local_name, value in _base_parameters(model).items():
         global_name = wm.with_global_layer(local_name, offset)
         if global_name == "output_layer.weight" and arch.tie_word_embeddings:
@@ -80,7 +78,7 @@ def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
         shard = merged_weight(model, local_name, value) if merge_lora else value.detach()
         yield (
             global_name,
-            wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard), arch),
+            wm.merge_tp_shards(wm.rule_for(global_name, arch), _gather_tp(shard, groups), arch),
         )
 
 
@@ -93,7 +91,7 @@ def export_hf_weights(
     max_shard_bytes: int = 2 << 30,
 ) -> None:
     """Write the model's full weights as HF safetensors shards + index into ``out_dir`` (collective)."""
-    groups = current_groups()
+    groups = groups_of(model)
 
     writes = groups.tp_rank == 0
     writer = HFCheckpointWriter(Path(out_dir), max_shard_bytes, prefix=f"stage{groups.pp_rank}-")

@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 
 from opsd_megatron.config import LoRAConfig
-from opsd_megatron.platform.parallel import current_groups
+from opsd_megatron.platform.parallel import ParallelGroups
 
 # megatron submodule names of the paper's seven targets
 SUFFIX = "_lora"
@@ -53,12 +53,12 @@ def _kaiming(weight: torch.Tensor) -> None:
 class LoRAAdapter(torch.nn.Module):
     """The A/B pair for one megatron linear; added to its output by a forward hook."""
 
-    def __init__(self, base, cfg: LoRAConfig, glu: bool):
+    def __init__(self, base, cfg: LoRAConfig, glu: bool, groups: ParallelGroups):
         super().__init__()
         from megatron.core import tensor_parallel as mtp
 
         config = base.config
-        tp = current_groups().tp_size
+        tp = groups.tp_size
         row_parallel, in_size, out_size = parallel_kind(base, tp)
         self.fused_norm = fused_norm(base)
         if cfg.rank % tp:
@@ -83,19 +83,17 @@ class LoRAAdapter(torch.nn.Module):
             self.lora_B = mtp.ColumnParallelLinear(
                 cfg.rank, out_size, init_method=torch.nn.init.zeros_, gather_output=False, **common
             )
-        self._init_weights(in_size, cfg.rank, row_parallel)
+        self._init_weights(in_size, cfg.rank, row_parallel, groups)
         self.row_parallel, self.glu = row_parallel, glu
         self.scale = cfg.scale
         self.dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else torch.nn.Identity()
         self.enabled = True
 
     @torch.no_grad()
-    def _init_weights(self, in_size: int, rank: int, row_parallel: bool) -> None:
+    def _init_weights(self, in_size: int, rank: int, row_parallel: bool, groups) -> None:
         """A: PEFT's kaiming-uniform on the full [r, in] matrix, then this rank's slice — the same
         default-generator draw on every TP rank, so TP=n starts exactly where TP=1 does. B: zeros.
         Done here, not through megatron's init, so it also happens when the base skips init."""
-        groups = current_groups()
-
         full = torch.empty(rank, in_size, dtype=torch.float32)
         _kaiming(full)
         tp, tp_rank = groups.tp_size, groups.tp_rank
@@ -198,17 +196,21 @@ def fused_norm(base):
     return normalise
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Attach adapters to the target linears and freeze everything else. Returns the adapted names."""
-    from opsd_megatron.models.build import mark_tensor_parallel_params
+def apply_lora(
+    model: torch.nn.Module, cfg: LoRAConfig, groups: ParallelGroups | None = None
+) -> list[str]:
+    """Attach adapters to the target linears and freeze everything else. Returns the adapted
+    names. ``groups``: where the model sits (default: the groups it was built with)."""
+    from opsd_megatron.models.build import groups_of, mark_tensor_parallel_params
 
+    groups = groups or groups_of(model)
     wanted = cfg.linear_names()
     adapted = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name not in wanted or child_name + SUFFIX in parent._modules:
                 continue
-            adapter = LoRAAdapter(child, cfg, glu=child_name == "linear_fc1")
+            adapter = LoRAAdapter(child, cfg, glu=child_name == "linear_fc1", groups=groups)
             mark_tensor_parallel_params(adapter)
             parent.add_module(child_name + SUFFIX, adapter)
             child.register_forward_hook(adapter.hook)

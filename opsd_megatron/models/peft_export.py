@@ -15,18 +15,18 @@ import torch.distributed as dist
 
 from opsd_megatron.config import LoRAConfig
 from opsd_megatron.models import weight_map as wm
-from opsd_megatron.models.build import stage_layer_offset
+from opsd_megatron.models.build import groups_of, stage_layer_offset
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_io import atomic_output_dir
 from opsd_megatron.models.hf_weights import _gather_tp
 from opsd_megatron.models.lora import SUFFIX, LoRAAdapter
-from opsd_megatron.platform.parallel import current_groups
 
 
 @torch.no_grad()
 def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
     """This pipeline stage's adapters as full PEFT-named tensors (collective over the TP group)."""
-    offset = stage_layer_offset(arch)
+    groups = groups_of(model)
+    offset = stage_layer_offset(arch, groups)
     out = {}
     for parent_name, parent in model.named_modules():
         for child_name, adapter in parent.named_children():
@@ -38,11 +38,11 @@ def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
             rule = wm.rule_for(base, arch)
             a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
             if adapter.row_parallel:  # A holds the input shard, B is row-split plainly
-                a_full = torch.cat(_gather_tp(a), dim=1)
-                parts = {rule.hf_names[0]: torch.cat(_gather_tp(b), dim=0)}
+                a_full = torch.cat(_gather_tp(a, groups), dim=1)
+                parts = {rule.hf_names[0]: torch.cat(_gather_tp(b, groups), dim=0)}
             else:  # A is split along r; B's rows follow the base weight's (fused, interleaved) split
-                a_full = torch.cat(_gather_tp(a), dim=0)
-                parts = wm.merge_tp_shards(rule, _gather_tp(b), arch)
+                a_full = torch.cat(_gather_tp(a, groups), dim=0)
+                parts = wm.merge_tp_shards(rule, _gather_tp(b, groups), arch)
             for hf_name, b_part in parts.items():
                 module = hf_name[: -len(".weight")]
                 out[f"base_model.model.{module}.lora_A.weight"] = (
@@ -63,8 +63,7 @@ def save_peft_adapter(
     """Write the model's adapters as a PEFT directory (collective; global rank 0 writes, atomically)."""
     from safetensors.torch import save_file
 
-    groups = current_groups()
-
+    groups = groups_of(model)
     tensors = stage_peft_tensors(model, arch)
     sends = groups.tp_rank == 0 and groups.dp_rank == 0
     mine = {k: v.cpu() for k, v in tensors.items()} if sends else {}

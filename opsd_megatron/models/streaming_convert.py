@@ -152,10 +152,12 @@ class _LazyHFPlanner(SavePlanner):
         )
 
 
-def stream_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype) -> int:
+def stream_hf_to_megatron(
+    hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, groups
+) -> int:
     """Write ``out_dir`` (must exist, empty) as a megatron torch_dist checkpoint; returns the chunk count.
 
-    Needs torch.distributed and megatron's parallel state initialised at TP=1/PP=1 (one process).
+    ``groups``: the TP=1/PP=1 process groups of one process (``initialize_model_parallel(1, 1)``).
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
@@ -164,7 +166,7 @@ def stream_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.
 
     arch, _ = read_hf_config(hf_dir)
     with torch.device("meta"):
-        model = build_gpt_model(arch, dtype, initialize=False)
+        model = build_gpt_model(arch, dtype, initialize=False, groups=groups)
     params = {name: t for name, t in base_weight_items(model)}
     with HFCheckpointReader(hf_dir, keep_open=False) as reader:
         planner = _LazyHFPlanner(_chunks(model), params, reader, arch, dtype)

@@ -4,14 +4,12 @@ from opsd_megatron.platform.cpu_backend import activate as activate_cpu_backend
 from opsd_megatron.platform.cpu_backend import default_device
 from opsd_megatron.platform.parallel import (
     ParallelGroups,
-    current_groups,
     initialize_model_parallel,
 )
 
 __all__ = [
     "ParallelGroups",
     "activate_cpu_backend",
-    "current_groups",
     "default_device",
     "initialize_model_parallel",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.config.layout import Layout
 from opsd_megatron.platform import cpu_backend
 
 
@@ -39,6 +40,10 @@ class ParallelGroups:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    def layout(self, sequence_parallel: bool = False) -> Layout:
+        """The layout these groups realise (sequence parallelism as the model is built with)."""
+        return Layout(self.tp_size, self.pp_size, self.dp_size, sequence_parallel)
+
     @classmethod
     def from_megatron(cls) -> "ParallelGroups":
         from megatron.core import parallel_state as ps
@@ -56,11 +61,6 @@ class ParallelGroups:
             pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
             device=cpu_backend.default_device(),
         )
-
-
-def current_groups() -> ParallelGroups:
-    """The groups of the initialised layout (for model-level code and tests that are not handed them)."""
-    return ParallelGroups.from_megatron()
 
 
 def initialize_model_parallel(

@@ -24,10 +24,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from opsd_megatron.models.build import groups_of
 from opsd_megatron.models.decoder import KVDecoder
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
-from opsd_megatron.platform.parallel import ParallelGroups, current_groups
+from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.sampling import sample_next_tokens
 
@@ -50,7 +51,7 @@ class MegatronSampler:
     ):
         """``groups``: where the model sits (default: the initialised layout's)."""
         self.model = model
-        self.groups = groups or current_groups()
+        self.groups = groups or groups_of(model)
         self.device = self.groups.device
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)

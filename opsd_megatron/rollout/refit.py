@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.models import weight_map as wm
+from opsd_megatron.models.build import groups_of
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.hf_weights import iter_stage_hf_tensors
 from opsd_megatron.models.random_init import hf_shapes
-from opsd_megatron.platform.parallel import current_groups
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -58,8 +58,7 @@ def stream_hf_weights(
     dtype: torch.dtype | None = None,
 ) -> Iterator[Bucket]:
     """Collective: yield buckets of (hf_name, full tensor) covering the whole model, on every rank."""
-    groups = current_groups()
-
+    groups = groups_of(model)
     pp, my_stage = groups.pp_size, groups.pp_rank
     shapes = hf_shapes(arch)
     local = iter_stage_hf_tensors(model, arch, merge_lora)

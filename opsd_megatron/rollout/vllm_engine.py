@@ -21,7 +21,7 @@ each worker), then wake the KV cache — waking both at once is a known OOM.
   renormalised) — what the Megatron sampler reports and what the trainer recomputes
   (``RolloutConfig.logprob_distribution``).
 * Randomness: one ``SamplingParams(seed=…)`` per request, from (run seed, step, problem, sample)
-  (``RolloutSource.request_seeds``), so rollouts are identical on every TP rank and PP stage and
+  (``StepData.request_seeds``), so rollouts are identical on every TP rank and PP stage and
   after a resume, whatever else draws random numbers. vLLM reseeds the process's global RNGs while
   it starts; the trainer's are restored afterwards.
 

@@ -80,13 +80,12 @@ def latest_checkpoint(cfg, checksums: bool = False) -> Path | None:
     return next((d for d in candidates(cfg) if not problems_with(d, checksums)), None)
 
 
-def select_checkpoint(cfg) -> Path | None:
-    """Collective: the newest checkpoint whose every file matches its manifest (hashing split
-    over the ranks); each one skipped is reported by path on rank 0."""
+def first_verified(checkpoints: list[Path]) -> Path | None:
+    """Collective: the first of ``checkpoints`` (the launcher's choice, then older ones) whose every
+    file matches its manifest (hashing split over the ranks); each one skipped is reported by
+    path on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    listed = [[str(d) for d in candidates(cfg)]]
-    dist.broadcast_object_list(listed, src=0)  # one decision even if a rank lists late
-    for ckpt in map(Path, listed[0]):
+    for ckpt in checkpoints:
         found = [None] * world
         dist.all_gather_object(found, problems_with(ckpt, share=(rank, world)))
         problems = sorted({p for per_rank in found for p in per_rank})

@@ -16,14 +16,12 @@ import signal
 import sys
 from pathlib import Path
 
-from opsd_megatron.config import ConfigError, load_config, to_yaml, validate_layout
+from opsd_megatron.config import ConfigError, to_yaml
 from opsd_megatron.errors import UserError, guarded, report
-from opsd_megatron.models.from_config import arch_of
 from opsd_megatron.plan_config import refuse_unfit_layout
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
-from opsd_megatron.preflight import check_training_run
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
-from opsd_megatron.train.resume import plan_resume
+from opsd_megatron.train.resolved import resolve
 
 
 def _gpu_gib() -> float:
@@ -34,7 +32,8 @@ def _gpu_gib() -> float:
     return 80.0
 
 
-def _rank_entry(recipe, overrides):
+def _rank_entry(resolved):
+    """One rank: the run exactly as the launcher resolved it (config, layout, resume plan)."""
     import torch
 
     from opsd_megatron.train.loop import run
@@ -42,7 +41,7 @@ def _rank_entry(recipe, overrides):
     if not torch.cuda.is_available():  # free on CPU; part of what makes a CPU run repeatable
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    return run(load_config(recipe, overrides))
+    return run(resolved)
 
 
 def main(argv=None) -> int:
@@ -77,10 +76,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:  # everything a user can get wrong is found here, before any rank or model exists
-        cfg = load_config(args.recipe, args.overrides)
-        check_training_run(cfg)
-        layout = validate_layout(cfg, launched_world_size(), arch=arch_of(cfg.model))
-        plan = plan_resume(cfg)
+        resolved = resolve(args.recipe, args.overrides, launched_world_size())
+        cfg, layout, plan = resolved.cfg, resolved.layout, resolved.resume
         refusal = (
             None
             if args.force or plan.action == "finished"
@@ -122,8 +119,7 @@ def main(argv=None) -> int:
         lambda: run_ranks(
             _rank_entry,
             layout.world_size,
-            args.recipe,
-            args.overrides,
+            resolved,  # decided once, here: no rank reloads the recipe or re-decides
             threads_per_rank=cfg.trainer.threads_per_rank,
         ),
     )

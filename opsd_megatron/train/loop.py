@@ -1,4 +1,5 @@
-"""The training run: build, resume, step, log, checkpoint, summarise. Called on every rank."""
+"""The training run on every rank: what the launcher decided (``Resolved``), then build, resume,
+step, log, evaluate, checkpoint, summarise."""
 
 from __future__ import annotations
 
@@ -9,46 +10,37 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from opsd_megatron.config import OPSDConfig, to_yaml
+from opsd_megatron.config import to_yaml
 from opsd_megatron.eval.runner import evaluate
 from opsd_megatron.train import preemption
 from opsd_megatron.train.checkpointing import (
+    first_verified,
     latest_checkpoint,
     load_checkpoint,
-    read_state,
     save_base_model,
     save_checkpoint,
-    select_checkpoint,
 )
+from opsd_megatron.train.components import Components, build_components
 from opsd_megatron.train.metrics import MetricsLogger, plot_loss
+from opsd_megatron.train.resolved import Resolved
 from opsd_megatron.train.resume import archive_previous_run
-from opsd_megatron.train.setup import build_components
 from opsd_megatron.train.step import train_step
 
 
-def run(cfg: OPSDConfig) -> dict:
-    """The whole run on this rank: decide fresh/resume (verified checkpoint), build, then step,
-    log, evaluate and checkpoint until ``trainer.max_steps`` or a preemption request; returns the
-    summary (also written to ``OUT/summary.json``). Collective: every rank calls it."""
-    rank0 = dist.get_rank() == 0
-    preemption.install()
+def run(resolved: Resolved) -> dict:
+    """The whole run on this rank: verify the chosen checkpoint, build, then step, log, evaluate
+    and checkpoint until ``trainer.max_steps`` or a preemption request; returns the summary (also
+    written to ``OUT/summary.json``). Collective: every rank calls it."""
+    cfg, rank0 = resolved.cfg, dist.get_rank() == 0
     out = Path(cfg.trainer.output_dir)
-    ckpt = (
-        select_checkpoint(cfg) if cfg.checkpoint.resume is not False else None
-    )  # verified against its manifest
-    saved_step = read_state(ckpt)["step"] if ckpt is not None else 0
-    if saved_step >= cfg.trainer.max_steps:
-        if rank0:
-            print(
-                f"[opsd] {out}: finished at step {saved_step} ({ckpt}); nothing to do", flush=True
-            )
-        return {"steps": saved_step, "finished": True}
+    preemption.install()
+    ckpt = first_verified(resolved.resume.candidates)  # hashes split over the ranks
     if ckpt is None and rank0:  # a fresh start never overwrites an earlier run's files
         moved = archive_previous_run(out, time.strftime("%Y%m%d-%H%M%S"))
         if moved:
             print(f"[opsd] starting fresh; the earlier run's files are in {moved}", flush=True)
     dist.barrier()
-    c = build_components(cfg)
+    c = build_components(cfg, resolved.layout)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -61,38 +53,13 @@ def run(cfg: OPSDConfig) -> dict:
         if rank0:
             print(f"[opsd] resumed from {ckpt} at step {start}", flush=True)
     logger = MetricsLogger(cfg, rank0, cfg.trainer.max_steps, start)
-    t0 = time.perf_counter()
-    last = {}
+    t0, last = time.perf_counter(), {}
     try:
         for step in range(start, cfg.trainer.max_steps):
             last = train_step(c, c.algorithm, step)
-            counters["generated_tokens"] += last["generated_tokens"]
-            counters["skipped_steps"] += last["skipped"]
-            last.update(
-                total_generated_tokens=counters["generated_tokens"],
-                skipped_steps=counters["skipped_steps"],
-            )
-            if not math.isfinite(last["loss"]) and rank0:
-                print(f"[opsd] step {step + 1}: non-finite loss, update skipped", flush=True)
             done = step + 1
-            if cfg.eval.interval and cfg.eval.benchmarks and done % cfg.eval.interval == 0:
-                report = evaluate(
-                    c.model, c.tokenizer, cfg, c.arch, c.groups, tag=f"step_{done:06d}"
-                )
-                if report is not None:
-                    last.update({f"eval/{k}": v for k, v in report["average"].items()})
-                if cfg.eval.teacher_too:
-                    report = evaluate(
-                        c.model,
-                        c.tokenizer,
-                        cfg,
-                        c.arch,
-                        c.groups,
-                        tag=f"step_{done:06d}_teacher",
-                        with_reference=True,
-                    )
-                    if report is not None:
-                        last.update({f"eval_teacher/{k}": v for k, v in report["average"].items()})
+            _count(last, counters, rank0)
+            _evaluate(c, done, last)
             logger.log(last)
             stop = preemption.requested(cfg.trainer.output_dir, c.groups.device)
             if stop or done % cfg.checkpoint.save_interval == 0 or done == cfg.trainer.max_steps:
@@ -107,13 +74,47 @@ def run(cfg: OPSDConfig) -> dict:
                 return {"steps": done, "preempted": True}
     finally:
         logger.close()
+    return _summarise(c, start, counters, last, time.perf_counter() - t0)
+
+
+def _count(metrics: dict, counters: dict, rank0: bool) -> None:
+    """The run's running totals, into the step's metrics."""
+    counters["generated_tokens"] += metrics["generated_tokens"]
+    counters["skipped_steps"] += metrics["skipped"]
+    metrics.update(
+        total_generated_tokens=counters["generated_tokens"],
+        skipped_steps=counters["skipped_steps"],
+    )
+    if not math.isfinite(metrics["loss"]) and rank0:
+        print(f"[opsd] step {metrics['step']}: non-finite loss, update skipped", flush=True)
+
+
+def _evaluate(c: Components, done: int, metrics: dict) -> None:
+    """Every ``eval.interval`` steps: the student on ``eval.benchmarks`` (and, with
+    ``eval.teacher_too``, the teacher's prompt with the reference), into the step's metrics."""
+    e = c.cfg.eval
+    if not (e.interval and e.benchmarks and done % e.interval == 0):
+        return
+    runs = [("eval", f"step_{done:06d}", None)]  # None: eval.with_reference decides
+    if e.teacher_too:
+        runs.append(("eval_teacher", f"step_{done:06d}_teacher", True))
+    for prefix, tag, with_reference in runs:
+        report = evaluate(
+            c.model, c.tokenizer, c.cfg, c.arch, c.groups, tag=tag, with_reference=with_reference
+        )
+        if report is not None:
+            metrics.update({f"{prefix}/{k}": v for k, v in report["average"].items()})
+
+
+def _summarise(c: Components, start: int, counters: dict, last: dict, wall_s: float) -> dict:
+    cfg, out = c.cfg, Path(c.cfg.trainer.output_dir)
     summary = {
         "steps": cfg.trainer.max_steps,
         "start_step": start,
         "final_loss": last.get("loss"),
         "generated_tokens": counters["generated_tokens"],
         "skipped_steps": counters["skipped_steps"],
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": wall_s,
         "layout": c.layout.describe(),
         "checkpoint": str(latest_checkpoint(cfg)),
         # what the built model really ran with (not just what the config asked for)
@@ -122,7 +123,7 @@ def run(cfg: OPSDConfig) -> dict:
             "recompute": c.model.config.recompute_granularity == "full",
         },
     }
-    if rank0:
+    if dist.get_rank() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if (out / "metrics.jsonl").exists():
             plot_loss(out / "metrics.jsonl", out / "loss.png")

@@ -6,9 +6,8 @@ are sharded over DP: reduce-scatter of grads, all-gather of updated weights).
 Why not a plain ``torch.optim.AdamW``: on bf16 parameters an update of lr·1 = 2e-5 to a weight of
 0.1 is below bf16's resolution and is rounded away; the fp32 master copy keeps it.
 
-What megatron does for us (``finalize_model_grads``): the DP reduction (a SUM: our loss is already
-globally normalised, so the model config sets ``calculate_per_token_loss`` and megatron neither
-averages over DP nor divides by a token count — we pass ``num_tokens=None``), the TP sum of
+What megatron does for us (``finalize_model_grads``, called as ``models/loss_contract.py`` says:
+how megatron must scale our already globally normalised loss): the DP reduction, the TP sum of
 TP-duplicated parameters with per-rank gradients (q/k layernorm, sequence-parallel norms and our
 sequence-parallel LoRA adapters, which carry ``sequence_parallel``), and the sum of the tied
 embedding's two copies across pipeline stages. Clipping uses megatron's global norm (TP-duplicated
@@ -68,13 +67,6 @@ def wrap_and_build(cfg: OPSDConfig, model: torch.nn.Module, dtype: torch.dtype):
 def zero_grads(ddp, optimizer) -> None:
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-
-
-def finish_gradients(ddp) -> None:
-    """After the last micro-batch's backward: DP reduction, TP sums, tied-embedding sum."""
-    from megatron.core.distributed import finalize_model_grads
-
-    finalize_model_grads([ddp], num_tokens=None)
 
 
 def optimizer_step(optimizer, max_norm: float) -> tuple[float, bool]:

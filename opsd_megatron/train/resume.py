@@ -67,10 +67,21 @@ class ResumeMismatch(UserError):
 
 @dataclass
 class ResumePlan:
+    """The launcher's decision, handed to every rank: the ranks only hash-verify ``checkpoint``
+    (then each of ``fallbacks``, older, in order) and load the first that verifies."""
+
     action: str  # fresh | resume | finished
     checkpoint: Path | None = None
     step: int = 0
     notes: list[str] = field(default_factory=list)
+    fallbacks: list[Path] = field(default_factory=list)
+
+    @property
+    def candidates(self) -> list[Path]:
+        """What the ranks verify, newest first (empty: a fresh start)."""
+        if self.action != "resume":
+            return []
+        return [self.checkpoint, *self.fallbacks]
 
 
 def _flat(d, prefix="") -> dict:
@@ -107,9 +118,16 @@ def config_diff(saved: dict, current: dict) -> list[tuple[str, object, object]]:
 def plan_resume(cfg: OPSDConfig) -> ResumePlan:
     """What the run will do with ``trainer.output_dir``; ResumeMismatch if it must not start."""
     mode = cfg.checkpoint.resume
-    newest = next((d for d in candidates(cfg) if not problems_with(d, checksums=False)), None)
+    whole, skips = [], []  # sizes only here; the ranks hash what is chosen
+    for d in candidates(cfg):
+        problems = problems_with(d, checksums=False)
+        if not problems:
+            whole.append(d)
+        elif not whole:  # newer than anything usable: say why it is passed over
+            skips.append(f"skipping checkpoint {d}: {problems[0]}; trying the previous one")
+    newest = whole[0] if whole else None
     if newest is None:
-        return ResumePlan("fresh")
+        return ResumePlan("fresh", notes=skips if mode is not False else [])
     if mode is False:
         return ResumePlan(
             "fresh",
@@ -119,11 +137,11 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
             ],
         )
     step = int(read_state(newest)["step"])
+    notes = skips
     try:
         saved = yaml.safe_load((newest / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         saved = None
-    notes = []
     if not isinstance(saved, dict):
         if mode != "force":
             raise ResumeMismatch(
@@ -161,7 +179,7 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
             )
     if step >= cfg.trainer.max_steps:
         return ResumePlan("finished", newest, step, notes)
-    return ResumePlan("resume", newest, step, notes)
+    return ResumePlan("resume", newest, step, notes, fallbacks=whole[1:])
 
 
 def _ways_forward(cfg) -> str:

@@ -1,15 +1,17 @@
 """One training step, top to bottom (OPSD shown; SFT and GRPO differ only in their phases):
 
     rollout  the student samples ŷ for this DP rank's problems from the problem alone
-             (``algorithm.rollout``: ``algorithms/rollouts.py`` -> the rollout engine)
+             (``algorithm.rollout``: ``algorithms/step_data.py`` -> the rollout engine)
     score    the teacher reads problem + reference solution + ŷ in one forward-only pass; its
-             vocab-sharded logits at ŷ's positions ride along in the micro-batches
+             view of ŷ's positions rides along in each micro-batch (``mb.teacher``)
              (``algorithm.score``: ``models/teacher.py``)
     student  forward and backward of every micro-batch through megatron's pipeline schedule,
-             the vocab-parallel loss on ŷ's tokens (``algorithm.per_token_loss``: ``losses/``)
-    reduce   megatron DDP + ``finalize_model_grads``: DP sum, TP-duplicated params, tied embeddings;
-             global-norm clipping; a non-finite norm skips the update (``train/optimizer.py``)
-    update   megatron's optimizer (fp32 master weights), the LR schedule, the teacher's EMA.
+             the vocab-parallel loss on ŷ's tokens (``algorithm.per_token_loss`` ->
+             ``student.jsd(mb.teacher)``: ``losses/distributions.py`` -> ``losses/jsd.py``)
+    reduce   megatron DDP + ``finalize_model_grads``: DP sum, TP-duplicated params, tied
+             embeddings (how megatron scales our loss: ``models/loss_contract.py``)
+    update   global-norm clipping, a non-finite norm skips the update, megatron's optimizer (fp32
+             master weights), the LR schedule (``train/optimizer.py``), the teacher's EMA.
 
 Legend: B micro-batch rows, T sequence length, R response length, V local vocab shard.
 """
@@ -23,15 +25,15 @@ import torch.distributed as dist
 
 from opsd_megatron.algorithms.base import Algorithm
 from opsd_megatron.algorithms.batches import MicroBatch, response_rows
-from opsd_megatron.algorithms.rollouts import step_response_stats
-from opsd_megatron.losses import global_normalizer, heads, partial_loss
-from opsd_megatron.losses.heads import Hidden
-from opsd_megatron.losses.reduction import masked_sum_count
+from opsd_megatron.algorithms.step_data import step_response_stats
+from opsd_megatron.losses.distributions import Hidden, Logits
+from opsd_megatron.losses.reduction import masked_sum_count, partial_loss
+from opsd_megatron.models import loss_contract
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 from opsd_megatron.platform.parallel import ParallelGroups
-from opsd_megatron.train.optimizer import finish_gradients, optimizer_step, zero_grads
-from opsd_megatron.train.setup import Components
+from opsd_megatron.train.components import Components
+from opsd_megatron.train.optimizer import optimizer_step, zero_grads
 
 
 def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
@@ -42,14 +44,14 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
     scored = algorithm.score(rollouts)
     t1 = time.perf_counter()
     mbs = scored.micro_batches
-    normalizer = global_normalizer(
+    normalizer = loss_contract.normalizer(
         [mb.response_mask_BR for mb in mbs], c.cfg.loss.reduction, c.groups.dp
     )
     lr = c.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
     zero_grads(c.ddp, c.optimizer)
     c.model.train()
     stats = student_pass(c, algorithm, mbs, normalizer)
-    finish_gradients(c.ddp)
+    loss_contract.finalize_gradients(c.ddp)
     grad_norm, finite = optimizer_step(c.optimizer, c.cfg.optimizer.grad_clip)  # NaN/Inf: skipped
     if finite:
         c.teacher.after_optimizer_step()
@@ -113,20 +115,19 @@ def student_pass(
             if fused:
                 student = Hidden(hidden, weight, c.cfg.loss.chunk_tokens)
             else:
-                student = logits_of(hidden, weight)
+                student = Logits(logits_of(hidden, weight))
             per_token, diag = algorithm.per_token_loss(student, mb, groups)
             loss = partial_loss(per_token, mb.response_mask_BR, reduction, normalizer)
             stats = {  # the loss, and (sum, count) over response tokens of each diagnostic
                 "loss": loss.detach().clone(),
                 "divergence": masked_sum_count(per_token, mb.response_mask_BR),
             }
-            for k, v in diag.items():
-                values, mask = v if isinstance(v, tuple) else (v, mb.response_mask_BR)
-                stats[k] = masked_sum_count(values, mask)
+            for k, d in diag.items():
+                mask = mb.response_mask_BR if d.mask_BR is None else d.mask_BR
+                stats[k] = masked_sum_count(d.values_BR, mask)
             if mb.sampled:
                 stats["sampler_logprob_error"] = _sampler_logprob_error(c, student, mb)
-            # already globally normalised; megatron adds the token count up on the loss's device
-            return loss, torch.ones((), dtype=torch.int, device=loss.device), stats
+            return loss_contract.loss_return(loss, stats)
 
         return output, loss_fn
 
@@ -187,12 +188,11 @@ def share_stats(stats: dict, keys: list[str], summed: set[str], groups: Parallel
 
 
 @torch.no_grad()
-def _sampler_logprob_error(c: Components, student, mb: MicroBatch) -> torch.Tensor:
+def _sampler_logprob_error(c: Components, student: Logits | Hidden, mb: MicroBatch):
     """Mean |log π_train(ŷ) − log π_sampler(ŷ)| over response tokens, both of the sampling
     distribution (temperature, top-k, top-p): ~0 when the rollout engine samples from the weights
-    being trained (catches a stale or wrong vLLM refit). ``student``: logits or ``heads.Hidden``."""
-    lp = heads.token_logprobs(  # under no_grad: no graph, whichever form ``student`` has
-        student,
+    being trained (catches a stale or wrong vLLM refit)."""
+    lp = student.token_logprobs(  # under no_grad: no graph, whichever form ``student`` has
         mb.response_tokens_BR,
         **c.cfg.rollout.logprob_distribution,
         vocab_size=c.arch.vocab_size,

@@ -11,8 +11,10 @@ from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.grpo import GRPO, group_advantages
 from opsd_megatron.config import load_config
 from opsd_megatron.data.prompts import pack
+from opsd_megatron.losses.distributions import Logits
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.tiny import RECIPE, hf_initial_model, metrics, overrides
 
 
@@ -23,7 +25,10 @@ def test_sft_first_loss_matches_reference(tmp_path):
 
     out = tmp_path / "sft"
     run_distributed(
-        _rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=["algorithm=sft"]), timeout=300
+        _rank_entry,
+        2,
+        resolve(RECIPE, overrides(out, 2, 1, extra=["algorithm=sft"]), 2),
+        timeout=300,
     )
     rows = metrics(out)
     assert rows[0]["generated_tokens"] == 0 and rows[1]["loss"] < rows[0]["loss"]
@@ -81,9 +86,10 @@ def test_grpo_loss_equals_plain_formula():
         tokens,
         old,
         True,
-        {"advantage_B": adv, "ref_logprobs_BR": ref},
+        advantages_B=adv,
+        reference_logprobs_BR=ref,
     )
-    loss, diag = grpo.per_token_loss(logits, mb, None)
+    loss, diag = grpo.per_token_loss(Logits(logits), mb, None)
     loss.sum().backward()
     x = logits.detach().clone().requires_grad_(True)
     lp = torch.log_softmax(x / 0.9, -1).gather(-1, tokens[..., None])[..., 0]
@@ -102,7 +108,9 @@ def test_grpo_loss_equals_plain_formula():
 def test_grpo_run_counts_and_skips_zero_variance_groups(tmp_path):
     out = tmp_path / "grpo"
     extra = ["algorithm=grpo", "grpo.group_size=2"]
-    run_distributed(_rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=extra), timeout=300)
+    run_distributed(
+        _rank_entry, 2, resolve(RECIPE, overrides(out, 2, 1, extra=extra), 2), timeout=300
+    )
     rows = metrics(out)
     for row in rows:  # a random model never answers right: every group has zero reward variance
         assert row["reward"] == 0.0 and row["skipped_groups"] == 2.0
@@ -111,8 +119,8 @@ def test_grpo_run_counts_and_skips_zero_variance_groups(tmp_path):
 
 
 def _sft_prompt_mix():
-    from opsd_megatron.algorithms.rollouts import RolloutSource
     from opsd_megatron.algorithms.sft import SFT
+    from opsd_megatron.algorithms.step_data import StepData
     from opsd_megatron.config import load_config
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.tokenizer import load_tokenizer
@@ -129,7 +137,7 @@ def _sft_prompt_mix():
         ],
     )
     tok = load_tokenizer(cfg.model.tokenizer)
-    source = RolloutSource(
+    source = StepData(
         load_problems(cfg.data).rows,
         16,
         16,

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from opsd_megatron.eval.cli import _rank_entry
+from opsd_megatron.eval.cli import resolve as eval_resolve
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry as train_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.tiny import RECIPE, metrics, overrides
 
 EVAL = [
@@ -24,8 +26,9 @@ def test_eval_report_at_tp2(tmp_path):
     reports = run_distributed(
         _rank_entry,
         2,
-        RECIPE,
-        [f"trainer.output_dir={tmp_path}", *EVAL, "eval.save_outputs=true"],
+        *eval_resolve(
+            RECIPE, [f"trainer.output_dir={tmp_path}", *EVAL, "eval.save_outputs=true"], 2
+        ),
         None,
         "base",
     )
@@ -49,13 +52,16 @@ def test_eval_report_at_tp2(tmp_path):
     run_distributed(
         _rank_entry,
         2,
-        RECIPE,
-        [
-            f"trainer.output_dir={tmp_path}",
-            *EVAL,
-            "eval.save_outputs=true",
-            "eval.with_reference=true",
-        ],
+        *eval_resolve(
+            RECIPE,
+            [
+                f"trainer.output_dir={tmp_path}",
+                *EVAL,
+                "eval.save_outputs=true",
+                "eval.with_reference=true",
+            ],
+            2,
+        ),
         None,
         "with_ref",
     )
@@ -78,7 +84,10 @@ def test_eval_report_at_tp2(tmp_path):
 def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     out = tmp_path / "run"
     run_distributed(
-        train_entry, 2, RECIPE, overrides(out, 2, 1, extra=[*EVAL, "eval.interval=2"]), timeout=300
+        train_entry,
+        2,
+        resolve(RECIPE, overrides(out, 2, 1, extra=[*EVAL, "eval.interval=2"]), 2),
+        timeout=300,
     )
     rows = metrics(out)
     assert "eval/avg@2" not in rows[0] and "eval/avg@2" in rows[1]
@@ -87,7 +96,11 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     # and, with the same eval seed, samples and grades exactly what the in-training evaluation did
     ckpt = str(out / "checkpoints" / "step_000002")
     again = run_distributed(
-        _rank_entry, 2, RECIPE, overrides(out, 2, 1, extra=EVAL), ckpt, "from_ckpt"
+        _rank_entry,
+        2,
+        *eval_resolve(RECIPE, overrides(out, 2, 1, extra=EVAL), 2),
+        ckpt,
+        "from_ckpt",
     )[0]
     assert again["benchmarks"] == periodic["benchmarks"]
     # another lora section in the recipe (rank and alpha) must not change what is evaluated: the
@@ -95,8 +108,9 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     other = run_distributed(
         _rank_entry,
         2,
-        RECIPE,
-        overrides(out, 2, 1, extra=[*EVAL, "lora.rank=2", "lora.alpha=64"]),
+        *eval_resolve(
+            RECIPE, overrides(out, 2, 1, extra=[*EVAL, "lora.rank=2", "lora.alpha=64"]), 2
+        ),
         ckpt,
         "other",
     )[0]

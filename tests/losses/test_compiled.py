@@ -22,6 +22,7 @@ from opsd_megatron.config.run_sections import DataConfig
 from opsd_megatron.data.prompts import pack
 from opsd_megatron.errors import ConfigError
 from opsd_megatron.losses import compiled, jsd, vocab_parallel_jsd_with_entropy
+from opsd_megatron.losses.distributions import Logits
 from opsd_megatron.losses.linear_jsd import vocab_parallel_linear_jsd
 
 N, H, V, REAL = 37, 16, 56, 50
@@ -49,10 +50,11 @@ def _run(mode):
 
 def test_compiled_jsd_equals_eager_in_both_forms():
     torch._dynamo.reset()
-    compiled._kernels.cache_clear()
+    jsd.jsd_partials.reset(), jsd.jsd_student_grad.reset()
     eager = _run("false")
     got = _run("true")  # strict: a compiler failure raises instead of running eager
-    partials, grad = compiled.kernels("true", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    partials, grad = (k.under("true", cpu) for k in (jsd.jsd_partials, jsd.jsd_student_grad))
     assert isinstance(partials, compiled._Kernel) and not (partials.failed or grad.failed)
     names = "loss H_S H_T grad_logits fused_loss fused_H_S fused_H_T grad_hidden".split()
     for name, a, b in zip(names, got, eager):
@@ -89,18 +91,19 @@ def test_a_failed_compile_raises_under_true_and_runs_eager_under_auto():
 def test_opsd_hands_loss_compile_to_every_jsd(monkeypatch):
     """Both the loss and the ref-KL term run under the configured mode (recorded, eager math)."""
     seen = []
+    for kernel in (jsd.jsd_partials, jsd.jsd_student_grad):
 
-    def recording(mode, device):
-        seen.append(mode)
-        return compiled.kernels("false", device)
+        def recording(mode, device, kernel=kernel):
+            seen.append(mode)
+            return kernel.eager
 
-    monkeypatch.setattr(jsd, "kernels", recording)
+        monkeypatch.setattr(kernel, "under", recording)
     b, r, v = 2, 3, 7
     g = torch.Generator().manual_seed(1)
     loss_cfg = LossConfig(compile="auto", ref_kl_coef=0.1)
     algo = OPSD(None, loss_cfg, DataConfig(), teacher=None, vocab_size=v)
     student = torch.randn(b, r, v, generator=g, requires_grad=True)
-    extras = {f"{k}_logits_BRV": torch.randn(b, r, v, generator=g) for k in ("teacher", "ref")}
+    teacher, ref = (Logits(torch.randn(b, r, v, generator=g)) for _ in range(2))
     tokens = torch.randint(0, v, (b, r), generator=g)
     mb = MicroBatch(
         pack([[1]] * b, [[0] * r] * b, 0),
@@ -108,8 +111,9 @@ def test_opsd_hands_loss_compile_to_every_jsd(monkeypatch):
         tokens,
         torch.zeros(b, r),
         True,
-        extras,
+        teacher=teacher,
+        reference=ref,
     )
-    loss, _ = algo.per_token_loss(student, mb, SimpleNamespace(tp=None))
+    loss, _ = algo.per_token_loss(Logits(student), mb, SimpleNamespace(tp=None))
     loss.sum().backward()
     assert seen and set(seen) == {"auto"} and len(seen) >= 4, seen  # 2 forwards + 2 backwards

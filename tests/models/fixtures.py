@@ -112,9 +112,9 @@ def adapted_model(tp: int, pp: int, hf_dir, seed: int = 1):
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
+    groups = initialize_model_parallel(tp, pp)
     arch, _ = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     with HFCheckpointReader(hf_dir) as reader:
         load_hf_weights(model, reader, arch)
     lora = LoRAConfig(rank=4, alpha=8.0)

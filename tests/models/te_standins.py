@@ -20,15 +20,13 @@ import torch
 
 
 class TELinearStandIn(torch.nn.Module):
-    def __init__(self, in_size, out_size, parallel_mode, config, tp_size, weight_full):
+    def __init__(self, in_size, out_size, parallel_mode, config, groups, weight_full):
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        from opsd_megatron.platform import current_groups
-
+        tp_size, rank = groups.tp_size, groups.tp_rank
         self.config, self.parallel_mode, self.tp_size = config, parallel_mode, tp_size
         self.te_return_bias, self.use_bias = False, False
-        rank = current_groups().tp_rank
         dim = 1 if parallel_mode == "row" else 0
         self.in_features = in_size // tp_size if parallel_mode == "row" else in_size
         self.out_features = out_size // tp_size if parallel_mode == "column" else out_size
@@ -49,8 +47,8 @@ class TELinearStandIn(torch.nn.Module):
 
 
 class TELayerNormColumnParallelLinearStandIn(TELinearStandIn):
-    def __init__(self, in_size, out_size, config, tp_size, weight_full, *, zero_centered_gamma):
-        super().__init__(in_size, out_size, "column", config, tp_size, weight_full)
+    def __init__(self, in_size, out_size, config, groups, weight_full, *, zero_centered_gamma):
+        super().__init__(in_size, out_size, "column", config, groups, weight_full)
         self.normalization, self.eps = "RMSNorm", 1e-6
         self.zero_centered_gamma = zero_centered_gamma
         gamma = torch.linspace(0.5, 1.5, in_size)

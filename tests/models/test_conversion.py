@@ -59,9 +59,9 @@ def _logits_from_checkpoint(tp, ckpt):
     from opsd_megatron.models.forward import forward_logits
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1)
+    groups = initialize_model_parallel(tp, 1)
     arch, _ = read_checkpoint_metadata(ckpt)
-    model = build_gpt_model(arch, initialize=False).eval()
+    model = build_gpt_model(arch, initialize=False, groups=groups).eval()
     load_model_checkpoint(model, ckpt)
     return ps.get_tensor_model_parallel_rank(), forward_logits(model, sample_tokens())
 

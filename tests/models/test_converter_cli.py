@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from opsd_megatron.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.models.fixtures import hf_logits, make_hf_checkpoint, sample_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def test_adapters_are_merged_as_peft_merges_them(tmp_path):
     from tests.train.tiny import RECIPE, overrides
 
     out = tmp_path / "run"
-    run_distributed(_rank_entry, 1, RECIPE, overrides(out, 1, 1, 1), timeout=300)
+    run_distributed(_rank_entry, 1, resolve(RECIPE, overrides(out, 1, 1, 1), 1), timeout=300)
     res = _tool(
         "convert_megatron_to_hf.py", "--megatron-dir", str(out / "base_model"),
         "--adapters", str(out / "checkpoints" / "step_000001" / "model"),

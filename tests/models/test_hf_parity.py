@@ -26,11 +26,11 @@ def megatron_logits(tp, pp, hf_dirs, sp=False, seq=12):
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp)
+    groups = initialize_model_parallel(tp, pp)
     out = {}
     for fam, path in hf_dirs.items():
         arch, _ = read_hf_config(path)
-        model = build_gpt_model(arch, sequence_parallel=sp).eval()
+        model = build_gpt_model(arch, sequence_parallel=sp, groups=groups).eval()
         with HFCheckpointReader(path) as reader:
             load_hf_weights(model, reader, arch)
         logits = forward_logits(model, sample_tokens(seq=seq))

@@ -33,9 +33,9 @@ def _train(tp, hf_dir, export_dir=None, adapter_dir=None):
     from opsd_megatron.models.teacher import Teacher
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1, seed=3)
+    groups = initialize_model_parallel(tp, 1, seed=3)
     arch, raw = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     with HFCheckpointReader(hf_dir) as reader:
         load_hf_weights(model, reader, arch)
     tokens = sample_tokens()
@@ -124,9 +124,11 @@ def _load_adapters(tp, hf_dir, adapter_dir):
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1, seed=99)  # a different seed: A must come from the checkpoint
+    groups = initialize_model_parallel(
+        tp, 1, seed=99
+    )  # a different seed: A must come from the checkpoint
     arch, _ = read_hf_config(hf_dir)
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     with HFCheckpointReader(hf_dir) as reader:
         load_hf_weights(model, reader, arch)
     _, meta = read_checkpoint_metadata(adapter_dir)
@@ -154,7 +156,7 @@ def _full_param_teacher():
     from opsd_megatron.models.teacher import Teacher
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(1, 1)
+    groups = initialize_model_parallel(1, 1)
     arch = arch_from_hf_config(
         dict(
             model_type="qwen3",
@@ -166,13 +168,13 @@ def _full_param_teacher():
             num_key_value_heads=2,
         )
     )
-    model = build_gpt_model(arch)
+    model = build_gpt_model(arch, groups=groups)
     with pytest.raises(ValueError, match="needs LoRA adapters"):
         Teacher(model, TeacherConfig(weights="lora_base"))
     teacher = Teacher(
         model,
         TeacherConfig(weights="frozen_copy", offload=True),
-        build_model=lambda: build_gpt_model(arch, initialize=False),
+        build_model=lambda: build_gpt_model(arch, initialize=False, groups=groups),
     )
     tokens = sample_tokens()
     before = teacher.logits(tokens)

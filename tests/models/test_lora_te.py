@@ -22,21 +22,23 @@ H, OUT, RANK, TOL = 16, 24, 4, 1e-5
 
 
 def _check(tp: int, zero_centered_gamma: bool):
-    from opsd_megatron.config import LoRAConfig
-    from opsd_megatron.models.build import ParallelLayout, transformer_config
+    from opsd_megatron.config import Layout, LoRAConfig
+    from opsd_megatron.models.build import transformer_config
     from opsd_megatron.models.lora import apply_lora
     from opsd_megatron.platform import initialize_model_parallel
 
     groups = initialize_model_parallel(tp, 1, seed=5)
-    config = _config(transformer_config, ParallelLayout(tp, 1))
+    config = _config(transformer_config, Layout(tp=tp))
     g = torch.Generator().manual_seed(0)
     w_qkv, w_proj = torch.randn(OUT, H, generator=g), torch.randn(H, OUT, generator=g)
     layer = torch.nn.Module()
     layer.linear_qkv = TELayerNormColumnParallelLinearStandIn(
-        H, OUT, config, tp, w_qkv, zero_centered_gamma=zero_centered_gamma
+        H, OUT, config, groups, w_qkv, zero_centered_gamma=zero_centered_gamma
     )
-    layer.linear_proj = TELinearStandIn(OUT, H, "row", config, tp, w_proj)
-    adapted = apply_lora(layer, LoRAConfig(rank=RANK, alpha=8.0, target_modules=["q", "o"]))
+    layer.linear_proj = TELinearStandIn(OUT, H, "row", config, groups, w_proj)
+    adapted = apply_lora(
+        layer, LoRAConfig(rank=RANK, alpha=8.0, target_modules=["q", "o"]), groups=groups
+    )
     assert sorted(adapted) == ["linear_proj", "linear_qkv"]
     kinds = {n: layer.get_submodule(n + "_lora").row_parallel for n in adapted}
     for name in adapted:  # B is zero at init: give it values so the merge is what is checked

@@ -109,7 +109,7 @@ def _megatron_logits(ckpt: str, tp: int, pp: int, ids: list[int]):
 
     groups = initialize_model_parallel(tp, pp)
     arch, _ = read_checkpoint_metadata(ckpt)
-    model = build_gpt_model(arch, torch.float32, initialize=False).eval()
+    model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups).eval()
     load_model_checkpoint(model, ckpt)
     logits = forward_logits(model, torch.tensor([ids]))
     return None if logits is None else (groups.tp_rank, logits)
@@ -154,7 +154,7 @@ def _greedy_rollouts(
 
     groups = initialize_model_parallel(tp, pp)
     arch, _ = read_checkpoint_metadata(ckpt)
-    model = build_gpt_model(arch, torch.float32, initialize=False).eval()
+    model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups).eval()
     load_model_checkpoint(model, ckpt)
     sampler = MegatronSampler(
         model,
@@ -225,8 +225,9 @@ def _one_opsd_step(hf_dir: str, out: str, ids: list[int]):
     from opsd_megatron.models.forward import forward_logits
     from opsd_megatron.models.lora import adapters_disabled
     from opsd_megatron.train.checkpointing import save_checkpoint
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.train.components import build_components
     from opsd_megatron.train.step import train_step
+    from tests.train.tiny import rank_layout
 
     cfg = load_config(
         ROOT / "recipes" / "smollm2_135m_gsm8k.yaml",
@@ -244,7 +245,7 @@ def _one_opsd_step(hf_dir: str, out: str, ids: list[int]):
             "logging.progress_bar=false",
         ],
     )
-    c = build_components(cfg)
+    c = build_components(cfg, rank_layout(cfg))
     metrics = train_step(c, c.algorithm, 0)
     save_checkpoint(c, 1, {"generated_tokens": metrics["generated_tokens"], "skipped_steps": 0})
     c.model.eval()

@@ -20,7 +20,8 @@ def _compare(layer_scaling: bool):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from opsd_megatron.models.build import ParallelLayout, transformer_config
+    from opsd_megatron.config import Layout
+    from opsd_megatron.models.build import transformer_config
     from opsd_megatron.models.hf_config import ArchSpec
     from opsd_megatron.models.layer_specs import sdpa_core_attention
     from opsd_megatron.platform import initialize_model_parallel
@@ -31,7 +32,7 @@ def _compare(layer_scaling: bool):
         num_attention_heads=4, num_query_groups=2, head_dim=16, norm_eps=1e-6, rope_theta=1e4,
         max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, qk_norm=False,
     )  # fmt: skip
-    config = transformer_config(arch, ParallelLayout(1, 1), torch.float32, False, True)
+    config = transformer_config(arch, Layout(), torch.float32, False, True)
     config.apply_query_key_layer_scaling = layer_scaling
     args = dict(config=config, layer_number=3, attn_mask_type=AttnMaskType.causal,
                 attention_type="self")  # fmt: skip

@@ -114,7 +114,7 @@ def _sampler_vs_trainer(tp, pp, seed):
     from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
-    initialize_model_parallel(tp, pp)
+    groups = initialize_model_parallel(tp, pp)
     arch = arch_from_hf_config(
         dict(
             model_type="qwen3",
@@ -126,7 +126,7 @@ def _sampler_vs_trainer(tp, pp, seed):
             num_key_value_heads=2,
         )
     )
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
     sampler = MegatronSampler(
         model,
@@ -184,7 +184,7 @@ def _stops(tp: int, pp: int):
         dict(model_type="qwen3", vocab_size=200, hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     )  # fmt: skip
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
     prompts = [[5, 6, 7], list(range(20, 45)), [14], [50, 51, 52, 53, 54, 55, 56, 57]]
 

@@ -27,14 +27,14 @@ def saved_weights(out: str, steps: list[int]) -> dict[int, dict[str, torch.Tenso
     from opsd_megatron.models.peft_export import stage_peft_tensors
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(1, 1)
+    groups = initialize_model_parallel(1, 1)
     base = Path(out) / "base_model"
     arch, _ = read_checkpoint_metadata(base)
     result = {}
     for k in steps:
         ckpt = Path(out) / "checkpoints" / f"step_{k:06d}" / "model"
         lora = read_checkpoint_metadata(ckpt)[1].get("lora")
-        model = build_gpt_model(arch, torch.float32, initialize=False)
+        model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups)
         load_model_checkpoint(model, base)
         if lora:
             apply_lora(model, LoRAConfig(**lora))

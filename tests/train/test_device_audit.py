@@ -24,10 +24,11 @@ from tests.train.tiny import RECIPE, overrides
 
 def _components(out, tp, pp, extra=()):
     from opsd_megatron.config import load_config
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.train.components import build_components
+    from tests.train.tiny import rank_layout
 
     cfg = load_config(RECIPE, overrides(out, tp, pp, extra=["grpo.group_size=2", *extra]))
-    return cfg, build_components(cfg)
+    return cfg, build_components(cfg, rank_layout(cfg))
 
 
 def _step(c, cfg, algorithm: str, step: int) -> dict:
@@ -108,7 +109,7 @@ def _host_preemption_vote(output_dir, device):
 
 def _reverted(out, tp, pp, names):
     """Each named piece of old code, alone, under the audit: the error (or None)."""
-    from opsd_megatron.algorithms import rollouts
+    from opsd_megatron.algorithms import step_data as rollouts
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
     from opsd_megatron.testing.device_audit import DeviceAuditError, device_audit
     from opsd_megatron.train import preemption, step

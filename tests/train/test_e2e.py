@@ -19,6 +19,7 @@ from opsd_megatron.data.response_stats import repetition_rate
 from opsd_megatron.data.tokenizer import load_tokenizer
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.reference_steps import reference_step, saved_weights
 from tests.train.tiny import RECIPE, metrics, overrides, reference_first_step_loss, rollouts
 
@@ -39,7 +40,7 @@ def trained(tmp_path_factory):
             tp, pp, world, extra = LAYOUTS[IDS.index(name)]
             out = tmp_path_factory.mktemp(name) / "run"
             args = overrides(out, tp, pp, 3, [*extra, "checkpoint.keep_last=3"])
-            run_distributed(_rank_entry, world, RECIPE, args, timeout=400)
+            run_distributed(_rank_entry, world, resolve(RECIPE, args, world), timeout=400)
             done[name] = out
         return done[name]
 

@@ -21,6 +21,7 @@ import dataclasses
 import pytest
 import torch
 
+from opsd_megatron.losses.distributions import Logits
 from opsd_megatron.testing import run_distributed
 from tests.train.tiny import RECIPE, overrides
 
@@ -32,9 +33,11 @@ def _both_ways(tp, pp, extra, variants):
     from opsd_megatron.algorithms import build_algorithm
     from opsd_megatron.config import load_config
     from opsd_megatron.losses import global_normalizer
-    from opsd_megatron.train.optimizer import finish_gradients, zero_grads
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.models.loss_contract import finalize_gradients
+    from opsd_megatron.train.components import build_components
+    from opsd_megatron.train.optimizer import zero_grads
     from opsd_megatron.train.step import student_pass
+    from tests.train.tiny import rank_layout
 
     cfg = load_config(
         RECIPE,
@@ -45,7 +48,7 @@ def _both_ways(tp, pp, extra, variants):
             extra=["loss.chunk_tokens=3", "model.dtype=float32", *extra],
         ),
     )
-    c = build_components(cfg)
+    c = build_components(cfg, rank_layout(cfg))
     worst = {}
     for algorithm, loss in variants:
         for key, value in loss.items():
@@ -59,9 +62,9 @@ def _both_ways(tp, pp, extra, variants):
             scored = alg.score(rollouts)
             mbs = scored.micro_batches
             for mb in mbs:  # a random model earns no rewards: fixed advantages, so GRPO has a loss
-                if "advantage_B" in mb.extras:
+                if mb.advantages_B is not None:
                     rows, r_max = mb.response_mask_BR.shape
-                    mb.extras["advantage_B"] = torch.linspace(-1.0, 1.0, rows)
+                    mb.advantages_B = torch.linspace(-1.0, 1.0, rows)
                     lengths = torch.tensor(mb.student.response_lengths)
                     mb.response_mask_BR = torch.arange(r_max)[None, :] < lengths[:, None]
             norm = global_normalizer(
@@ -70,7 +73,7 @@ def _both_ways(tp, pp, extra, variants):
             kept.append(_kept_against_plan(c, run, mbs))
             zero_grads(c.ddp, c.optimizer)
             stats = student_pass(dataclasses.replace(c, cfg=run), alg, mbs, norm)
-            finish_gradients(c.ddp)
+            finalize_gradients(c.ddp)
             grads = {
                 n: p.main_grad.detach().clone()
                 for n, p in c.model.named_parameters()
@@ -104,8 +107,9 @@ def _kept_against_plan(c, run, mbs) -> tuple[int, int]:
     held = sum(
         t.numel() * t.element_size()
         for mb in mbs
-        for k, t in mb.extras.items()
-        if k.endswith(("_BRV", "_BRH"))
+        for view in (mb.teacher, mb.reference)
+        if view is not None
+        for t in [view.values if isinstance(view, Logits) else view.states]
     )
     if not c.groups.is_last_stage or run.algorithm != "opsd":
         return held, 0

@@ -19,7 +19,7 @@ def _tiny_lora_model(tp):
     from opsd_megatron.models.random_init import RandomHFWeights
     from opsd_megatron.platform import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1)
+    groups = initialize_model_parallel(tp, 1)
     arch = arch_from_hf_config(
         dict(
             model_type="qwen3",
@@ -31,7 +31,7 @@ def _tiny_lora_model(tp):
             num_key_value_heads=2,
         )
     )
-    model = build_gpt_model(arch, initialize=False)
+    model = build_gpt_model(arch, initialize=False, groups=groups)
     load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
     return model

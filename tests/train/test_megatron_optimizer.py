@@ -20,6 +20,7 @@ import torch
 
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.tiny import RECIPE, metrics, overrides
 
 ARCH = dict(
@@ -42,16 +43,12 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.models.lora import apply_lora
+    from opsd_megatron.models.loss_contract import finalize_gradients
     from opsd_megatron.models.random_init import RandomHFWeights
     from opsd_megatron.platform import initialize_model_parallel
-    from opsd_megatron.train.optimizer import (
-        finish_gradients,
-        optimizer_step,
-        wrap_and_build,
-        zero_grads,
-    )
+    from opsd_megatron.train.optimizer import optimizer_step, wrap_and_build, zero_grads
 
-    initialize_model_parallel(1, 1)
+    groups = initialize_model_parallel(1, 1)
     dtype = getattr(torch, dtype_name)
     cfg = load_config(
         RECIPE,
@@ -64,7 +61,7 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
         ],
     )
     arch = arch_from_hf_config(ARCH)
-    model = build_gpt_model(arch, dtype, initialize=False)
+    model = build_gpt_model(arch, dtype, initialize=False, groups=groups)
     load_hf_weights(model, RandomHFWeights(arch, 0, 0.1), arch)
     if lora:
         apply_lora(model, cfg.lora)
@@ -83,7 +80,7 @@ def _steps_with(dtype_name, precision, lora, lr=2e-5, steps=3):
         torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1])[:, :128], tokens[:, 1:].reshape(-1)
         ).backward()
-        finish_gradients(ddp)
+        finalize_gradients(ddp)
         optimizer_step(opt, 0.0)
     masters = {}
     inner = opt.chained_optimizers[0]
@@ -134,7 +131,7 @@ def _sft(out, world, tp=1, pp=1, steps=3, extra=()):
             *extra,
         ),
     )
-    run_distributed(_rank_entry, world, RECIPE, ov, timeout=300)
+    run_distributed(_rank_entry, world, resolve(RECIPE, ov, world), timeout=300)
     return metrics(out)
 
 
@@ -187,8 +184,9 @@ def _state_bytes(tp, dp_world):
     from opsd_megatron.config import load_config
     from opsd_megatron.plan_config import plan_input
     from opsd_megatron.planner import plan
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.train.components import build_components
     from opsd_megatron.train.step import train_step
+    from tests.train.tiny import rank_layout
 
     cfg = load_config(
         RECIPE,
@@ -203,7 +201,7 @@ def _state_bytes(tp, dp_world):
             "trainer.output_dir=/tmp/unused-opsd-test",
         ],
     )
-    c = build_components(cfg)
+    c = build_components(cfg, rank_layout(cfg))
     train_step(c, c.algorithm, 0)
     held = 0
     for inner in c.optimizer.chained_optimizers:

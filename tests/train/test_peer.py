@@ -13,6 +13,7 @@ import pytest
 
 from opsd_megatron.algorithms.peer import peer_index, peer_solutions
 from opsd_megatron.testing import run_distributed
+from opsd_megatron.train.resolved import resolve
 from tests.train.reference_steps import reference_step, saved_weights
 from tests.train.tiny import RECIPE, metrics, overrides, rollouts
 
@@ -38,14 +39,14 @@ def _parity(text: str) -> bool:
     return len(text) % 2 == 0
 
 
-def _rank_with_parity_grader(recipe, args):
+def _rank_with_parity_grader(resolved):
     from opsd_megatron.data import grading
     from opsd_megatron.train.cli import _rank_entry
 
     grading.Grader.grade = lambda self, output, answer, answer_type=None: grading.Grade(
         _parity(output), output, "parity"
     )
-    return _rank_entry(recipe, args)
+    return _rank_entry(resolved)
 
 
 def test_peer_success_run_matches_the_fp64_reference(tmp_path):
@@ -64,7 +65,7 @@ def test_peer_success_run_matches_the_fp64_reference(tmp_path):
     args = overrides(
         out, 1, 1, 2, [*extra, "trainer.global_batch_size=8", "checkpoint.keep_last=3"]
     )
-    run_distributed(_rank_with_parity_grader, 1, RECIPE, args, timeout=300)
+    run_distributed(_rank_with_parity_grader, 1, resolve(RECIPE, args, 1), timeout=300)
     rows = metrics(out)
     after1 = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}

@@ -11,6 +11,7 @@ import time
 
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.tiny import RECIPE, metrics, overrides
 
 TIMING = {"rollout_time", "train_time", "tokens_per_s", "peak_memory_gib"}
@@ -33,7 +34,7 @@ def _strip(rows):
 def test_kill_and_resume_reproduces_uninterrupted_metrics(tmp_path):
     steps = 4
     straight = tmp_path / "straight"  # in-process ranks: the same trainer, no CLI start-up
-    run_distributed(_rank_entry, 2, RECIPE, _train(straight, steps)[4:], timeout=300)
+    run_distributed(_rank_entry, 2, resolve(RECIPE, _train(straight, steps)[4:], 2), timeout=300)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -13,6 +13,7 @@ import pytest
 
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.tiny import RECIPE, metrics, overrides, rollouts
 
 FULL = ["lora=null", "teacher.weights=frozen_copy"]
@@ -24,7 +25,10 @@ def _run(out, extra, sp, recompute):
         f"model.recompute={str(recompute).lower()}",
     ]
     run_distributed(
-        _rank_entry, 2, RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), timeout=300
+        _rank_entry,
+        2,
+        resolve(RECIPE, overrides(out, 2, 1, steps=3, extra=[*extra, *flags]), 2),
+        timeout=300,
     )
     features = json.loads((out / "summary.json").read_text())["features"]
     assert features == {"sequence_parallel": sp, "recompute": recompute}, features

@@ -65,14 +65,15 @@ def _step_save_load(out):
 
     from opsd_megatron.config import load_config
     from opsd_megatron.train.checkpointing import load_checkpoint, save_checkpoint
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.train.components import build_components
     from opsd_megatron.train.step import train_step
+    from tests.train.tiny import rank_layout
 
     _as_if_te_were_installed()
     cfg = load_config(
         RECIPE, overrides(out, 1, 1, extra=["algorithm=sft", "optimizer.distributed=true"])
     )
-    c = build_components(cfg)
+    c = build_components(cfg, rank_layout(cfg))
     assert isinstance(c.optimizer.chained_optimizers[0].optimizer, FusedAdamStandIn)
     train_step(c, c.algorithm, 0)
     moments = _moments(c.optimizer)
@@ -80,7 +81,7 @@ def _step_save_load(out):
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()  # a resumed job builds everything anew
-    fresh = build_components(dataclasses.replace(cfg))
+    fresh = build_components(dataclasses.replace(cfg), rank_layout(cfg))
     start, _ = load_checkpoint(fresh, ckpt)
     loaded = _moments(fresh.optimizer)
     diff = max(float((moments[k] - loaded[k]).abs().max()) for k in moments)

@@ -34,16 +34,18 @@ FULL = ["lora=null", "teacher.weights=frozen_copy"]
 def _both_ways(tp, pp, extra):
     from opsd_megatron.algorithms import build_algorithm
     from opsd_megatron.losses import global_normalizer
-    from opsd_megatron.train.optimizer import finish_gradients, zero_grads
-    from opsd_megatron.train.setup import build_components
+    from opsd_megatron.models.loss_contract import finalize_gradients
+    from opsd_megatron.train.components import build_components
+    from opsd_megatron.train.optimizer import zero_grads
     from opsd_megatron.train.step import share_stats, student_pass
+    from tests.train.tiny import rank_layout
 
     cfg = load_config(
         RECIPE,
         overrides("/tmp/unused-budget", tp, pp, extra=["model.dtype=float32", "grpo.group_size=2",
                                                        *extra]),
     )  # fmt: skip
-    c = build_components(cfg)
+    c = build_components(cfg, rank_layout(cfg))
     report = {}
     for algorithm in ("opsd", "sft", "grpo"):
         run = dataclasses.replace(cfg, algorithm=algorithm)
@@ -57,7 +59,7 @@ def _both_ways(tp, pp, extra):
                 n = len(rollouts.responses)
                 for mb in mbs:
                     rows = torch.tensor(mb.rows)
-                    mb.extras["advantage_B"] = torch.linspace(-1.0, 1.0, n)[rows]
+                    mb.advantages_B = torch.linspace(-1.0, 1.0, n)[rows]
                     r_max = mb.response_mask_BR.shape[1]
                     lengths = torch.tensor(mb.student.response_lengths)
                     mb.response_mask_BR = torch.arange(r_max)[None, :] < lengths[:, None]
@@ -65,7 +67,7 @@ def _both_ways(tp, pp, extra):
                                      c.groups.dp)  # fmt: skip
             zero_grads(c.ddp, c.optimizer)
             stats = student_pass(dataclasses.replace(c, cfg=run), alg, mbs, norm)
-            finish_gradients(c.ddp)
+            finalize_gradients(c.ddp)
             keys = sorted(k for k in stats if k != "loss") if stats else []
             keys = _same_keys(keys, c)
             shared = share_stats(stats, ["loss", *keys], {"loss"}, c.groups)

@@ -13,6 +13,7 @@ import torch
 
 from opsd_megatron.testing import run_distributed
 from opsd_megatron.train.cli import _rank_entry
+from opsd_megatron.train.resolved import resolve
 from tests.train.reference_steps import reference_step, saved_weights
 from tests.train.tiny import RECIPE, metrics, overrides, reference_first_step_loss, rollouts
 
@@ -84,7 +85,7 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     extra, loss_cfg, without = VARIANTS[name]
     out = tmp_path / "run"
     args = overrides(out, 1, 1, 2, [*extra, "checkpoint.keep_last=3"])
-    run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
+    run_distributed(_rank_entry, 1, resolve(RECIPE, args, 1), timeout=300)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
     if "token_weight" in name:  # the threshold splits the tokens: both weights are exercised
@@ -123,7 +124,7 @@ def test_a_run_from_hf_dir_starts_from_those_weights(tmp_path):
     hf_initial_model(cfg).float().save_pretrained(hf_dir, safe_serialization=True)
     out = tmp_path / "run"
     args = overrides(out, 1, 1, 1, [f"model.hf_dir={hf_dir}", "model.architecture=null"])
-    run_distributed(_rank_entry, 1, RECIPE, args, timeout=300)
+    run_distributed(_rank_entry, 1, resolve(RECIPE, args, 1), timeout=300)
     want = reference_first_step_loss(out)
     assert abs(metrics(out)[0]["loss"] - want) <= 1e-5 * want, (metrics(out)[0]["loss"], want)
     # its base is saved like a random-init run's, so it exports the same way: base + adapters
@@ -135,7 +136,7 @@ def test_a_run_from_hf_dir_starts_from_those_weights(tmp_path):
     assert base.keys() == src.keys() and all(torch.equal(base[k], src[k]) for k in src)
 
 
-def _run_with_a_nan_at_step_2(recipe, args):
+def _run_with_a_nan_at_step_2(resolved):
     """Rank function: the real trainer, with the loss of step 2's first micro-batch made NaN."""
     from opsd_megatron.algorithms.opsd import OPSD
     from opsd_megatron.train.cli import _rank_entry
@@ -148,13 +149,15 @@ def _run_with_a_nan_at_step_2(recipe, args):
         return (loss * float("nan") if len(calls) == 3 else loss), diag  # 2 micro-batches/step
 
     OPSD.per_token_loss = poisoned
-    return _rank_entry(recipe, args)
+    return _rank_entry(resolved)
 
 
 def test_a_nan_step_in_a_real_run_is_skipped_counted_and_changes_no_weight(tmp_path):
     out = tmp_path / "run"
     args = overrides(out, 1, 1, 3, ["checkpoint.keep_last=3"])
-    summary = run_distributed(_run_with_a_nan_at_step_2, 1, RECIPE, args, timeout=300)[0]
+    summary = run_distributed(_run_with_a_nan_at_step_2, 1, resolve(RECIPE, args, 1), timeout=300)[
+        0
+    ]
     rows = metrics(out)
     assert [r["skipped"] for r in rows] == [0, 1, 0] and summary["skipped_steps"] == 1
     assert rows[2]["skipped_steps"] == 1 and rows[2]["loss"] == rows[2]["loss"]  # finite again

@@ -93,3 +93,13 @@ def reference_first_step_loss(out: Path, beta: float = 0.5) -> float:
             logits[role] = full[len(prompt) - 1 : len(prompt) + len(resp) - 1]
         per_seq.append(ref.jsd(logits["s"], logits["t"], beta).mean())
     return torch.stack(per_seq).mean().item()
+
+
+def rank_layout(cfg):
+    """The layout the launcher would hand this rank's ``build_components`` (inside a rank)."""
+    import torch.distributed as dist
+
+    from opsd_megatron.config import validate_layout
+    from opsd_megatron.models.from_config import arch_of
+
+    return validate_layout(cfg, dist.get_world_size(), arch=arch_of(cfg.model))

@@ -1,6 +1,6 @@
-"""Build every component of a run from the config: process groups, tokenizer, model (+ LoRA),
-teacher, optimizer and LR schedule, rollout engine, data, and the algorithm over them. Nothing
-here runs a step."""
+"""Build every component of one rank's run from the resolved config and layout (decided once, by
+the launcher): process groups, tokenizer, model (+ LoRA), teacher, optimizer and LR schedule,
+rollout engine, data, and the algorithm over them. Nothing here runs a step."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from opsd_megatron.algorithms import Algorithm, RolloutSource, build_algorithm
-from opsd_megatron.config import Layout, OPSDConfig, validate_layout
+from opsd_megatron.algorithms import Algorithm, StepData, build_algorithm
+from opsd_megatron.config import Layout, OPSDConfig
 from opsd_megatron.data.tokenizer import Tokenizer
+from opsd_megatron.models import loss_contract
 from opsd_megatron.models.from_config import arch_of, build_model, params_dtype
 from opsd_megatron.models.hf_config import ArchSpec
 from opsd_megatron.models.teacher import Teacher
@@ -91,17 +92,15 @@ def _sampler(
     )
 
 
-def build_components(cfg: OPSDConfig) -> Components:
-    """Collective: every rank builds its share of the run (model stage, optimizer shard, data)."""
-    import torch.distributed as dist
-
+def build_components(cfg: OPSDConfig, layout: Layout) -> Components:
+    """Collective: every rank builds its share of the run (model stage, optimizer shard, data)
+    on ``layout``, the one the launcher checked."""
     from opsd_megatron.data.dataset import load_problems
     from opsd_megatron.data.tokenizer import load_tokenizer
     from opsd_megatron.models.lora import apply_lora, enable_input_grads
     from opsd_megatron.platform import initialize_model_parallel
 
     arch = arch_of(cfg.model)
-    layout = validate_layout(cfg, dist.get_world_size(), arch=arch)
     groups = initialize_model_parallel(layout.tp, layout.pp, seed=cfg.model.init_seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     if len(tokenizer) > arch.vocab_size:
@@ -109,15 +108,14 @@ def build_components(cfg: OPSDConfig) -> Components:
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {arch.vocab_size}"
         )
     dtype = params_dtype(cfg.model)
-    model = build_model(cfg, arch, dtype)
+    model = build_model(cfg, arch, dtype, groups)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
         if cfg.model.recompute:
             enable_input_grads(model)
-    teacher = Teacher(model, cfg.teacher, build_model=lambda: build_model(cfg, arch, dtype))
+    teacher = Teacher(model, cfg.teacher, build_model=lambda: build_model(cfg, arch, dtype, groups))
     ddp, optimizer = wrap_and_build(cfg, model, dtype)
-    if ddp.ddp_config.overlap_grad_reduce:  # the schedule syncs grads on the last micro-batch only
-        model.config.no_sync_func = ddp.no_sync
+    loss_contract.configure_model(model, ddp)  # with overlap: one gradient sync per step
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
     problems = load_problems(
         cfg.data,
@@ -126,33 +124,32 @@ def build_components(cfg: OPSDConfig) -> Components:
     ).rows
     sampler = _sampler(cfg, model, arch, tokenizer, groups, problems)
     t = cfg.trainer
-    source = RolloutSource(
-        problems,
-        t.global_batch_size,
-        t.micro_batch_size,
-        tokenizer,
-        cfg.data,
-        sampler,
-        cfg.rollout.max_new_tokens,
-        groups,
-        Path(t.output_dir) / "rollouts" if t.save_rollouts else None,
-        cfg.rollout.seed,
-        t.micro_batch_tokens,
+    step_data = StepData(
+        problems=problems,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        tokenizer=tokenizer,
+        data=cfg.data,
+        sampler=sampler,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        groups=groups,
+        save_dir=Path(t.output_dir) / "rollouts" if t.save_rollouts else None,
+        seed=cfg.rollout.seed,
+        micro_batch_tokens=t.micro_batch_tokens,
     )
-    algorithm = build_algorithm(cfg, source, teacher, arch.vocab_size)
     return Components(
-        cfg,
-        layout,
-        groups,
-        arch,
-        tokenizer,
-        model,
-        ddp,
-        teacher,
-        optimizer,
-        scheduler,
-        sampler,
-        problems,
-        dtype,
-        algorithm,
+        cfg=cfg,
+        layout=layout,
+        groups=groups,
+        arch=arch,
+        tokenizer=tokenizer,
+        model=model,
+        ddp=ddp,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        problems=problems,
+        params_dtype=dtype,
+        algorithm=build_algorithm(cfg, step_data, teacher, arch.vocab_size),
     )

@@ -27,7 +27,7 @@ def request_seed(seed: int, step: int, problem: int, sample: int) -> int:
 
 
 @dataclass
-class RolloutSource:
+class StepData:
     """What every algorithm's step draws from: problems, prompts, the rollout engine, packing."""
 
     problems: list[dict]
