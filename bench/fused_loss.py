@@ -175,7 +175,8 @@ def main() -> None:
         diff = max(abs(a - b) for a, b in zip(m["head"], f["head"]))
         print(
             f"  T={n:6d}  materialized {m['ms']:9.1f} ms {m['peak'] / gib:7.3f} GiB | fused "
-            f"{f['ms']:9.1f} ms {f['peak'] / gib:7.3f} GiB | time fused/mat {f['ms'] / m['ms']:.2f}x"
+            f"{f['ms']:9.1f} ms {f['peak'] / gib:7.3f} GiB | time fused/mat "
+            f"{f['ms'] / m['ms']:.2f}x"
             f"  memory mat/fused {m['peak'] / max(f['peak'], 1):.1f}x  |Δloss| {diff:.1e}"
             f"\n            bare GEMMs {g['ms']:9.1f} ms {g['peak'] / gib:7.3f} GiB | fused/GEMM "
             f"{f['ms'] / g['ms']:.2f}x time, +{(f['peak'] - g['peak']) / gib:.2f} GiB"
@@ -183,7 +184,8 @@ def main() -> None:
         if "trl" in r:
             x = r["trl"]
             print(
-                f"            TRL {_trl_version()} chunked {x['ms']:9.1f} ms {x['peak'] / gib:7.3f} GiB"
+                f"            TRL {_trl_version()} chunked {x['ms']:9.1f} ms "
+                f"{x['peak'] / gib:7.3f} GiB"
                 f" | fused/TRL {f['ms'] / x['ms']:.2f}x time  |Δmean loss| "
                 f"{abs(x['mean'] - f['mean']):.1e}"
             )

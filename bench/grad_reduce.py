@@ -80,7 +80,8 @@ def main() -> None:
         n, loop_ms, ddp_ms = run_distributed(_bench, 2, args.steps, distributed, timeout=600)[0]
         kind = "reduce-scatter (distributed optimizer)" if distributed else "all-reduce"
         print(
-            f"DP=2, {n} trainable tensors: per-parameter loop {loop_ms:.1f} ms/step, megatron DDP {kind} "
+            f"DP=2, {n} trainable tensors: per-parameter loop {loop_ms:.1f} ms/step, megatron DDP "
+            f"{kind} "
             f"{ddp_ms:.1f} ms/step -> {loop_ms / ddp_ms:.1f}x"
         )
 

@@ -1,6 +1,6 @@
-"""Benchmark: our vocab-parallel JSD vs the naive PyTorch formula, forward+backward time and peak memory,
-and ours with ``loss.compile=true`` (its per-chunk work through torch.compile; the first call,
-which compiles, is reported apart).
+"""Benchmark: our vocab-parallel JSD vs the naive PyTorch formula, forward+backward time and peak
+memory, and ours with ``loss.compile=true`` (its per-chunk work through torch.compile; the first
+call, which compiles, is reported apart).
 
     python bench/loss.py                      # CPU: small sizes; GPU: T=8192, V=151936, bf16
     python bench/loss.py --tokens 2048 --vocab 65536 --beta 0.5
@@ -28,7 +28,8 @@ from opsd_megatron.losses import vocab_parallel_jsd
 
 
 def naive_jsd(student, teacher, beta, temperature):
-    """The formula as usually written (TRL GKD style): full fp32 log-softmaxes and a stacked mixture."""
+    """The formula as usually written (TRL GKD style): full fp32 log-softmaxes and a stacked
+    mixture."""
     ls = F.log_softmax(student.float() / temperature, dim=-1)
     lt = F.log_softmax(teacher.float() / temperature, dim=-1)
     if beta == 0:
@@ -96,7 +97,8 @@ def worker(args) -> dict:
 
 
 def _baseline_rss(args) -> int:
-    """Max RSS of a process that only builds the inputs (CPU: subtracted from the variants' peak)."""
+    """Max RSS of a process that only builds the inputs (CPU: subtracted from the variants'
+    peak)."""
     code = (
         "import resource,torch;g=torch.Generator().manual_seed(0);"
         f"s=(torch.randn({args.tokens},{args.vocab},generator=g)*2).to(torch.{args.dtype});"
@@ -164,7 +166,8 @@ def main() -> None:
         c = results["compiled"]
         diff = max(abs(a - b) for a, b in zip(c["loss_head"], o["loss_head"]))
         print(
-            f"  compiled: {c['median_ms']:7.2f} ms   peak +{c['peak_extra_bytes'] / gib:7.3f} GiB   "
+            f"  compiled: {c['median_ms']:7.2f} ms   peak +{c['peak_extra_bytes'] / gib:7.3f} GiB  "
+            " "
             f"first call (compiles) {c['first_call_s']:.1f} s"
         )
         print(

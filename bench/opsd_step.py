@@ -154,7 +154,7 @@ def plain_step(hf_dir: str, student_prompts, teacher_prompts, new_tokens, micro,
 
 def padding_fraction(prompts, teacher_prompts, responses, micro: int) -> dict[str, float]:
     """Padded / all tokens of the student and teacher passes, as the trainer groups them."""
-    from opsd_megatron.algorithms.batches import token_budget_groups
+    from opsd_megatron.algorithms.step_data import token_budget_groups
 
     student = [len(p) + len(r) for p, r in zip(prompts, responses)]
     teacher = [len(p) + len(r) for p, r in zip(teacher_prompts, responses)]

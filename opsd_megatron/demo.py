@@ -40,10 +40,11 @@ from opsd_megatron.errors import UserError
 @dataclass
 class BaseUntil:
     """Train the base until it reads references: after ``base``'s own steps, continue in rounds of
-    ``extend_steps`` (resuming the same run; past its warmup the rate is constant) until the accuracy with
-    the reference reaches ``teacher_accuracy``, or ``max_steps``. 0 disables. Some initialisations
-    learn to copy from a reference hundreds of steps later than others; a fixed step count gives
-    them a teacher that is itself wrong on a fifth of the problems, which OPSD cannot lift."""
+    ``extend_steps`` (resuming the same run; past its warmup the rate is constant) until the
+    accuracy with the reference reaches ``teacher_accuracy``, or ``max_steps``. 0 disables. Some
+    initialisations learn to copy from a reference hundreds of steps later than others; a fixed step
+    count gives them a teacher that is itself wrong on a fifth of the problems, which OPSD cannot
+    lift."""
 
     teacher_accuracy: float = 0.0
     accuracy: float = 0.0  # ... and solves at least this fraction alone
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
                 )
             lift = summary["lift"]
             print(
-                f"[demo] OPSD lift over {args.seeds} seeds: mean {100 * lift['lift_mean']:+.1f}, min "
+                f"[demo] OPSD lift over {args.seeds} seeds: mean {100 * lift['lift_mean']:+.1f}, "
+                "min "
                 f"{100 * lift['lift_min']:+.1f}, max {100 * lift['lift_max']:+.1f} points; "
                 f"{Path(demo.output_dir) / 'summary.json'}, accuracy.png"
             )
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
-        f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, {100 * summary['base_teacher_accuracy']:.1f}% "
+        f"[demo] base {100 * summary['base_accuracy']:.1f}% alone, "
+        f"{100 * summary['base_teacher_accuracy']:.1f}% "
         f"with the reference; after {summary['steps']} steps:\n"
         + report.table(summary["base"], summary["arms"])
         + f"\n[demo] OPSD lift {100 * summary['lift']:+.1f} points; "

@@ -42,7 +42,8 @@ def final_figures(run_dir: Path) -> dict:
 
 
 def table(base: dict, arms: dict) -> str:
-    """The arms side by side: final accuracy, length and marker rate per benchmark, tokens sampled."""
+    """The arms side by side: final accuracy, length and marker rate per benchmark, tokens
+    sampled."""
     names = sorted({b for a in arms.values() for b in a.get("final", {})})
     head = "| arm | tokens | " + " | ".join(f"{b} acc | {b} length | {b} markers/1k" for b in names)
     rows = [head + " |", "|---" * (2 + 3 * len(names)) + "|"]
@@ -94,7 +95,8 @@ def plot(curves: dict, base: dict, out_png: Path) -> None:
 
 
 def spread(runs: list[dict]) -> dict:
-    """Per arm: accuracy at each evaluation step over seeds (mean, min, max) and the lift's spread."""
+    """Per arm: accuracy at each evaluation step over seeds (mean, min, max) and the lift's
+    spread."""
     out = {}
     for name in runs[0]["arms"]:
         curves = [r["arms"][name]["curve"] for r in runs]

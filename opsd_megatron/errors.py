@@ -41,8 +41,8 @@ def report(prog: str, err: BaseException, debug: bool) -> int:
 
 
 def guarded(prog: str, debug: bool, launch):
-    """Run ``launch()`` (the ranks); (None, result), or (exit code, None) after one line for
-    Ctrl-C (130; the ranks are stopped by then) or a rank's user error (2). Bugs keep their traceback."""
+    """Run ``launch()`` (the ranks); (None, result), or (exit code, None) after one line for Ctrl-C
+    (130; the ranks are stopped by then) or a rank's user error (2). Bugs keep their traceback."""
     try:
         return None, launch()
     except KeyboardInterrupt:

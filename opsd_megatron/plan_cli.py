@@ -15,7 +15,8 @@ from opsd_megatron.planner import GIB, plan, smallest_fitting_layout
 
 def main(argv=None) -> int:
     """``opsd-plan``: print the per-GPU memory terms of the recipe's layout, whether it fits, the
-    smallest layout that does and its launch command; returns 0, 1 (nothing fits) or 2 (bad input)."""
+    smallest layout that does and its launch command; returns 0, 1 (nothing fits) or 2 (bad
+    input)."""
     ap = argparse.ArgumentParser(prog="opsd-plan", description=__doc__)
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*")

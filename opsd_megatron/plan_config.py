@@ -75,6 +75,7 @@ def refuse_unfit_layout(cfg: OPSDConfig, layout: Layout, gpu_gib: float) -> str 
         else "; no layout up to 128 GPUs fits"
     )
     return (
-        f"the planner estimates {total / GIB:.1f} GiB per GPU for {layout.describe()}, more than the "
+        f"the planner estimates {total / GIB:.1f} GiB per GPU for {layout.describe()}, more than "
+        "the "
         f"{gpu_gib:.0f} GiB GPU{hint} (see opsd-plan; pass --force to start anyway)"
     )

@@ -1,21 +1,21 @@
 """Per-GPU memory plan for a recipe and layout: what the trainer will hold, term by term.
 
-Weights, gradients and optimizer states are exact counts of this trainer's tensors (megatron's
-vocab padding, TP/PP sharding, our LoRA sharding). Gradients live in megatron DDP's fp32 main-grad
-buffer (``grad_bytes``, 4 with fp32 master weights); megatron's optimizer keeps, per trainable
-parameter, two fp32 AdamW moments plus an fp32 master copy when the parameters are 16-bit, all
-divided by DP with ``distributed_optimizer`` (``master_fp32=False`` is the no-master-copy
-``optimizer.precision=bf16`` mode: moments in the parameter dtype). Activations are the
-tensors each layer saves for its backward, counted per implementation (``activation_bytes_per_layer``):
-``te`` (GPU: transformer-engine norms, flash attention) or ``local`` (megatron-core's local spec,
-what runs on CPU: fp32 torch norms, unfused attention with an fp32 softmax); full recompute keeps
-only each layer's input. The ``local`` count is checked against the bytes megatron really saves
+Weights, gradients and optimizer states are exact counts of this trainer's tensors (megatron's vocab
+padding, TP/PP sharding, our LoRA sharding). Gradients live in megatron DDP's fp32 main-grad buffer
+(``grad_bytes``, 4 with fp32 master weights); megatron's optimizer keeps, per trainable parameter,
+two fp32 AdamW moments plus an fp32 master copy when the parameters are 16-bit, all divided by DP
+with ``distributed_optimizer`` (``master_fp32=False`` is the no-master-copy
+``optimizer.precision=bf16`` mode: moments in the parameter dtype). Activations are the tensors each
+layer saves for its backward, counted per implementation (``activation_bytes_per_layer``): ``te``
+(GPU: transformer-engine norms, flash attention) or ``local`` (megatron-core's local spec, what runs
+on CPU: fp32 torch norms, unfused attention with an fp32 softmax); full recompute keeps only each
+layer's input. The ``local`` count is checked against the bytes megatron really saves
 (tests/test_planner.py); ``te`` is the same accounting for TE's kernels, not yet measured on a GPU.
-The loss terms are what the step keeps: teacher logits of the response rows for all
-micro-batches of a rank (and the initial policy's with the ref-KL term), the student's logits and
-their response rows, the gradient of those rows, and the loss's chunked fp32 working set; with
-``loss.fused`` the same terms hold hidden states (``teacher_hidden``, ``student_hidden``: H wide
-instead of V/tp) and the working set stays bounded by the chunk. vLLM's share is its weight copy plus a KV cache for the
+The loss terms are what the step keeps: teacher logits of the response rows for all micro-batches of
+a rank (and the initial policy's with the ref-KL term), the student's logits and their response
+rows, the gradient of those rows, and the loss's chunked fp32 working set; with ``loss.fused`` the
+same terms hold hidden states (``teacher_hidden``, ``student_hidden``: H wide instead of V/tp) and
+the working set stays bounded by the chunk. vLLM's share is its weight copy plus a KV cache for the
 rank's rollouts.
 """
 
@@ -47,7 +47,8 @@ class PlanInput:
     response_len: int = 2048
     recompute: bool = False
     sequence_parallel: bool = False
-    impl: str = "te"  # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
+    # te: transformer-engine + flash attention (GPU) | local: megatron-core local spec (CPU)
+    impl: str = "te"
     distributed_optimizer: bool = False
     master_fp32: bool = True  # optimizer.precision=fp32: fp32 master weights and moments
     frozen_teacher_copy: bool = (
@@ -81,7 +82,8 @@ def layer_params_per_rank(arch: ArchSpec, tp: int) -> int:
 
 
 def lora_params_per_layer_rank(arch: ArchSpec, tp: int, rank: int, targets) -> int:
-    """Our sharding: column base A [r/tp, in] + B [out/tp, r]; row base A [r, in/tp] + B [out/tp, r]."""
+    """Our sharding: column base A [r/tp, in] + B [out/tp, r]; row base A [r, in/tp] + B [out/tp,
+    r]."""
     total = 0
     for name, (i, o) in layer_linear_shapes(arch).items():
         if name not in targets:
@@ -104,7 +106,8 @@ def stage_params(p: PlanInput) -> list[int]:
         if stage == p.pp - 1:
             n += a.hidden_size  # final norm
             if not a.tie_word_embeddings or p.pp > 1:
-                n += vocab_rows  # output layer (a tied copy when the embedding lives on another stage)
+                # output layer (a tied copy when the embedding lives on another stage)
+                n += vocab_rows
         out.append(n)
     return out
 

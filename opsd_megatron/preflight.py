@@ -45,7 +45,8 @@ def check_tokenizer(key: str, spec: str) -> None:
     kind, where = resolve(key, spec, "model")
     if kind == "file":
         raise PathError(
-            f"{key}={spec!r}: is a file; a tokenizer is a directory (tokenizer.json, tokenizer_config.json)"
+            f"{key}={spec!r}: is a file; a tokenizer is a directory (tokenizer.json, "
+            "tokenizer_config.json)"
         )
     if kind == "dir":
         _local_dir(
@@ -90,7 +91,8 @@ def check_benchmarks(cfg) -> None:
 
 
 def check_training_run(cfg) -> None:
-    """Every input of a training run (model, tokenizer, data, benchmarks), before any rank starts."""
+    """Every input of a training run (model, tokenizer, data, benchmarks), before any rank
+    starts."""
     check_model(cfg)
     check_data(cfg)
     if cfg.eval.interval and cfg.eval.benchmarks:
@@ -98,7 +100,8 @@ def check_training_run(cfg) -> None:
 
 
 def check_eval_run(cfg, checkpoint: str | None) -> None:
-    """Every input of an evaluation (model, tokenizer, benchmarks, checkpoint), before any rank starts."""
+    """Every input of an evaluation (model, tokenizer, benchmarks, checkpoint), before any rank
+    starts."""
     check_model(cfg)
     check_benchmarks(cfg)
     if checkpoint:

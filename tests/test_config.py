@@ -97,7 +97,8 @@ def test_renamed_teacher_keys_still_load_with_a_warning(tmp_path):
     recipe and as overrides; the new names load silently."""
     old = tmp_path / "old.yaml"
     old.write_text(
-        f"defaults_from: {TINY}\nlora: null\nteacher: {{kind: ema, model: {{kind: frozen_copy, offload: true}}}}\n"
+        f"defaults_from: {TINY}\nlora: null\nteacher: {{kind: ema, model: {{kind: frozen_copy, "
+        f"offload: true}}}}\n"
     )
     with pytest.warns(FutureWarning, match="old.yaml: 'teacher.kind' is now 'teacher.update'"):
         cfg = load_config(old)

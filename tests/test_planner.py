@@ -81,7 +81,8 @@ def test_plan_terms_and_distributed_optimizer():
     p = PlanInput(arch=arch, tp=2, pp=2, dp=4, lora_rank=None)
     full = plan(p)
     sharded = plan(PlanInput(**{**p.__dict__, "distributed_optimizer": True}))
-    # bf16 params: fp32 main grads (4 B), fp32 master + two fp32 moments (12 B) per trainable parameter
+    # bf16 params: fp32 main grads (4 B), fp32 master + two fp32 moments (12 B) per trainable
+    # parameter
     assert (
         full["optimizer_states"] == 3 * full["gradients"]
         and sharded["optimizer_states"] == full["optimizer_states"] / 4

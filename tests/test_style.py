@@ -1,5 +1,6 @@
-"""``ruff check`` (pyflakes, syntax errors, import order; settings in pyproject.toml) and
-``ruff format --check`` pass on the library, the tools, the benchmarks and the tests."""
+"""``ruff check`` (pyflakes, syntax errors, import order, line length; settings in
+pyproject.toml) and ``ruff format --check`` pass on the library, the tools, the benchmarks and
+the tests."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def _ruff(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_check_is_clean():
+    import tomllib
+
+    rules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]["select"]
+    assert "E501" in rules, "line length must stay enforced (E501)"
     out = _ruff("check")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 

@@ -3,11 +3,12 @@
 distributed checkpoint, which loads at any tensor/pipeline-parallel layout (megatron's
 dist_checkpointing reshards on load).
 
-By default one process streams it tensor by tensor: peak host memory is one parameter plus a
-fixed ≈0.4 GB (imports and buffers), whatever the model size (a 70B converts on a small node); --tp/--pp are checked
-as the layout you will train at. --ranks instead runs TP*PP ranks (local CPU processes, or under
-`torchrun --nproc-per-node TP*PP`) that each build and save their shard: the whole model in
-memory across the ranks. The output directory appears only when the conversion succeeded.
+By default one process streams it tensor by tensor: peak host memory is one parameter plus a fixed
+≈0.4 GB (imports and buffers), whatever the model size (a 70B converts on a small node);
+--tp/--pp are checked as the layout you will train at. --ranks instead runs TP*PP ranks (local CPU
+processes, or under `torchrun --nproc-per-node TP*PP`) that each build and save their shard: the
+whole model in memory across the ranks. The output directory appears only when the conversion
+succeeded.
 
 Example:
     python tools/convert_hf_to_megatron.py --hf-dir Qwen3-8B --out ckpt/qwen3-8b-tp2 --tp 2 --pp 1

@@ -17,31 +17,9 @@ from typing import Protocol
 
 import torch
 
-from opsd_megatron.algorithms.batches import MicroBatch
+from opsd_megatron.algorithms.step_data import MicroBatch, Rollouts, Scored
 from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.platform.parallel import ParallelGroups
-
-
-@dataclass
-class Rollouts:
-    """One step's sequences on this DP rank, before scoring."""
-
-    step: int
-    problems: list[dict]
-    prompts: list[list[int]]  # the student prompt's token ids
-    responses: list[list[int]]  # sampled ids (the stop token included) or, for SFT, the reference
-    logprobs: list[list[float]] | None  # the sampler's log p(token); None: not sampled (SFT)
-    generated_tokens: int
-    finished: list[bool] | None = None  # sampled: stopped on a stop token (False: hit the limit)
-
-
-@dataclass
-class Scored:
-    """What the student pass consumes: micro-batches (with the typed fields ``score`` fills) and
-    this rank's counts for the step's metrics (summed over DP)."""
-
-    micro_batches: list[MicroBatch]
-    counts: dict[str, float]
 
 
 @dataclass

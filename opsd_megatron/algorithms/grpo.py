@@ -1,7 +1,8 @@
 r"""GRPO (the paper's RL baseline): G rollouts per problem, binary reward from the grader, group-
 normalised advantage A = (r − mean_g) / (std_g + ε), clipped surrogate
 
-    loss_n = −min(ρ_n A, clip(ρ_n, 1−ε_c, 1+ε_c) A) + β_KL · k3(log π_ref − log π),   ρ_n = π(ŷ_n)/π_old(ŷ_n)
+    loss_n = −min(ρ_n A, clip(ρ_n, 1−ε_c, 1+ε_c) A) + β_KL · k3(log π_ref − log π),   ρ_n =
+    π(ŷ_n)/π_old(ŷ_n)
 
 with π_old the sampler's log-probs (one update per batch) and the optional KL to the initial
 policy (adapters off) by the k3 estimator. Groups whose rewards are all equal carry no signal: they
@@ -13,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from opsd_megatron.algorithms.base import Diagnostic, Rollouts, Scored
-from opsd_megatron.algorithms.batches import MicroBatch, response_rows
-from opsd_megatron.algorithms.step_data import StepData
+from opsd_megatron.algorithms.step_data import MicroBatch, StepData, response_rows
 from opsd_megatron.config import GRPOConfig
 from opsd_megatron.data.grading import Grader, reference_answer
 from opsd_megatron.losses.distributions import Hidden, Logits
@@ -35,7 +35,8 @@ def group_advantages(
 
 
 class GRPO:
-    """GRPO's phases: G samples per problem, grader rewards, the clipped surrogate (+ optional KL)."""
+    """GRPO's phases: G samples per problem, grader rewards, the clipped surrogate (+ optional
+    KL)."""
 
     def __init__(
         self,

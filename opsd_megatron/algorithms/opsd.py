@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from opsd_megatron.algorithms.base import Diagnostic, Rollouts, Scored
-from opsd_megatron.algorithms.batches import MicroBatch, response_rows
 from opsd_megatron.algorithms.peer import peer_solutions
-from opsd_megatron.algorithms.step_data import StepData
+from opsd_megatron.algorithms.step_data import MicroBatch, StepData, response_rows
 from opsd_megatron.config import DataConfig, LossConfig
 from opsd_megatron.data.grading import Grader
 from opsd_megatron.data.prompts import pack, teacher_prompt_ids

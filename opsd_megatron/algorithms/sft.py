@@ -7,8 +7,7 @@ from __future__ import annotations
 import zlib
 
 from opsd_megatron.algorithms.base import Rollouts, Scored
-from opsd_megatron.algorithms.batches import MicroBatch
-from opsd_megatron.algorithms.step_data import StepData
+from opsd_megatron.algorithms.step_data import MicroBatch, StepData
 from opsd_megatron.config import SFTConfig
 from opsd_megatron.data.prompts import teacher_prompt_ids
 from opsd_megatron.losses.distributions import Hidden, Logits

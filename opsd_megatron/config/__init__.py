@@ -1,6 +1,7 @@
 """The run's configuration: typed section dataclasses (``*_sections.py``), the whole-run schema
-(``schema.py``), loading recipes with overrides (``loader.py``) and the layout check (``layout.py``).
-Nothing here imports the rest of the library: every other package may import this one."""
+(``schema.py``), loading recipes with overrides (``loader.py``) and the layout check
+(``layout.py``). Nothing here imports the rest of the library: every other package may import this
+one."""
 
 from opsd_megatron.config.algorithm_sections import (
     EvalConfig,

@@ -72,10 +72,10 @@ class VLLMConfig:
 
     def engine_memory(self, free_bytes: int, total_bytes: int, reserve_bytes: int = 0) -> dict:
         """vLLM's memory arguments from the memory free now (after the trainer is built), less
-        ``reserve_bytes`` the trainer will still allocate (Adam's moments appear at the first
-        step): ``gpu_memory_utilization`` is a fraction of the *total* that vLLM checks is free at
-        start, so it is ``memory_fraction`` of that free memory expressed over the total; an
-        explicit KV cache size goes to ``kv_cache_memory_bytes`` (vLLM 0.32 then skips profiling)."""
+        ``reserve_bytes`` the trainer will still allocate (Adam's moments appear at the first step):
+        ``gpu_memory_utilization`` is a fraction of the *total* that vLLM checks is free at start,
+        so it is ``memory_fraction`` of that free memory expressed over the total; an explicit KV
+        cache size goes to ``kv_cache_memory_bytes`` (vLLM 0.32 then skips profiling)."""
         free = free_bytes - reserve_bytes
         if free <= 0:
             raise ConfigError(
@@ -236,7 +236,8 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    """Paper Table 5: thinking on, top-p 0.95, no top-k, 16 samples, T=1.2 (token budget per recipe)."""
+    """Paper Table 5: thinking on, top-p 0.95, no top-k, 16 samples, T=1.2 (token budget per
+    recipe)."""
 
     benchmarks: list = field(
         default_factory=list
@@ -273,7 +274,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.n_samples < 1 or any(k < 1 for k in self.ks) or self.batch_size < 1:
             raise ConfigError(
-                f"eval: need n_samples >= 1, ks >= 1, batch_size >= 1 (got n_samples={self.n_samples}, "
+                "eval: need n_samples >= 1, ks >= 1, batch_size >= 1 (got "
+                f"n_samples={self.n_samples}, "
                 f"ks={self.ks}, batch_size={self.batch_size})"
             )
         if (

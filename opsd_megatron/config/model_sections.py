@@ -24,7 +24,8 @@ class ModelConfig:
     hf_dir: Optional[str] = None  # HF checkpoint to start from (config.json + safetensors)
     megatron_dir: Optional[str] = None  # or a converted megatron checkpoint
     # An HF config dict. Alone: a randomly initialised model (tiny recipes, tests). Beside hf_dir /
-    # megatron_dir: lets a recipe validate its layout before the weights exist (checked against them).
+    # megatron_dir: lets a recipe validate its layout before the weights exist (checked against
+    # them).
     architecture: Optional[dict] = None
     recompute: bool = False  # full activation recompute of every layer (keeps only layer inputs)
     tokenizer: str = "builtin:arith"  # a tokenizer directory, or the project's local one
@@ -140,7 +141,8 @@ class OptimizerConfig:
     # and its checkpoints resume at any DP size); false: megatron's non-distributed optimizer.
     distributed: Optional[bool] = None
     # fp32: master weights and AdamW moments in fp32 whenever the parameters are bf16 (default);
-    # bf16: step the bf16 parameters themselves (no master copy; loses small updates, for comparison).
+    # bf16: step the bf16 parameters themselves (no master copy; loses small updates, for
+    # comparison).
     precision: str = "fp32"
     overlap_grad_reduce: bool = (
         True  # reduce gradient buckets during the backward (GPUs: CUDA streams)
@@ -171,7 +173,8 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.precision must be fp32|bf16, got {self.precision!r}")
         if self.precision == "bf16" and self.distributed:
             raise ConfigError(
-                "optimizer.precision=bf16 (no fp32 master weights) needs optimizer.distributed=false: "
+                "optimizer.precision=bf16 (no fp32 master weights) needs "
+                "optimizer.distributed=false: "
                 "megatron's distributed optimizer always keeps fp32 master weights"
             )
         if self.bucket_mb is not None and self.bucket_mb < 1:

@@ -1,4 +1,5 @@
-"""Config sections of a run around the model: data and prompts, the trainer, checkpoints, logging."""
+"""Config sections of a run around the model: data and prompts, the trainer, checkpoints,
+logging."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any, Optional
 from opsd_megatron.config.base import ConfigError, at_least
 
 SOLUTION_TEACHER_TEMPLATE = (
-    "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
-    "{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you "
-    "truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words "
-    "and independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
-    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
-    "Please reason step by step, and put your final answer within \\boxed{{}}."
+    "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution "
+    "Begin ===\n{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference "
+    "solution above, make sure you truly understand the reasoning behind each step — do not copy "
+    "or paraphrase it. Now, using your own words and independent reasoning, derive the same final "
+    "answer to the problem above. Think step by step, explore different approaches, and don't be "
+    "afraid to backtrack or reconsider if something doesn't work out:\n\nPlease reason step by "
+    "step, and put your final answer within \\boxed{{}}."
 )
 ANSWER_TEACHER_TEMPLATE = (
     "Problem: {problem}\n\nThe final answer to this problem is: {answer}\n\n"

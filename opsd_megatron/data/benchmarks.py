@@ -10,7 +10,8 @@ HELD_OUT_SEED = 987654  # synthetic eval problems come from their own stream
 
 
 def _row(where: str, r, cfg) -> dict:
-    """One benchmark row; the answer must be non-empty text or a number (never graded against "None")."""
+    """One benchmark row; the answer must be non-empty text or a number (never graded against
+    "None")."""
     if isinstance(r, Exception):
         raise r
     if not isinstance(r, dict):

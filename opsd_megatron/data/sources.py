@@ -35,7 +35,8 @@ class DataError(UserError):
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    """(1-based line number, parsed row or the DataError saying what is wrong with it) per non-blank line."""
+    """(1-based line number, parsed row or the DataError saying what is wrong with it) per non-blank
+    line."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -44,7 +45,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 yield (
                     n,
                     DataError(
-                        f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                        f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1})"
                     ),
                 )
                 continue
@@ -77,7 +79,8 @@ def check_hub(key: str, name: str, repo_type: str) -> None:
     local = "download it where the cluster can read it and pass that local directory"
     if _offline():
         raise PathError(
-            f"{key}={name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local}"
+            f"{key}={name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"{local}"
         )
     from huggingface_hub import HfApi
 
@@ -149,6 +152,7 @@ def resolve(key: str, spec: str, repo_type: str = "model") -> tuple[str, Path | 
     looks_local = spec.startswith(("/", ".", "~")) or spec.lower().endswith(FILE_SUFFIXES)
     if looks_local or not HUB_NAME.match(spec):
         raise PathError(
-            f"{key}={spec!r}: no such file or directory (and not a Hugging Face Hub name owner/name)"
+            f"{key}={spec!r}: no such file or directory (and not a Hugging Face Hub name "
+            "owner/name)"
         )
     return "hub", spec

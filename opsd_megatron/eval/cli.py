@@ -48,7 +48,8 @@ def _rank_entry(cfg, layout, checkpoint, tag):
         if recorded is not None:
             if cfg.lora is not None and recorded != cfg.lora and dist.get_rank() == 0:
                 print(
-                    f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says {cfg.lora})",
+                    f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says "
+                    f"{cfg.lora})",
                     flush=True,
                 )
             apply_lora(model, recorded)

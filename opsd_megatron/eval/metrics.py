@@ -30,7 +30,8 @@ def maj_at_n(extracted: list[str | None], correct: list[bool]) -> bool:
 
 
 def summarize(per_problem: list[dict], ks: list[int]) -> dict:
-    """``per_problem``: {"correct": [bool|None]*n, "extracted": [...]}. Ungraded problems are counted apart."""
+    """``per_problem``: {"correct": [bool|None]*n, "extracted": [...]}. Ungraded problems are
+    counted apart."""
     graded = [p for p in per_problem if all(c is not None for c in p["correct"])]
     out = {
         "problems": len(per_problem),

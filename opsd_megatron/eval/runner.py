@@ -41,8 +41,9 @@ def _prompt_text(cfg, row, with_reference: bool) -> str:
 def _generate(
     model, tokenizer, cfg, rows, stop_ids, arch, with_reference, groups, name="eval"
 ) -> list[list[tuple[str, int, bool]]]:
-    """Every sample's (text, token count, hit the new-token limit). New tokens are capped so prompt + new tokens stay within the model's
-    ``max_position_embeddings`` (said once); rank 0 shows the batches' progress."""
+    """Every sample's (text, token count, hit the new-token limit). New tokens are capped so prompt
+    + new tokens stay within the model's ``max_position_embeddings`` (said once); rank 0 shows the
+    batches' progress."""
     e, limit, vocab_size = cfg.eval, arch.max_position_embeddings, arch.vocab_size
     sampler = MegatronSampler(
         model,
@@ -103,12 +104,14 @@ def evaluate(
     tag: str = "eval",
     with_reference: bool | None = None,
 ) -> dict | None:
-    """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None elsewhere).
+    """Run every benchmark in ``cfg.eval.benchmarks``; returns the report on rank 0 (None
+    elsewhere).
 
-    ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template, which
-    measures what OPSD relies on: how much better the model solves a problem when shown its solution.
-    ``eval.save_outputs``: every sample to ``eval/<tag>.jsonl`` (the exact prompt text after the chat
-    template, the generated text without special tokens, the extracted answer and the verdict)."""
+    ``with_reference`` (default ``cfg.eval.with_reference``) prompts with the teacher template,
+    which measures what OPSD relies on: how much better the model solves a problem when shown its
+    solution. ``eval.save_outputs``: every sample to ``eval/<tag>.jsonl`` (the exact prompt text
+    after the chat template, the generated text without special tokens, the extracted answer and the
+    verdict)."""
     with_reference = cfg.eval.with_reference if with_reference is None else with_reference
 
     report = {"benchmarks": {}}

@@ -5,9 +5,10 @@ interface so an algorithm writes each loss once and reaches it in one call:
 * ``Hidden``: final-norm hidden states ``[..., H]`` with the output layer's ``[V/tp, H]`` shard
   (``loss.fused=true``: logits made one token chunk at a time, never whole; ``linear_*.py``).
 
-``student.jsd(teacher, ...)``, ``.sampled_token(...)``, ``.topk_jsd(...)``, ``.token_logprobs(...)``,
-``.entropy(...)``, ``.top1_agreement(...)``: each method is the loss file's public function (math,
-autograd function and API in that one file). Student and teacher must have the same form.
+``student.jsd(teacher, ...)``, ``.sampled_token(...)``, ``.topk_jsd(...)``,
+``.token_logprobs(...)``, ``.entropy(...)``, ``.top1_agreement(...)``: each method is the loss
+file's public function (math, autograd function and API in that one file). Student and teacher must
+have the same form.
 
 Legend: H hidden size, V local vocab shard; ``...`` the token dims ([B, R] in the trainer).
 """

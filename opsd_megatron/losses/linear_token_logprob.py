@@ -118,8 +118,8 @@ def vocab_parallel_linear_sampled_token_loss(
     reduce_hidden_grad: bool = True,
     baseline: str = "none",
 ) -> SampledTokenOutput:
-    """The sampled-token objective −sg[Â]·log p_S(ŷ), Â = log p_T(ŷ) − log p_S(ŷ) (+ sg[KL(p_S ‖ p_T)]
-    with ``baseline="reverse_kl"``), from hidden states (``losses/sampled_token.py``, no
+    """The sampled-token objective −sg[Â]·log p_S(ŷ), Â = log p_T(ŷ) − log p_S(ŷ) (+ sg[KL(p_S ‖
+    p_T)] with ``baseline="reverse_kl"``), from hidden states (``losses/sampled_token.py``, no
     importance weight)."""
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")

@@ -1,4 +1,5 @@
-r"""Turning per-token losses into the batch loss, correctly under micro-batching and data parallelism.
+r"""Turning per-token losses into the batch loss, correctly under micro-batching and data
+parallelism.
 
 Two normalisations:
 
@@ -40,7 +41,8 @@ def _check_mask(per_token_BT: torch.Tensor, mask_BT: torch.Tensor) -> None:
 
 
 def local_count(mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
-    """What ``mode`` normalises by, counted on one micro-batch: response tokens or non-empty sequences."""
+    """What ``mode`` normalises by, counted on one micro-batch: response tokens or non-empty
+    sequences."""
     _check_mode(mode)
     if mode == "token_mean":
         return mask_BT.sum().to(torch.float64)

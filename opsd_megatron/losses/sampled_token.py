@@ -82,7 +82,8 @@ def vocab_parallel_sampled_token_loss(
     else:
         if sampler_logprobs.shape != tokens.shape:
             raise ValueError(
-                f"sampler_logprobs {tuple(sampler_logprobs.shape)} must match tokens {tuple(tokens.shape)}"
+                f"sampler_logprobs {tuple(sampler_logprobs.shape)} must match tokens "
+                f"{tuple(tokens.shape)}"
             )
         log_ratio = student_lp.detach() - sampler_logprobs.to(student_lp.dtype)
         weight = torch.exp(log_ratio).clamp(max=importance_ratio_max)

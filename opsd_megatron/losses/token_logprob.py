@@ -1,4 +1,5 @@
-r"""Vocab-parallel log-probability of given tokens: log p(y_n) = s_{n,y_n}/τ − log Σ_v exp(s_{n,v}/τ).
+r"""Vocab-parallel log-probability of given tokens: log p(y_n) = s_{n,y_n}/τ − log Σ_v
+exp(s_{n,v}/τ).
 
 Legend: N tokens (leading dims flattened), V local vocab shard.
 
@@ -96,7 +97,8 @@ def vocab_parallel_token_logprobs(
     limit = vocab_size if vocab_size is not None else width * group_size(group)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
         raise ValueError(
-            f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, {int(tokens.max())}]"
+            f"token ids must be in [0, {limit}), got range [{int(tokens.min())}, "
+            f"{int(tokens.max())}]"
         )
     logits_NV, tokens_N = logits.reshape(-1, width), tokens.reshape(-1).long()
     if is_truncated(top_k, top_p):

@@ -22,11 +22,13 @@ def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape (same tokens, same vocab shard)"
+            f"{tuple(teacher_logits.shape)} must have the same shape (same tokens, same vocab "
+            "shard)"
         )
     if student_logits.device != teacher_logits.device:
         raise ValueError(
-            f"student_logits on {student_logits.device} but teacher_logits on {teacher_logits.device}"
+            f"student_logits on {student_logits.device} but teacher_logits on "
+            f"{teacher_logits.device}"
         )
 
 
@@ -40,5 +42,6 @@ def check_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> None:
         raise TypeError(f"tokens must be int64/int32 token ids, got dtype {tokens.dtype}")
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(
-            f"tokens {tuple(tokens.shape)} must match the logits' leading shape {tuple(logits.shape[:-1])}"
+            f"tokens {tuple(tokens.shape)} must match the logits' leading shape "
+            f"{tuple(logits.shape[:-1])}"
         )

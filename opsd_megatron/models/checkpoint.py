@@ -65,7 +65,8 @@ def write_metadata(
     adapters_only: bool = False,
     extra: dict | None = None,
 ) -> None:
-    """``opsd_model.json``: the architecture and original HF config, so a checkpoint rebuilds its model."""
+    """``opsd_model.json``: the architecture and original HF config, so a checkpoint rebuilds its
+    model."""
     meta = {
         "arch": arch.to_dict(),
         "hf_config": hf_config,

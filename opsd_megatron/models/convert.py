@@ -1,4 +1,5 @@
-"""HF <-> megatron distributed-checkpoint conversion at any TP/PP (the library side of tools/convert_*).
+"""HF <-> megatron distributed-checkpoint conversion at any TP/PP (the library side of
+tools/convert_*).
 
 Each conversion runs ``tp*pp`` ranks: under torchrun when launched so, else as local gloo
 processes. Every rank builds only its stage/shard (no random init), streams exactly its slices
@@ -126,7 +127,8 @@ def convert_hf_to_megatron(
     overwrite: bool = False,
     streaming: bool = True,
 ) -> list[dict]:
-    """Write a megatron distributed checkpoint (+ tokenizer) of an HF model, loadable at any TP x PP.
+    """Write a megatron distributed checkpoint (+ tokenizer) of an HF model, loadable at any TP x
+    PP.
 
     ``streaming`` (default): one process writes it tensor by tensor (peak memory: one parameter);
     ``tp``/``pp`` are then only checked as the layout to train at. Otherwise ``tp*pp`` ranks each
@@ -172,7 +174,8 @@ def convert_megatron_to_hf(
 
 
 def run_tool(convert, out: str, **kwargs) -> int:
-    """What the two conversion scripts share: run, report peak memory, turn bad input into exit 2."""
+    """What the two conversion scripts share: run, report peak memory, turn bad input into exit
+    2."""
     import sys
 
     try:

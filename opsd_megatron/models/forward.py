@@ -36,7 +36,8 @@ def pad_for_sequence_parallel(model, tokens_BT: torch.Tensor, position_ids_BT: t
 @contextlib.contextmanager
 def sequence_parallel_disabled(model):
     """Run ``model`` without sequence parallelism inside the block (KV-cache decoding feeds one
-    token at a time). Megatron caches the flag per module, so every copy is switched and restored."""
+    token at a time). Megatron caches the flag per module, so every copy is switched and
+    restored."""
     saved = [
         (m, a, getattr(m, a))
         for m in [model.config, *model.modules()]
@@ -60,7 +61,8 @@ def forward_logits(
     inference_context=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the schedule.
+    """Logits of ``tokens_BT`` under ``model`` (this rank's stage), forward-only through the
+    schedule.
 
     With an ``inference_context`` (KV cache, see ``kv_cache.py``) the tokens continue the cached
     prefix; the batch then goes through in one micro-batch, with ``attention_mask`` (True =

@@ -60,7 +60,8 @@ class ArchSpec:
                 )
         if self.num_layers % pp:
             raise UnsupportedConfigError(
-                f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={self.num_layers}"
+                f"pipeline_model_parallel_size={pp} does not divide "
+                f"num_hidden_layers={self.num_layers}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
 
 
 def arch_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
-    """Validate an HF config dict and return its :class:`ArchSpec`; errors name ``where`` and the field."""
+    """Validate an HF config dict and return its :class:`ArchSpec`; errors name ``where`` and the
+    field."""
     model_type = _get(cfg, "model_type", where)
     family = FAMILIES.get(model_type)
     if family is None:

@@ -34,7 +34,8 @@ TOKENIZER_FILES = (
 
 
 class HFCheckpointReader:
-    """Tensor-by-tensor access to an HF directory's safetensors (sharded with an index, or single)."""
+    """Tensor-by-tensor access to an HF directory's safetensors (sharded with an index, or
+    single)."""
 
     def __init__(self, hf_dir: str | Path, keep_open: bool = True):
         """``keep_open=False`` maps a shard only while reading one tensor, so the pages read never
@@ -83,7 +84,8 @@ class HFCheckpointReader:
             return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str, sl: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """The tensor, or only rows/columns ``start:stop`` along ``dim`` for ``sl=(dim, start, stop)``."""
+        """The tensor, or only rows/columns ``start:stop`` along ``dim`` for ``sl=(dim, start,
+        stop)``."""
         with self._file(name) as f:
             if sl is None:
                 return f.get_tensor(name)
@@ -106,7 +108,8 @@ class HFCheckpointWriter:
     """Buffer tensors and flush them as safetensors parts of bounded size.
 
     Several writers (one per pipeline stage) may share a directory, told apart by ``prefix``;
-    :meth:`write_index` then names all parts ``model-00001-of-0000N.safetensors`` and writes the index.
+    :meth:`write_index` then names all parts ``model-00001-of-0000N.safetensors`` and writes the
+    index.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 2 << 30, prefix: str = ""):

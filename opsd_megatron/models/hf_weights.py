@@ -30,7 +30,8 @@ def _base_parameters(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
-    """Copy this rank's shard of every parameter from the HF checkpoint; returns how many were set."""
+    """Copy this rank's shard of every parameter from the HF checkpoint; returns how many were
+    set."""
     groups = groups_of(model)
     tp, tp_rank = groups.tp_size, groups.tp_rank
     offset = stage_layer_offset(arch, groups)
@@ -44,7 +45,8 @@ def load_hf_weights(model, reader: HFCheckpointReader, arch: ArchSpec) -> int:
         if value.shape != param.shape:
             raise ValueError(
                 f"{reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
-                f"'{local_name}' which needs {tuple(param.shape)} (config.json does not match the weights?)"
+                f"'{local_name}' which needs {tuple(param.shape)} (config.json does not match the "
+                "weights?)"
             )
         param.copy_(value)
         count += 1
@@ -64,8 +66,8 @@ def _gather_tp(tensor: torch.Tensor, groups: ParallelGroups) -> list[torch.Tenso
 def iter_stage_hf_tensors(model, arch: ArchSpec, merge_lora: bool = True):
     """Yield (megatron global name, {hf_name: full tensor}) for this pipeline stage's parameters.
 
-    Collective over the TP group (each tensor is gathered there); every TP rank gets the full tensors.
-    With ``merge_lora`` adapters are merged into their base weights on the fly.
+    Collective over the TP group (each tensor is gathered there); every TP rank gets the full
+    tensors. With ``merge_lora`` adapters are merged into their base weights on the fly.
     """
     from opsd_megatron.models.lora import merged_weight
 
@@ -90,7 +92,8 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 << 30,
 ) -> None:
-    """Write the model's full weights as HF safetensors shards + index into ``out_dir`` (collective)."""
+    """Write the model's full weights as HF safetensors shards + index into ``out_dir``
+    (collective)."""
     groups = groups_of(model)
 
     writes = groups.tp_rank == 0

@@ -13,7 +13,8 @@ import contextlib
 
 @contextlib.contextmanager
 def sharded_inference_logits(model):
-    """Inside the block, ``model(..., inference_context=ctx)`` returns vocab-sharded [B, S, V/tp] logits."""
+    """Inside the block, ``model(..., inference_context=ctx)`` returns vocab-sharded [B, S, V/tp]
+    logits."""
 
     def postprocess(hidden_states, **_):
         if not model.post_process:  # an earlier pipeline stage hands on its hidden states

@@ -243,7 +243,8 @@ def adapters(model: torch.nn.Module) -> Iterator[LoRAAdapter]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
-    """Run the base model: every adapter off inside the block (the frozen teacher, no weight copy)."""
+    """Run the base model: every adapter off inside the block (the frozen teacher, no weight
+    copy)."""
     found = list(adapters(model))
     previous = [a.enabled for a in found]
     for a in found:
@@ -264,7 +265,8 @@ def base_weight_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
 
 
 def merged_weight(model: torch.nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Base weight ``name`` (``value``) with its adapter, if any, merged in; collective when adapted."""
+    """Base weight ``name`` (``value``) with its adapter, if any, merged in; collective when
+    adapted."""
     module_path, _, leaf = name.rpartition(".")
     parent_path, _, linear = module_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

@@ -1,6 +1,6 @@
-"""The fused path's model side (``loss.fused=true``): megatron's GPT model stopped at the final norm,
-so the last pipeline stage hands the loss hidden states ``[B, T, H]`` and the loss projects them
-through the output layer's vocab shard one token chunk at a time (``losses/linear_jsd.py``).
+"""The fused path's model side (``loss.fused=true``): megatron's GPT model stopped at the final
+norm, so the last pipeline stage hands the loss hidden states ``[B, T, H]`` and the loss projects
+them through the output layer's vocab shard one token chunk at a time (``losses/linear_jsd.py``).
 
 Inside ``hidden_states_out(model)`` the output layer's forward is replaced by the TP-region mapping
 its own ColumnParallelLinear applies to its input (megatron-core 0.16–0.19,

@@ -1,5 +1,6 @@
-"""LoRA adapters as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``):
-what HF ``peft`` and vLLM's ``LoRARequest`` load, so vLLM can serve the student as base + adapter.
+"""LoRA adapters as a PEFT adapter directory (``adapter_config.json`` +
+``adapter_model.safetensors``): what HF ``peft`` and vLLM's ``LoRARequest`` load, so vLLM can serve
+the student as base + adapter.
 
 Megatron's fused linears split exactly: q/k/v (and gate/up) share one A, and B splits along the
 fused rows the way the base weight does (``weight_map.merge_tp_shards``). Scaling is α/r in both.
@@ -40,7 +41,8 @@ def stage_peft_tensors(model, arch: ArchSpec) -> dict[str, torch.Tensor]:
             if adapter.row_parallel:  # A holds the input shard, B is row-split plainly
                 a_full = torch.cat(_gather_tp(a, groups), dim=1)
                 parts = {rule.hf_names[0]: torch.cat(_gather_tp(b, groups), dim=0)}
-            else:  # A is split along r; B's rows follow the base weight's (fused, interleaved) split
+            # A is split along r; B's rows follow the base weight's (fused, interleaved) split
+            else:
                 a_full = torch.cat(_gather_tp(a, groups), dim=0)
                 parts = wm.merge_tp_shards(rule, _gather_tp(b, groups), arch)
             for hf_name, b_part in parts.items():
@@ -60,7 +62,8 @@ def save_peft_adapter(
     base_model: str = "",
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the model's adapters as a PEFT directory (collective; global rank 0 writes, atomically)."""
+    """Write the model's adapters as a PEFT directory (collective; global rank 0 writes,
+    atomically)."""
     from safetensors.torch import save_file
 
     groups = groups_of(model)

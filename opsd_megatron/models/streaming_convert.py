@@ -40,7 +40,8 @@ from opsd_megatron.platform.progress import Progress
 
 
 def _chunks(model) -> list[tuple[str, object]]:
-    """(parameter name, megatron ShardedTensor / ShardedObject) for every chunk of the TP1/PP1 model."""
+    """(parameter name, megatron ShardedTensor / ShardedObject) for every chunk of the TP1/PP1
+    model."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
@@ -130,7 +131,8 @@ class _LazyHFPlanner(SavePlanner):
             value = wm.combine(rule, parts, self.arch, 1).to(self.dtype)
             if tuple(value.shape) != tuple(self.params[name].shape):
                 raise ValueError(
-                    f"{self.reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for megatron "
+                    f"{self.reader.dir}: {rule.hf_names} give shape {tuple(value.shape)} for "
+                    "megatron "
                     f"'{name}' which needs {tuple(self.params[name].shape)} (config.json does not "
                     f"match the weights?)"
                 )
@@ -155,7 +157,8 @@ class _LazyHFPlanner(SavePlanner):
 def stream_hf_to_megatron(
     hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, groups
 ) -> int:
-    """Write ``out_dir`` (must exist, empty) as a megatron torch_dist checkpoint; returns the chunk count.
+    """Write ``out_dir`` (must exist, empty) as a megatron torch_dist checkpoint; returns the chunk
+    count.
 
     ``groups``: the TP=1/PP=1 process groups of one process (``initialize_model_parallel(1, 1)``).
     """

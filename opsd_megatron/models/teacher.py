@@ -29,7 +29,8 @@ from opsd_megatron.models.output_head import hidden_states_out, output_weight
 
 
 class Teacher:
-    """The teacher's weights (``teacher.weights``) and how they follow the student (``teacher.update``)."""
+    """The teacher's weights (``teacher.weights``) and how they follow the student
+    (``teacher.update``)."""
 
     def __init__(
         self,

@@ -96,7 +96,8 @@ def _cpu_factory(fn):
 
 
 class _CpuTorchView(types.ModuleType):
-    """``torch`` as seen by a patched module: factories allocate on CPU, everything else is torch."""
+    """``torch`` as seen by a patched module: factories allocate on CPU, everything else is
+    torch."""
 
     def __init__(self):
         super().__init__("torch")

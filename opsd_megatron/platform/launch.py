@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 
 def launched_world_size() -> int | None:
-    """The world size torchrun/SLURM launched with, or None when opsd-train starts the ranks itself."""
+    """The world size torchrun/SLURM launched with, or None when opsd-train starts the ranks
+    itself."""
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 

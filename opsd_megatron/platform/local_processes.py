@@ -1,4 +1,5 @@
-"""Run a function on N real local processes joined by a gloo process group; collect what each returns.
+"""Run a function on N real local processes joined by a gloo process group; collect what each
+returns.
 
 Used by every distributed test (sharded code runs for real, no mocked collectives, and per-rank
 results are compared with a single-process reference) and by the tools when they run on one
@@ -36,7 +37,8 @@ _PRELOAD = ["torch", "torch.distributed", "megatron.core", "opsd_megatron"]
 
 class DistributedRunError(RuntimeError):
     """A rank failed, died or timed out; the message holds each failing rank's report.
-    ``user_error``: the first rank's message when it failed on a user error (bad input), else None."""
+    ``user_error``: the first rank's message when it failed on a user error (bad input), else
+    None."""
 
     def __init__(self, message: str, user_error: str | None = None):
         super().__init__(message)
@@ -96,7 +98,8 @@ def _stop(procs, grace_s: float, reap_s: float = 30.0) -> None:
 
 
 def _kill_tree(pid: int) -> None:
-    """Kill a rank and whatever it started (e.g. checkpoint writer processes), so nothing lingers."""
+    """Kill a rank and whatever it started (e.g. checkpoint writer processes), so nothing
+    lingers."""
     try:
         proc = psutil.Process(pid)
         for child in proc.children(recursive=True) + [proc]:
@@ -209,7 +212,8 @@ def run_distributed(
             reports.setdefault(
                 r, ("error", ("did not report (stopped after another rank failed)", None))
             )
-    finally:  # after success the ranks exit by themselves; after a failure or Ctrl-C they are killed
+    # after success the ranks exit by themselves; after a failure or Ctrl-C they are killed
+    finally:
         clean = len(reports) == world_size and all(st == "ok" for st, _ in reports.values())
         _stop(procs, grace_s=5.0 if clean else 0.5)
         _restore(previous)

@@ -84,7 +84,8 @@ def initialize_model_parallel(
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
         raise ValueError(
-            f"world size {world} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size "
+            f"world size {world} is not divisible by "
+            "tensor_model_parallel_size*pipeline_model_parallel_size "
             f"= {tensor_model_parallel_size}*{pipeline_model_parallel_size}"
         )
     parallel_state.initialize_model_parallel(

@@ -34,7 +34,8 @@ def _owner_stage(global_name: str, arch: ArchSpec, pp: int) -> int:
 
 def _global_param_names(model, arch: ArchSpec) -> list[str]:
     """Every megatron parameter with an HF counterpart, in the order the stages hold them. Every
-    stage has the same layer structure, so this stage's first layer gives the order within a layer."""
+    stage has the same layer structure, so this stage's first layer gives the order within a
+    layer."""
     from opsd_megatron.models.lora import base_weight_items
 
     suffixes = []
@@ -57,7 +58,8 @@ def stream_hf_weights(
     merge_lora: bool = True,
     dtype: torch.dtype | None = None,
 ) -> Iterator[Bucket]:
-    """Collective: yield buckets of (hf_name, full tensor) covering the whole model, on every rank."""
+    """Collective: yield buckets of (hf_name, full tensor) covering the whole model, on every
+    rank."""
     groups = groups_of(model)
     pp, my_stage = groups.pp_size, groups.pp_rank
     shapes = hf_shapes(arch)

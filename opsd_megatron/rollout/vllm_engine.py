@@ -121,7 +121,8 @@ def _free_and_total_memory() -> tuple[int, int] | None:
 
 
 class VLLMEngine:
-    """Colocated vLLM: sleeps beside training, woken and refitted with the current weights per batch."""
+    """Colocated vLLM: sleeps beside training, woken and refitted with the current weights per
+    batch."""
 
     def __init__(
         self,

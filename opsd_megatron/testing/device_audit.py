@@ -43,7 +43,8 @@ _TAG = "_opsd_on_host"
 
 
 class DeviceAuditError(AssertionError):
-    """An operation that a CUDA rank would refuse (mixed devices, host collective, host generator)."""
+    """An operation that a CUDA rank would refuse (mixed devices, host collective, host
+    generator)."""
 
 
 def on_host(t: torch.Tensor) -> bool:

@@ -189,7 +189,8 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
         torch.set_rng_state(rank_state["torch_rng"])
     elif dist.get_rank() == 0:
         print(
-            f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with resharded weights "
+            f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with "
+            "resharded weights "
             f"and optimizer state, fresh RNG streams",
             flush=True,
         )

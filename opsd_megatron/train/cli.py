@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the recipe, paths, data and resume decision, print the config and layout, exit",
+        help="validate the recipe, paths, data and resume decision, print the config and layout, "
+        "exit",
     )
     p.add_argument(
         "--force", action="store_true", help="start even if opsd-plan says the layout does not fit"
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         "--gpu-gib",
         type=float,
         default=None,
-        help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an A100-80GB)",
+        help="GPU memory the layout must fit (default: this machine's GPU, else 80 for an "
+        "A100-80GB)",
     )
     p.add_argument(
         "--debug",
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         print(f"[opsd] {note}", flush=True)
     if plan.action == "finished":  # nothing is rewritten
         print(
-            f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); nothing to do "
+            f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); "
+            "nothing to do "
             f"(to train further: trainer.max_steps=<more>)",
             flush=True,
         )
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
     print(f"[opsd] layout: {layout.describe()}", flush=True)
     if plan.action == "resume":
         print(
-            f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest verifies",
+            f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest "
+            "verifies",
             flush=True,
         )
     if args.dry_run:

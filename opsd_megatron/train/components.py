@@ -36,7 +36,8 @@ class Components:
     arch: ArchSpec
     tokenizer: Tokenizer
     model: torch.nn.Module  # the megatron module (sampler, teacher, evaluation, checkpoints)
-    ddp: DistributedDataParallel  # the same module in megatron's DDP: what the training schedule runs
+    # the same module in megatron's DDP: what the training schedule runs
+    ddp: DistributedDataParallel
     teacher: Teacher
     optimizer: MegatronOptimizer  # fp32 master weights for 16-bit parameters
     scheduler: LRSchedule

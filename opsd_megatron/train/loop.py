@@ -68,7 +68,8 @@ def run(resolved: Resolved) -> dict:
                 if rank0:
                     preemption.acknowledge(cfg.trainer.output_dir, done)
                     print(
-                        f"[opsd] preempted: checkpoint at step {done} written, stopping for requeue",
+                        f"[opsd] preempted: checkpoint at step {done} written, stopping for "
+                        "requeue",
                         flush=True,
                     )
                 return {"steps": done, "preempted": True}

@@ -1,4 +1,5 @@
-"""Per-step metrics to a progress bar, a JSONL file and TensorBoard (W&B optional); rank 0 writes."""
+"""Per-step metrics to a progress bar, a JSONL file and TensorBoard (W&B optional); rank 0
+writes."""
 
 from __future__ import annotations
 
@@ -63,7 +64,10 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log(metrics, step=step)
         if self.progress:
-            info = f"loss {metrics['loss']:.4f}  len {metrics['response_length']:.0f}  lr {metrics['lr']:.2e}"
+            info = (
+                f"loss {metrics['loss']:.4f}  len {metrics['response_length']:.0f}  "
+                f"lr {metrics['lr']:.2e}"
+            )
             self.progress.update(step, info)
 
     def close(self) -> None:

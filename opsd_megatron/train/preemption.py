@@ -38,7 +38,8 @@ def requested(output_dir: str, device: torch.device) -> bool:
 
 
 def acknowledge(output_dir: str, step: int) -> None:
-    """Rank 0, after the checkpoint: clear the request, leave the marker the launcher requeues on."""
+    """Rank 0, after the checkpoint: clear the request, leave the marker the launcher requeues
+    on."""
     (Path(output_dir) / FLAG_FILE).unlink(missing_ok=True)
     (Path(output_dir) / STOPPED_FILE).write_text(f"{step}\n")
 

@@ -174,7 +174,8 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
             and cfg.optimizer.decay_steps is None  # a fixed horizon keeps the schedule
         ):
             notes.append(
-                f"trainer.max_steps {old_steps} -> {cfg.trainer.max_steps}: the LR schedule is recomputed "
+                f"trainer.max_steps {old_steps} -> {cfg.trainer.max_steps}: the LR schedule is "
+                "recomputed "
                 f"over {cfg.trainer.max_steps} steps"
             )
     if step >= cfg.trainer.max_steps:
@@ -185,13 +186,15 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
 def _ways_forward(cfg) -> str:
     return (
         f"start a new run with trainer.output_dir=<another dir>, start this one fresh with "
-        f"checkpoint.resume=false (the old files move to {cfg.trainer.output_dir}/previous/), or continue it "
+        f"checkpoint.resume=false (the old files move to {cfg.trainer.output_dir}/previous/), or "
+        "continue it "
         f"on purpose with checkpoint.resume=force"
     )
 
 
 def archive_previous_run(out: Path, stamp: str) -> Path | None:
-    """Move the files of an earlier run in ``out`` to ``out/previous/<stamp>/`` (rank 0, fresh start)."""
+    """Move the files of an earlier run in ``out`` to ``out/previous/<stamp>/`` (rank 0, fresh
+    start)."""
     present = [out / n for n in RUN_FILES if (out / n).exists()]
     if not present:
         return None

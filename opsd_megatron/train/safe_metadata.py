@@ -81,6 +81,7 @@ def check_untrusted(ckpt: Path) -> list[str]:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - weights_only refuses anything but tensors and plain data
             problems.append(
-                f"{path}: refused by torch.load(weights_only=True) ({str(err).splitlines()[0][:200]})"
+                f"{path}: refused by torch.load(weights_only=True) "
+                f"({str(err).splitlines()[0][:200]})"
             )
     return problems

@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 
 from opsd_megatron.algorithms.base import Algorithm
-from opsd_megatron.algorithms.batches import MicroBatch, response_rows
-from opsd_megatron.algorithms.step_data import step_response_stats
+from opsd_megatron.algorithms.step_data import MicroBatch, response_rows, step_response_stats
 from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.losses.reduction import masked_sum_count, partial_loss
 from opsd_megatron.models import loss_contract

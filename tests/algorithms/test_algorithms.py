@@ -1,5 +1,6 @@
 """SFT and GRPO as algorithms of the same trainer: SFT's first loss equals an fp64 HF reference;
-GRPO's advantages, clipped surrogate and KL equal plain formulas; zero-variance groups are skipped."""
+GRPO's advantages, clipped surrogate and KL equal plain formulas; zero-variance groups are
+skipped."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.grpo import GRPO, group_advantages
+from opsd_megatron.algorithms.step_data import MicroBatch
 from opsd_megatron.config import load_config
 from opsd_megatron.data.prompts import pack
 from opsd_megatron.losses.distributions import Logits

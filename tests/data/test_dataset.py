@@ -1,5 +1,5 @@
-"""Loading problems: shared JSONL files, field mapping, malformed rows, dedup, length filter, shuffle;
-the synthetic task's worked solutions are right."""
+"""Loading problems: shared JSONL files, field mapping, malformed rows, dedup, length filter,
+shuffle; the synthetic task's worked solutions are right."""
 
 from __future__ import annotations
 

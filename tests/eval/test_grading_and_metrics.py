@@ -1,4 +1,5 @@
-"""Grader on MATH-500 reference solutions, perturbed and pathological outputs; pass@k vs brute force."""
+"""Grader on MATH-500 reference solutions, perturbed and pathological outputs; pass@k vs brute
+force."""
 
 from __future__ import annotations
 

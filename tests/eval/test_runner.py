@@ -92,7 +92,8 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     rows = metrics(out)
     assert "eval/avg@2" not in rows[0] and "eval/avg@2" in rows[1]
     periodic = json.loads((out / "eval" / "step_000002.json").read_text())
-    # opsd-eval --checkpoint on the step-2 checkpoint rebuilds the same model (base + saved adapters)
+    # opsd-eval --checkpoint on the step-2 checkpoint rebuilds the same model (base + saved
+    # adapters)
     # and, with the same eval seed, samples and grades exactly what the in-training evaluation did
     ckpt = str(out / "checkpoints" / "step_000002")
     again = run_distributed(
@@ -104,7 +105,8 @@ def test_periodic_eval_is_logged_with_training_metrics(tmp_path):
     )[0]
     assert again["benchmarks"] == periodic["benchmarks"]
     # another lora section in the recipe (rank and alpha) must not change what is evaluated: the
-    # checkpoint's recorded adapters are used (before: a shape-mismatch crash, or silently a 4x scale)
+    # checkpoint's recorded adapters are used (before: a shape-mismatch crash, or silently a 4x
+    # scale)
     other = run_distributed(
         _rank_entry,
         2,

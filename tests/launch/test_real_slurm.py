@@ -1,6 +1,6 @@
-"""launch/opsd_tiny.slurm on a real SLURM cluster (slurmctld + slurmd + munged on this machine, started
-by `.ci/slurm_cluster.sh`): a job completes and writes its metrics and checkpoint; a job preempted
-with USR1 checkpoints, requeues itself and the requeued run resumes to the end."""
+"""launch/opsd_tiny.slurm on a real SLURM cluster (slurmctld + slurmd + munged on this machine,
+started by `.ci/slurm_cluster.sh`): a job completes and writes its metrics and checkpoint; a job
+preempted with USR1 checkpoints, requeues itself and the requeued run resumes to the end."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ ARGS = [
 
 def _cluster_up() -> str | None:
     if shutil.which("sbatch") is None:
-        return "SLURM is not installed (run .ci/slurm_cluster.sh as root to install and start a one-node cluster)"
+        return (
+            "SLURM is not installed (run .ci/slurm_cluster.sh as root to install and start a "
+            "one-node cluster)"
+        )
     try:
         idle = subprocess.run(
             ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10

@@ -1,6 +1,6 @@
-"""The SLURM launch scripts: shellcheck-clean; and their logic run for real with the tiny CPU recipe,
-with only the scheduler's commands (srun runs the step locally, scontrol answers hostnames and
-records requeues) stood in — a real slurmctld is not available here."""
+"""The SLURM launch scripts: shellcheck-clean; and their logic run for real with the tiny CPU
+recipe, with only the scheduler's commands (srun runs the step locally, scontrol answers hostnames
+and records requeues) stood in — a real slurmctld is not available here."""
 
 from __future__ import annotations
 

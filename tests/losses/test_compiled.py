@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opsd_megatron.algorithms.batches import MicroBatch
 from opsd_megatron.algorithms.opsd import OPSD
+from opsd_megatron.algorithms.step_data import MicroBatch
 from opsd_megatron.config.algorithm_sections import LossConfig
 from opsd_megatron.config.run_sections import DataConfig
 from opsd_megatron.data.prompts import pack

@@ -1,4 +1,5 @@
-"""vocab_parallel_jsd against the fp64 full-vocab reference at TP = 1, 2, 4 (real gloo processes)."""
+"""vocab_parallel_jsd against the fp64 full-vocab reference at TP = 1, 2, 4 (real gloo
+processes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Loss reductions: micro-batches on several DP ranks sum to the global-batch mean (paper eq. 6/8)."""
+"""Loss reductions: micro-batches on several DP ranks sum to the global-batch mean (paper eq.
+6/8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""HF config parsing: the supported families map to the right megatron facts; the rest fail naming the field."""
+"""HF config parsing: the supported families map to the right megatron facts; the rest fail naming
+the field."""
 
 from __future__ import annotations
 

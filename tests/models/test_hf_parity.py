@@ -1,4 +1,5 @@
-"""HF transformers forward == megatron-core forward (weights loaded by our maps) at TP/PP layouts."""
+"""HF transformers forward == megatron-core forward (weights loaded by our maps) at TP/PP
+layouts."""
 
 from __future__ import annotations
 
@@ -107,5 +108,6 @@ def test_llama3_rope_scaling_matches_hf_where_the_scaling_matters(tmp_path):
     full = torch.cat([s[1] for s in sorted(r["llama3"] for r in per_rank)], dim=-1)[..., :VOCAB]
     err = (full - want).abs().max().item()
     assert err <= TOL, (
-        f"Llama-3 RoPE at TP=2: max |logit diff| {err:.2e} (dropping the scaling: {sensitivity:.1e})"
+        f"Llama-3 RoPE at TP=2: max |logit diff| {err:.2e} (dropping the scaling: "
+        f"{sensitivity:.1e})"
     )

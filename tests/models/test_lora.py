@@ -1,4 +1,5 @@
-"""LoRA on TP-sharded megatron linears, the frozen teacher, merged export and adapter checkpoints."""
+"""LoRA on TP-sharded megatron linears, the frozen teacher, merged export and adapter
+checkpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def hf_dir(tmp_path_factory):
 
 
 def _train(tp, hf_dir, export_dir=None, adapter_dir=None):
-    """Load the HF base, add LoRA, take STEPS AdamW steps on a JSD loss against the base (teacher)."""
+    """Load the HF base, add LoRA, take STEPS AdamW steps on a JSD loss against the base
+    (teacher)."""
     from megatron.core import parallel_state as ps
 
     from opsd_megatron.config import LoRAConfig, TeacherConfig

@@ -1,11 +1,11 @@
-"""LoRA on transformer-engine layers, without transformer-engine (``te_standins.py``): adapters
-are sized from the weight's shard, classified row/column by ``partition_dim`` (not by class), and
-hooked on the normalised input where the layer fuses its norm. Checked at TP1 and TP2 on real
-gloo ranks: for every adapted layer the hooked forward equals the base forward through
-``merged()`` — W + s·B·A on the normalised input, what the merged HF export and the vLLM refit
-write — Tolerance 1e-5 (fp32). Reverting either piece fails (checked): classifying by class gives the row-parallel
-layer a column adapter (the kinds assertion), and hooking x instead of norm(x) makes the
-LN-fused layer's forward disagree with its merge (2.6 off, at TP1 already)."""
+"""LoRA on transformer-engine layers, without transformer-engine (``te_standins.py``): adapters are
+sized from the weight's shard, classified row/column by ``partition_dim`` (not by class), and hooked
+on the normalised input where the layer fuses its norm. Checked at TP1 and TP2 on real gloo ranks:
+for every adapted layer the hooked forward equals the base forward through ``merged()`` — W + s·B·A
+on the normalised input, what the merged HF export and the vLLM refit write — Tolerance 1e-5 (fp32).
+Reverting either piece fails (checked): classifying by class gives the row-parallel layer a column
+adapter (the kinds assertion), and hooking x instead of norm(x) makes the LN-fused layer's forward
+disagree with its merge (2.6 off, at TP1 already)."""
 
 from __future__ import annotations
 

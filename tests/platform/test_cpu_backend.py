@@ -1,5 +1,6 @@
 """megatron-core on the CPU backend: GPTModel at TP=2 equals TP=1, the pipeline schedule at PP=2 and
-TP2xPP2 equals PP=1 (loss and gradients), dropout's RNG forks work, and CUDA machines are untouched."""
+TP2xPP2 equals PP=1 (loss and gradients), dropout's RNG forks work, and CUDA machines are
+untouched."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def _tokens(batch=4):
 
 
 def _tp_forward(tp):
-    """Eval logits (vocab shard) plus a train-mode step with dropout, which forks the RNG tracker."""
+    """Eval logits (vocab shard) plus a train-mode step with dropout, which forks the RNG
+    tracker."""
     from megatron.core import parallel_state as ps
 
     model = _build(tp, 1, dropout=0.1)
@@ -157,8 +159,8 @@ def test_pipeline_schedule_pp2_equals_pp1():
 
 
 def test_pipeline_schedule_tp2_pp2_equals_pp2_tp1():
-    """TP2xPP2 (4 ranks): with CPU initialisation TP=2 builds exactly the TP=1 weights for a seed, so
-    the losses equal those of the PP=2/TP=1 run built the same way."""
+    """TP2xPP2 (4 ranks): with CPU initialisation TP=2 builds exactly the TP=1 weights for a seed,
+    so the losses equal those of the PP=2/TP=1 run built the same way."""
     ref_losses = run_distributed(_pipeline_step, 2, 1, 2)[1][0]
     out = run_distributed(_pipeline_step, 4, 2, 2)
     losses = [o[0] for o in out if o[0] is not None]

@@ -1,6 +1,7 @@
-"""Vocab-parallel sampling: right distribution (temperature, top-k, top-p) at TP=1 and TP=2, log-probs
-of the truncated, renormalised distribution (vLLM's processed_logprobs), and the Megatron sampler's
-log-probs equal the trainer's truncated ones for the same tokens (TP=2, PP=2), reproducibly."""
+"""Vocab-parallel sampling: right distribution (temperature, top-k, top-p) at TP=1 and TP=2,
+log-probs of the truncated, renormalised distribution (vLLM's processed_logprobs), and the Megatron
+sampler's log-probs equal the trainer's truncated ones for the same tokens (TP=2, PP=2),
+reproducibly."""
 
 from __future__ import annotations
 

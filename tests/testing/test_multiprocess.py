@@ -57,6 +57,7 @@ def test_dead_rank_is_reported_with_exit_code():
 
 
 def test_hang_times_out():
-    """The harness's own timeout ends the hang (no wall-clock assertion: the message says it fired)."""
+    """The harness's own timeout ends the hang (no wall-clock assertion: the message says it
+    fired)."""
     with pytest.raises(DistributedRunError, match="still running after 3 s"):
         run_distributed(_hang, 2, timeout=3)

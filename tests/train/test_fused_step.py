@@ -1,6 +1,7 @@
-"""``loss.fused=true`` (the last stage stops at the final norm; the loss projects hidden states through
-the output layer's vocab shard one chunk at a time, the teacher keeps hidden states) gives the
-logits path's losses, diagnostics and gradients in real multi-process runs, from the same rollouts:
+"""``loss.fused=true`` (the last stage stops at the final norm; the loss projects hidden states
+through the output layer's vocab shard one chunk at a time, the teacher keeps hidden states) gives
+the logits path's losses, diagnostics and gradients in real multi-process runs, from the same
+rollouts:
 
 * TP2 with sequence parallelism, LoRA: OPSD with token weights and the ref-KL term, then the
   sampled-token objective with its baseline, then SFT;

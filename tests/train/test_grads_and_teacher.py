@@ -1,5 +1,5 @@
-"""Through megatron's DDP and optimizer: a non-finite gradient never reaches the weights (the step is
-skipped), clipping uses the global norm over TP ranks; EMA and current teachers track the student
+"""Through megatron's DDP and optimizer: a non-finite gradient never reaches the weights (the step
+is skipped), clipping uses the global norm over TP ranks; EMA and current teachers track the student
 as documented."""
 
 from __future__ import annotations

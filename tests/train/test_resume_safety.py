@@ -1,6 +1,7 @@
 """Resume checks what it resumes: another run's checkpoint is refused before anything is built or
 rewritten, a finished run rewrites nothing, a fresh start keeps the old files, and a damaged newest
-checkpoint is reported and skipped for the previous one, landing on an uninterrupted run's metrics."""
+checkpoint is reported and skipped for the previous one, landing on an uninterrupted run's
+metrics."""
 
 from __future__ import annotations
 

@@ -10,10 +10,11 @@ parameter's gradient shard and every logged statistic are compared:
   ahead of it (``variable_seq_lengths``);
 * TP2 x PP2, LoRA.
 
-Tolerance 1e-5 absolute (fp32); measured ≤ 2e-7 on gradients and ≤ 3e-6 on statistics (the
-summation order changes with the grouping); the statistics are token means over the step, so
-the old mean of per-micro-batch means (0.10 off here, groups of 3+1 against 2+2) fails. The budget must actually regroup: each case checks
-that the micro-batch shapes differ from the padded path's and stay within the budget."""
+Tolerance 1e-5 absolute (fp32); measured ≤ 2e-7 on gradients and ≤ 3e-6 on statistics (the summation
+order changes with the grouping); the statistics are token means over the step, so the old mean of
+per-micro-batch means (0.10 off here, groups of 3+1 against 2+2) fails. The budget must actually
+regroup: each case checks that the micro-batch shapes differ from the padded path's and stay within
+the budget."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import dataclasses
 import pytest
 import torch
 
-from opsd_megatron.algorithms.batches import token_budget_groups
+from opsd_megatron.algorithms.step_data import token_budget_groups
 from opsd_megatron.config import ConfigError, load_config
 from opsd_megatron.testing import run_distributed
 from tests.train.tiny import RECIPE, overrides

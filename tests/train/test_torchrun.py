@@ -1,7 +1,7 @@
-"""The torchrun path (``platform/launch.py``: WORLD_SIZE set, this process is one rank): the README's
-``torchrun --nproc-per-node N -m opsd_megatron.train.cli RECIPE`` on CPU/gloo, TP=2, 2 steps; its
-first loss equals an fp64 HF-transformers recomputation on its own rollouts (as the self-launched
-runs' do in test_e2e.py)."""
+"""The torchrun path (``platform/launch.py``: WORLD_SIZE set, this process is one rank): the
+README's ``torchrun --nproc-per-node N -m opsd_megatron.train.cli RECIPE`` on CPU/gloo, TP=2, 2
+steps; its first loss equals an fp64 HF-transformers recomputation on its own rollouts (as the
+self-launched runs' do in test_e2e.py)."""
 
 from __future__ import annotations
 

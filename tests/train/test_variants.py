@@ -1,10 +1,11 @@
 """The trainer's options in real runs (TP=1, 2 steps, the tiny recipe), each against an fp64
-HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective
-(with and without its reverse-KL baseline) and the loss temperature, token-mean reduction and term
-clipping, the teacher's top-K (tail bucket and renormalised), the KL to the initial policy, teacher-entropy token weights, several rollouts per problem with
-top-k/top-p sampling, an EMA and a current teacher (whose weights must move as documented), and a
-run started from ``model.hf_dir``. Loss to 1e-5 and gradient norm to 1e-4 relative at both steps;
-and each option must change the reference by far more than that, so an ignored option fails."""
+HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective (with
+and without its reverse-KL baseline) and the loss temperature, token-mean reduction and term
+clipping, the teacher's top-K (tail bucket and renormalised), the KL to the initial policy,
+teacher-entropy token weights, several rollouts per problem with top-k/top-p sampling, an EMA and a
+current teacher (whose weights must move as documented), and a run started from ``model.hf_dir``.
+Loss to 1e-5 and gradient norm to 1e-4 relative at both steps; and each option must change the
+reference by far more than that, so an ignored option fails."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the trainer tests: the tiny recipe, shrunk, and a plain single-process reference."""
+"""Shared helpers for the trainer tests: the tiny recipe, shrunk, and a plain single-process
+reference."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Parameter names of vLLM 0.32.0, copied from its wheel (``vllm-0.32.0-cp38-abi3-manylinux_2_28_x86_64``):
-``LLM.__init__`` (vllm/entrypoints/llm.py; its ``**kwargs`` go to ``EngineArgs``),
-``EngineArgs`` fields (vllm/engine/arg_utils.py), ``SamplingParams`` fields (vllm/sampling_params.py),
-the allowed ``max_lora_rank`` values (vllm/config/lora.py ``MaxLoRARanks``) and the
-``logprobs_mode`` values (vllm/config/model.py ``LogprobsMode``). The stand-in rejects anything else."""
+"""Parameter names of vLLM 0.32.0, copied from its wheel
+(``vllm-0.32.0-cp38-abi3-manylinux_2_28_x86_64``): ``LLM.__init__`` (vllm/entrypoints/llm.py; its
+``**kwargs`` go to ``EngineArgs``), ``EngineArgs`` fields (vllm/engine/arg_utils.py),
+``SamplingParams`` fields (vllm/sampling_params.py), the allowed ``max_lora_rank`` values
+(vllm/config/lora.py ``MaxLoRARanks``) and the ``logprobs_mode`` values (vllm/config/model.py
+``LogprobsMode``). The stand-in rejects anything else."""
 
 LLM_INIT = frozenset(
     """
