@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
-from math import comb
+from math import comb, sqrt
+
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -13,6 +15,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % by default): unlike p ± z·se it
+    stays inside [0, 1] and is not degenerate at 0 or n successes, where small models live."""
+    if not 0 <= successes <= n or n < 1:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes}/{n}")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def avg_at_n(correct: list[bool]) -> float:
@@ -42,6 +55,8 @@ def summarize(per_problem: list[dict], ks: list[int]) -> dict:
         return out
     n = len(graded[0]["correct"])
     out[f"avg@{n}"] = sum(avg_at_n(p["correct"]) for p in graded) / len(graded)
+    if n == 1:  # one sample per problem (greedy): a binomial proportion over the problems
+        out["avg@1_ci95"] = list(wilson_interval(sum(p["correct"][0] for p in graded), len(graded)))
     for k in ks:
         if k <= n:
             out[f"pass@{k}"] = sum(pass_at_k(n, sum(p["correct"]), k) for p in graded) / len(graded)

@@ -179,7 +179,9 @@ def evaluate(
             grader.close()
     if dist.get_rank() != 0:
         return None
-    metric_names = sorted({k for s in report["benchmarks"].values() for k in s if "@" in k})
+    metric_names = sorted(
+        {k for s in report["benchmarks"].values() for k in s if "@" in k and "_ci" not in k}
+    )
     report["average"] = {
         m: sum(s[m] for s in report["benchmarks"].values() if m in s)
         / max(1, sum(m in s for s in report["benchmarks"].values()))
@@ -201,6 +203,9 @@ def markdown_table(report: dict, metrics: list[str]) -> str:
     ]
     for name, s in report["benchmarks"].items():
         cells = [f"{100 * s[m]:.1f}" if m in s else "–" for m in metrics]
+        if "avg@1_ci95" in s and "avg@1" in metrics:  # greedy: the Wilson 95 % interval
+            lo, hi = s["avg@1_ci95"]
+            cells[metrics.index("avg@1")] += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
         lines.append(
             f"| {name} | {s['graded']}"
             + (f" (+{s['ungraded']} ungraded)" if s["ungraded"] else "")

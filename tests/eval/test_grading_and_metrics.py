@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opsd_megatron.data.grading import Grader, last_boxed
-from opsd_megatron.eval.metrics import maj_at_n, pass_at_k, summarize
+from opsd_megatron.eval.metrics import maj_at_n, pass_at_k, summarize, wilson_interval
 
 MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"
 AMO = MATH500.parent / "amobench.jsonl"
@@ -90,6 +90,23 @@ def test_maj_at_n():
     assert maj_at_n(["3", "4", "3", None], [True, False, True, False])
     assert not maj_at_n(["4", "4", "3"], [False, False, True])
     assert not maj_at_n([None, None], [False, False])
+
+
+def test_wilson_interval_against_published_values():
+    """Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson): 81/263 ->
+    0.2553-0.3662, 15/148 -> 0.0624-0.1605, 0/20 -> 0-0.1611, 1/29 -> 0.0061-0.1718."""
+    for (k, n), (lo, hi) in {
+        (81, 263): (0.2553, 0.3662),
+        (15, 148): (0.0624, 0.1605),
+        (0, 20): (0.0, 0.1611),
+        (1, 29): (0.0061, 0.1718),
+    }.items():
+        got = wilson_interval(k, n)
+        assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (k, n, got)
+    # greedy evaluation reports it: 3 of 5 problems right, not 2 of 5 (the order is the test)
+    per_problem = [{"correct": [c], "extracted": ["x"]} for c in (True, False, True, True, False)]
+    assert summarize(per_problem, [1])["avg@1_ci95"] == list(wilson_interval(3, 5))
+    assert "avg@1_ci95" not in summarize([{"correct": [True, False], "extracted": [1, 2]}], [1])
 
 
 # (model's boxed answer, reference): equal only up to mathematics, so exact or normalised string
