@@ -135,6 +135,8 @@ def _stage_recipe(d: DemoConfig, name: str, stage: dict, base_model: str | None)
     out = Path(d.output_dir) / name
     recipe = OmegaConf.merge(OmegaConf.create(d.common), OmegaConf.create(stage))
     recipe.trainer = OmegaConf.merge(recipe.get("trainer", {}), {"output_dir": str(out)})
+    # each stage's lines carry its own name: [base], [opsd], [sft], [grpo]
+    recipe.logging = OmegaConf.merge(recipe.get("logging", {}), {"name": Path(name).name})
     if base_model:
         recipe.model = OmegaConf.merge(
             recipe.get("model", {}), {"megatron_dir": base_model, "architecture": None}

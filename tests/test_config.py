@@ -235,6 +235,7 @@ def test_cli_dry_run_prints_config_and_layout():
         "data.problem_field=problem",
         "data.solution_field=solution",
         "--dry-run",
+        "--verbose",  # the whole config; without it the overrides and the layout
     )  # the recipe's own paths exist only on a cluster
     assert out.returncode == 0, out.stderr
     assert "world 8 = TP 1 x PP 1 x DP 8" in out.stdout and "beta: 0.5" in out.stdout
@@ -244,7 +245,7 @@ def test_options_and_overrides_in_any_order(capsys):
     from opsd_megatron.eval.cli import main as eval_main
     from opsd_megatron.train.cli import main as train_main
 
-    assert train_main([str(TINY), "--dry-run", "trainer.max_steps=3"]) == 0
+    assert train_main([str(TINY), "--dry-run", "trainer.max_steps=3", "--verbose"]) == 0
     assert "max_steps: 3" in capsys.readouterr().out
     assert (
         eval_main(

@@ -1,4 +1,5 @@
-"""Every command shown in the README's code blocks and in the tools' ``Example:`` epilogues at least
+"""Every command shown in the README's and docs/*.md's code blocks and in the tools' ``Example:``
+epilogues at least
 parses with the paths it names: recipes and scripts exist, overrides load and the layout validates,
 ``opsd-*`` commands get through ``--dry-run`` (or stop only on a model/data path that exists on a
 cluster, not here), tools answer ``--help``, SLURM scripts pass ``bash -n``."""
@@ -47,8 +48,9 @@ def _examples() -> list[str]:
 
 COMMANDS = [
     re.sub(r"\s+#.*$", "", OPTIONAL.sub("", c)).strip()
-    for c in _blocks((ROOT / "README.md").read_text()) + _examples()
-]
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for c in _blocks(page.read_text())
+] + [re.sub(r"\s+#.*$", "", OPTIONAL.sub("", c)).strip() for c in _examples()]
 ENVIRONMENT = (
     "model.megatron_dir=",
     "model.hf_dir=",
@@ -88,6 +90,8 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = shlex.split(command)
+    while argv and re.match(r"^[A-Z_]+=", argv[0]):  # PYTHONPATH=. python ...: the environment
+        argv = argv[1:]
     if (
         "venv" in argv
     ):  # the two fresh-machine commands: CI runs the second, the demo test the first
@@ -101,6 +105,9 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     if prog == "opsd-demo":
         from opsd_megatron.demo import load_demo
 
+        while argv and argv[0] in ("--seeds", "--jobs"):  # opsd-demo's own options: N >= 1
+            assert int(argv[1]) >= 1, command
+            argv = argv[2:]
         load_demo(str(ROOT / (argv[0] if argv else "recipes/demo_cpu.yaml")), argv[1:])
     elif prog.startswith("opsd-"):
         _opsd(prog, argv, capsys)

@@ -41,6 +41,7 @@ class VLLMConfig:
         "merged"  # merged: LoRA merged into the streamed weights | adapter: a vLLM LoRA adapter
     )
     bucket_mb: int = 512  # refit bucket: the most extra GPU memory a weight push holds at once
+    # vLLM without CUDA graphs (slower decode, less memory, faster start)
     enforce_eager: bool = False
 
     def __post_init__(self):
@@ -92,11 +93,13 @@ class VLLMConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "megatron"  # megatron | vllm
-    num_rollouts: int = 1
+    num_rollouts: int = 1  # OPSD: samples per problem (paper: 1; peer contexts need >= 2)
+    # the rollout's token limit (paper: 2048); a response cut here counts as truncated
     max_new_tokens: int = 2048
     temperature: float = 1.2  # 0: greedy decoding
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the rollouts (1: off)
     top_k: int = 0  # 0: off
+    # root of every rollout request's seed (same on every TP/PP rank and after a resume)
     seed: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
@@ -138,8 +141,11 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     kind: str = "jsd"  # jsd | sampled_token
+    # JSD_beta's mixture weight: 0 forward KL(p_T||p_S), 1 reverse KL(p_S||p_T) (paper: 0.5)
     beta: float = 0.5
-    temperature: float = 1.0
+    temperature: float = 1.0  # both distributions are softmax(logits / temperature) in the loss
+    # clip each vocabulary entry's divergence term at this value (OPSD code's jsd_token_clip; null:
+    # off)
     term_clip: Optional[float] = None
     reduction: str = "sequence_mean"  # sequence_mean (paper eq. 6/8) | token_mean
     # JSD over the teacher's global top-K tokens only (0: the full vocabulary): `tail` adds one
@@ -156,8 +162,9 @@ class LossConfig:
     # entropy_threshold get weight low_confidence_weight (our own simple option; the mean's
     # denominator is unchanged)
     token_weight: str = "none"  # none | teacher_entropy
+    # token_weight=teacher_entropy: the teacher entropy (nats) above which a token is down-weighted
     entropy_threshold: float = 1.0
-    low_confidence_weight: float = 0.0
+    low_confidence_weight: float = 0.0  # token_weight=teacher_entropy: the weight of those tokens
     top_k_mode: str = "tail"  # tail | renorm
     # true: the last stage stops at the final norm and the loss projects hidden states through
     # the output layer's vocab shard one token chunk at a time (losses/linear_jsd.py); the teacher
@@ -214,9 +221,9 @@ class LossConfig:
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 8
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+    group_size: int = 8  # rollouts per problem; advantages are normalised within the group
+    clip_eps: float = 0.2  # PPO-style ratio clip: [1 - eps, 1 + eps]
+    kl_coef: float = 0.0  # weight of the k3 KL to the initial policy (0: off)
 
     def __post_init__(self):
         if self.group_size < 2 or not 0 < self.clip_eps < 1 or self.kl_coef < 0:
@@ -242,31 +249,32 @@ class EvalConfig:
     benchmarks: list = field(
         default_factory=list
     )  # JSONL paths (id, problem, answer), HF names, synthetic:arith
-    split: str = "test"
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    solution_field: str = "solution"
+    split: str = "test"  # HF dataset split of a named benchmark
+    problem_field: str = "problem"  # the problem's field in a benchmark file
+    answer_field: str = "answer"  # the reference answer's field
+    solution_field: str = "solution"  # the reference solution's field (eval.with_reference)
     with_reference: bool = (
         False  # opsd-eval: prompt with the teacher template (problem + reference solution)
     )
     teacher_too: bool = (
         False  # periodic eval also scores the model with the reference (logged as eval_teacher/*)
     )
-    max_problems: Optional[int] = None
+    max_problems: Optional[int] = None  # the first N problems of each benchmark (null: all)
     # how the prediction is read from a sample (also GRPO's reward): boxed | last_number | gsm8k |
     # regex:<pattern> (data/grading.py); models that never write \boxed{} need another
     answer_format: str = "boxed"
-    n_samples: int = 16
-    ks: list = field(default_factory=lambda: [1, 4, 8, 16])
+    n_samples: int = 16  # samples per problem (paper: 16)
+    ks: list = field(default_factory=lambda: [1, 4, 8, 16])  # the k of pass@k reported
     temperature: float = 1.2  # 0: greedy decoding
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 38912
-    thinking: bool = True
-    batch_size: int = 16
+    top_p: float = 0.95  # nucleus sampling (paper: 0.95)
+    top_k: int = 0  # top-k sampling (0: off)
+    max_new_tokens: int = 38912  # token limit per sample (paper: 38912)
+    thinking: bool = True  # the chat template's thinking mode for evaluation prompts
+    batch_size: int = 16  # problems generated together
+    # seconds a grader call may take before the sample counts as ungraded
     grade_timeout: float = 10.0
     interval: int = 0  # evaluate every N training steps (0: off)
-    seed: int = 1234
+    seed: int = 1234  # the sampling seed of evaluation
     save_outputs: bool = (
         False  # every sample (prompt, text, extracted, verdict) to eval/<tag>.jsonl
     )

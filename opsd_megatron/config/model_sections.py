@@ -30,6 +30,7 @@ class ModelConfig:
     recompute: bool = False  # full activation recompute of every layer (keeps only layer inputs)
     tokenizer: str = "builtin:arith"  # a tokenizer directory, or the project's local one
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # seed of the random initialisation (model.architecture alone) and of megatron's RNG streams
     init_seed: int = 1234
     init_std: float = 0.02  # random init only (model.architecture alone)
 
@@ -47,8 +48,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    # TP: each rank holds 1/TP of every layer and V/TP of the logits
     tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # PP: the layers split into this many stages
     data_parallel_size: Optional[int] = None  # None: whatever the launch's world size leaves
     sequence_parallel: bool = (
         False  # with TP > 1: activations outside the TP regions split along the sequence
@@ -61,9 +63,9 @@ class ParallelConfig:
 
 @dataclass
 class LoRAConfig:
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
+    rank: int = 64  # r of the A/B pair on every target linear (paper: 64; divisible by TP)
+    alpha: float = 128.0  # the adapter's output is scaled by alpha / rank (paper: 128)
+    dropout: float = 0.0  # dropout on the adapter's input (0: off)
     # Megatron fuses q,k,v into linear_qkv and gate,up into linear_fc1, so naming any member adapts
     # the fused linear (as NeMo and Megatron-Bridge do).
     target_modules: list[str] = field(
@@ -100,10 +102,11 @@ class TeacherConfig:
     each step, r = ``ema_rate``) or ``current`` (the live student, through the teacher prompt).
     """
 
-    update: str = "fixed"
-    ema_rate: float = 0.99
+    update: str = "fixed"  # fixed | ema | current: what the teacher's weights track (class doc)
+    ema_rate: float = 0.99  # update=ema: w_T <- r*w_T + (1-r)*w_S after each step
+    # lora_base (adapters off, no copy) | frozen_copy (full-parameter training)
     weights: str = "lora_base"
-    offload: bool = False
+    offload: bool = False  # frozen_copy: keep the copy in host memory between teacher passes
     # the teacher's privileged context: the reference solution, or (reference-free) another
     # correct rollout of the same problem (algorithms/peer.py; needs rollout.num_rollouts >= 2)
     context: str = "reference"  # reference | peer_success | peer_success_or_reference
@@ -126,13 +129,14 @@ class TeacherConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 2e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = 2e-5  # peak learning rate of AdamW (paper: 2e-5)
+    min_lr: float = 0.0  # the floor the schedule decays to
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
+    # clip the global gradient norm to this (0: off); a non-finite norm skips the step
     grad_clip: float = 1.0
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # linear warmup over this fraction of the schedule's horizon
     schedule: str = "cosine"  # cosine | constant
     # the schedule's horizon in steps (Megatron's --lr-decay-iters); None: trainer.max_steps
     decay_steps: Optional[int] = None

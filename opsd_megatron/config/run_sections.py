@@ -29,15 +29,17 @@ TEACHER_CONTEXTS = ("solution", "answer", "custom")
 @dataclass
 class DataConfig:
     source: str = "synthetic:arith"  # synthetic:arith | jsonl/parquet path(s) | an HF dataset name
-    split: str = "train"
-    problem_field: str = "problem"
-    solution_field: str = "solution"
-    max_problem_tokens: int = 1024
+    split: str = "train"  # HF dataset split (data.source is a Hub name)
+    problem_field: str = "problem"  # the problem's field in the data
+    solution_field: str = "solution"  # the reference solution's field
+    max_problem_tokens: int = 1024  # problems longer than this (tokens) are dropped
+    # problems whose solution is longer than this (tokens) are dropped
     max_solution_tokens: int = 4096
-    deduplicate: bool = True
-    shuffle_seed: int = 0
-    skip_malformed: bool = False
-    num_synthetic: int = 2000
+    deduplicate: bool = True  # drop repeated problems
+    shuffle_seed: int = 0  # the order problems are drawn in
+    skip_malformed: bool = False  # skip bad rows (else: an error naming the file and row)
+    num_synthetic: int = 2000  # problems of synthetic:arith
+    # the student's prompt ({problem})
     student_template: str = (
         "Problem: {problem}\n\nPlease reason step by step, and put your final answer within "
         "\\boxed{{}}."
@@ -47,9 +49,10 @@ class DataConfig:
     # find a richly conditioned teacher suppresses the student's expressions of uncertainty);
     # ``custom``: data.teacher_template as written ({problem}, {solution}, {answer} available).
     teacher_context: str = "solution"
+    # the teacher's prompt ({problem}, {solution}, {answer})
     teacher_template: str = SOLUTION_TEACHER_TEMPLATE
-    student_thinking: bool = False
-    teacher_thinking: bool = True
+    student_thinking: bool = False  # the chat template's thinking mode in the student's prompt
+    teacher_thinking: bool = True  # the chat template's thinking mode in the teacher's prompt
 
     def __post_init__(self):
         if self.teacher_context not in TEACHER_CONTEXTS:
@@ -73,17 +76,17 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
-    global_batch_size: int = 32
-    micro_batch_size: int = 1
+    max_steps: int = 100  # optimizer steps of the run
+    global_batch_size: int = 32  # sequences per step over all DP ranks (paper: 32)
+    micro_batch_size: int = 1  # sequences per micro-batch of the student pass
     # Micro-batches by token budget (verl's use_dynamic_bsz, NeMo-RL's dynamic batching): the
     # step's sequences, longest first, grouped so that rows x the group's longest sequence stays
     # within this many tokens, each group padded only to its own longest row (micro_batch_size
     # then does not apply to the student and teacher passes). None: micro_batch_size rows each,
     # all padded to the step's longest sequence. Gradients are the same either way.
     micro_batch_tokens: Optional[int] = None
-    seed: int = 42
-    output_dir: str = "runs/opsd"
+    seed: int = 42  # the trainer's seed
+    output_dir: str = "runs/opsd"  # where checkpoints, metrics, config.yaml and evaluations go
     save_rollouts: bool = (
         False  # write every rollout (ids and text) to OUT/rollouts/step_N_dpR.jsonl
     )
@@ -103,8 +106,8 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 50
-    keep_last: int = 2
+    save_interval: int = 50  # checkpoint every N steps (and at the last step, and on preemption)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted once a newer one is complete)
     # true: resume the newest verified checkpoint if the run's config matches (train/resume.py);
     # false: start fresh (an earlier run's files move to OUT/previous/); force: resume regardless.
     resume: Any = True
@@ -123,10 +126,13 @@ DEFAULT_MARKERS = ("wait", "hmm", "perhaps", "maybe", "let me check", "alternati
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "opsd-megatron"
-    progress_bar: bool = True
+    # the name the run's console lines carry, [name] (null: the algorithm's, opsd | sft | grpo;
+    # opsd-demo names each stage)
+    name: Optional[str] = None
+    tensorboard: bool = True  # TensorBoard event files in OUT/tensorboard
+    wandb: bool = False  # log to Weights & Biases too
+    wandb_project: str = "opsd-megatron"  # the W&B project
+    progress_bar: bool = True  # a progress bar with the loss on rank 0
     # counted per 1,000 response tokens in training rollouts and evaluation outputs (marker_rate):
     # expressions of uncertainty a rich-context teacher is known to suppress (arXiv 2603.24472)
     uncertainty_markers: list = field(default_factory=lambda: list(DEFAULT_MARKERS))

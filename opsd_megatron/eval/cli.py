@@ -16,6 +16,7 @@ from opsd_megatron.config import ConfigError, load_config, validate_layout
 from opsd_megatron.errors import UserError, guarded
 from opsd_megatron.errors import report as report_error
 from opsd_megatron.models.from_config import arch_of
+from opsd_megatron.platform import known_warnings, log
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.preflight import check_eval_run
 
@@ -34,6 +35,8 @@ def _rank_entry(cfg, layout, checkpoint, tag):
     import torch.distributed as dist
 
     from opsd_megatron.data.tokenizer import load_tokenizer
+
+    log.set_name("eval")
     from opsd_megatron.eval.runner import evaluate
     from opsd_megatron.models.checkpoint import load_model_checkpoint
     from opsd_megatron.models.from_config import arch_of, build_model, params_dtype
@@ -48,7 +51,7 @@ def _rank_entry(cfg, layout, checkpoint, tag):
         if recorded is not None:
             if cfg.lora is not None and recorded != cfg.lora and dist.get_rank() == 0:
                 print(
-                    f"[opsd] {checkpoint}: using its recorded LoRA {recorded} (the recipe says "
+                    f"[eval] {checkpoint}: using its recorded LoRA {recorded} (the recipe says "
                     f"{cfg.lora})",
                     flush=True,
                 )
@@ -67,6 +70,12 @@ def resolve(recipe: str, overrides: list[str], world_size: int | None, checkpoin
         )
     check_eval_run(cfg, checkpoint)
     return cfg, validate_layout(cfg, world_size, arch=arch_of(cfg.model))
+
+
+def _silenced_run(*args):
+    """``run_ranks`` with the known third-party warnings silenced (platform/known_warnings.py)."""
+    with known_warnings.silenced():
+        return run_ranks(*args)
 
 
 def main(argv=None) -> int:
@@ -99,14 +108,14 @@ def main(argv=None) -> int:
     except UserError as err:
         return report_error("opsd-eval", err, args.debug)
     if args.dry_run:
-        print(
-            f"[opsd] eval: {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True
-        )
+        print(f"[eval] {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True)
         return 0
     code, reports = guarded(
         "opsd-eval",
         args.debug,
-        lambda: run_ranks(_rank_entry, layout.world_size, cfg, layout, args.checkpoint, args.tag),
+        lambda: _silenced_run(
+            _rank_entry, layout.world_size, cfg, layout, args.checkpoint, args.tag
+        ),
     )
     if code is not None:
         return code

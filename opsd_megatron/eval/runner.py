@@ -21,6 +21,7 @@ from opsd_megatron.data.tokenizer import Tokenizer, stop_token_ids
 from opsd_megatron.errors import UserError
 from opsd_megatron.eval.metrics import summarize
 from opsd_megatron.models.hf_config import ArchSpec
+from opsd_megatron.platform import log
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.platform.progress import Progress
 from opsd_megatron.rollout.megatron_sampler import MegatronSampler
@@ -61,7 +62,7 @@ def _generate(
     texts, starts, capped = {}, range(0, len(jobs), e.batch_size), False
     show = None
     if dist.get_rank() == 0 and cfg.logging.progress_bar:
-        show = Progress(len(starts), label=f"eval {name}")
+        show = Progress(len(starts), label=name, under="eval")
     for n, start in enumerate(starts, 1):
         batch = jobs[start : start + e.batch_size]
         prompts = [
@@ -76,10 +77,10 @@ def _generate(
             )
         new = min(e.max_new_tokens, limit - longest)
         if new < e.max_new_tokens and not capped and dist.get_rank() == 0:
-            print(
-                f"[opsd] eval {name}: eval.max_new_tokens={e.max_new_tokens} capped at {new} so "
+            log.say(
+                f"{name}: eval.max_new_tokens={e.max_new_tokens} capped at {new} so "
                 f"prompt + new tokens fit max_position_embeddings={limit}",
-                flush=True,
+                under="eval",
             )
             capped = True
         out = sampler.generate(prompts, new)

@@ -18,8 +18,8 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """``update(step, info)`` after each step; ``close()`` at the end. ``label``: what is counted
-    ("step", "eval gsm8k"); ``stream``: where it goes (default stdout); ``terminal``: override
-    the TTY check (tests)."""
+    ("step", "gsm8k"); ``under``: the name the lines carry (default this process's, ``log.py``);
+    ``stream``: where it goes (default stdout); ``terminal``: override the TTY check (tests)."""
 
     def __init__(
         self,
@@ -28,7 +28,11 @@ class Progress:
         label: str = "step",
         stream=None,
         terminal: bool | None = None,
+        under: str | None = None,
     ):
+        from opsd_megatron.platform import log
+
+        self.name = under or log.name()
         self.stream = stream or sys.stdout
         self.total, self.start, self.label, self.t0 = total, start, label, time.monotonic()
         self.terminal = self.stream.isatty() if terminal is None else terminal
@@ -45,7 +49,7 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
-                TextColumn(f"[bold]opsd {label}"),
+                TextColumn(f"[bold]{self.name} {label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
@@ -65,7 +69,8 @@ class Progress:
         eta = (time.monotonic() - self.t0) / max(done, 1) * (self.total - step)
         pct = 100 * step // max(self.total, 1)
         print(
-            f"[opsd] {self.label} {step}/{self.total} ({pct}%)  {info}  eta {_duration(eta)}",
+            f"[{self.name}] {self.label} {step}/{self.total} ({pct}%)  {info}  "
+            f"eta {_duration(eta)}",
             file=self.stream,
             flush=True,
         )

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import to_dict, to_yaml
 from opsd_megatron.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from opsd_megatron.platform import log
 from opsd_megatron.train import manifest
 from opsd_megatron.train.optimizer_state import (
     FORMAT,
@@ -92,11 +93,10 @@ def first_verified(checkpoints: list[Path]) -> Path | None:
         if not problems:
             return ckpt
         if rank == 0:
-            print(
-                f"[opsd] skipping checkpoint {ckpt}: {problems[0]}"
+            log.say(
+                f"skipping checkpoint {ckpt}: {problems[0]}"
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                + "; trying the previous one",
-                flush=True,
+                + "; trying the previous one"
             )
     return None
 
@@ -188,11 +188,9 @@ def load_checkpoint(c, ckpt: Path) -> tuple[int, dict]:
     if same_layout:
         torch.set_rng_state(rank_state["torch_rng"])
     elif dist.get_rank() == 0:
-        print(
-            f"[opsd] {ckpt} was written at {state['layout']}; resuming at {_layout(c)} with "
-            "resharded weights "
-            f"and optimizer state, fresh RNG streams",
-            flush=True,
+        log.say(
+            f"{ckpt} was written at {state['layout']}; resuming at {_layout(c)} with resharded "
+            "weights and optimizer state, fresh RNG streams"
         )
     return state["step"], state["counters"]
 

@@ -5,7 +5,8 @@ it starts TP*PP*DP local processes itself (gloo), so the tiny recipes run anywhe
 Before any rank starts, the recipe, every path, the data files and the resume decision are
 checked (``train/resume.py``: an output directory holding another run's checkpoint is refused);
 an input error is one line, ``opsd-train: error: <where>: <what>`` (exit 2; ``--debug`` adds the
-traceback). ``--dry-run`` does all of that, prints the resolved config and the layout, and exits.
+traceback). ``--dry-run`` does all of that, prints the overrides and the layout (``--verbose``:
+the whole resolved config), and exits.
 A layout the memory planner (``opsd-plan``) says cannot fit the GPU is refused unless ``--force``.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from opsd_megatron.config import ConfigError, to_yaml
 from opsd_megatron.errors import UserError, guarded, report
 from opsd_megatron.plan_config import refuse_unfit_layout
+from opsd_megatron.platform import known_warnings, log
 from opsd_megatron.platform.launch import launched_world_size, run_ranks
 from opsd_megatron.train.preemption import FLAG_FILE, PREEMPTED_EXIT_CODE
 from opsd_megatron.train.resolved import resolve
@@ -42,6 +44,16 @@ def _rank_entry(resolved):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     return run(resolved)
+
+
+def _quiet(fn):
+    """``fn`` with the known third-party warnings silenced (``platform/known_warnings.py``)."""
+
+    def call(*args, **kwargs):
+        with known_warnings.silenced():
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def main(argv=None) -> int:
@@ -72,6 +84,11 @@ def main(argv=None) -> int:
         "A100-80GB)",
     )
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the whole resolved config (always written to OUT/config.yaml)",
+    )
+    p.add_argument(
         "--debug",
         action="store_true",
         help="show the traceback of an input error, not just its line",
@@ -89,24 +106,22 @@ def main(argv=None) -> int:
             raise ConfigError(refusal)
     except UserError as err:
         return report("opsd-train", err, args.debug)
+    log.set_name(cfg.logging.name or cfg.algorithm)
     for note in plan.notes:
-        print(f"[opsd] {note}", flush=True)
+        log.say(note)
     if plan.action == "finished":  # nothing is rewritten
-        print(
-            f"[opsd] {cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); "
-            "nothing to do "
-            f"(to train further: trainer.max_steps=<more>)",
-            flush=True,
+        log.say(
+            f"{cfg.trainer.output_dir}: finished at step {plan.step} ({plan.checkpoint}); nothing "
+            "to do (to train further: trainer.max_steps=<more>)"
         )
         return 0
-    print(to_yaml(cfg))
-    print(f"[opsd] layout: {layout.describe()}", flush=True)
+    if args.verbose:
+        print(to_yaml(cfg))
+    else:  # the whole config goes to OUT/config.yaml
+        log.say(f"{args.recipe} {' '.join(args.overrides)}".strip())
+    log.say(f"layout: {layout.describe()}")
     if plan.action == "resume":
-        print(
-            f"[opsd] will resume from {plan.checkpoint} (step {plan.step}) once its manifest "
-            "verifies",
-            flush=True,
-        )
+        log.say(f"will resume from {plan.checkpoint} (step {plan.step}) once its manifest verifies")
     if args.dry_run:
         return 0
     if (
@@ -120,7 +135,7 @@ def main(argv=None) -> int:
     code, results = guarded(
         "opsd-train",
         args.debug,
-        lambda: run_ranks(
+        lambda: _quiet(run_ranks)(
             _rank_entry,
             layout.world_size,
             resolved,  # decided once, here: no rank reloads the recipe or re-decides

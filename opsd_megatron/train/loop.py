@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from opsd_megatron.config import to_yaml
 from opsd_megatron.eval.runner import evaluate
+from opsd_megatron.platform import log
 from opsd_megatron.train import preemption
 from opsd_megatron.train.checkpointing import (
     first_verified,
@@ -32,26 +33,27 @@ def run(resolved: Resolved) -> dict:
     and checkpoint until ``trainer.max_steps`` or a preemption request; returns the summary (also
     written to ``OUT/summary.json``). Collective: every rank calls it."""
     cfg, rank0 = resolved.cfg, dist.get_rank() == 0
+    log.set_name(cfg.logging.name or cfg.algorithm)  # this rank's lines: [opsd], [sft], [base]…
     out = Path(cfg.trainer.output_dir)
     preemption.install()
     ckpt = first_verified(resolved.resume.candidates)  # hashes split over the ranks
     if ckpt is None and rank0:  # a fresh start never overwrites an earlier run's files
         moved = archive_previous_run(out, time.strftime("%Y%m%d-%H%M%S"))
         if moved:
-            print(f"[opsd] starting fresh; the earlier run's files are in {moved}", flush=True)
+            log.say(f"starting fresh; the earlier run's files are in {moved}")
     dist.barrier()
     c = build_components(cfg, resolved.layout)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         preemption.clear_marker(cfg.trainer.output_dir)
-        print(f"[opsd] {c.layout.describe()}; {len(c.problems)} problems", flush=True)
+        log.say(f"{c.layout.describe()}; {len(c.problems)} problems")
     start, counters = 0, {"generated_tokens": 0.0, "skipped_steps": 0}
     save_base_model(c)
     if ckpt is not None:
         start, counters = load_checkpoint(c, ckpt)
         if rank0:
-            print(f"[opsd] resumed from {ckpt} at step {start}", flush=True)
+            log.say(f"resumed from {ckpt} at step {start}")
     logger = MetricsLogger(cfg, rank0, cfg.trainer.max_steps, start)
     t0, last = time.perf_counter(), {}
     try:
@@ -67,11 +69,7 @@ def run(resolved: Resolved) -> dict:
             if stop:
                 if rank0:
                     preemption.acknowledge(cfg.trainer.output_dir, done)
-                    print(
-                        f"[opsd] preempted: checkpoint at step {done} written, stopping for "
-                        "requeue",
-                        flush=True,
-                    )
+                    log.say(f"preempted: checkpoint at step {done} written, stopping for requeue")
                 return {"steps": done, "preempted": True}
     finally:
         logger.close()
@@ -87,7 +85,7 @@ def _count(metrics: dict, counters: dict, rank0: bool) -> None:
         skipped_steps=counters["skipped_steps"],
     )
     if not math.isfinite(metrics["loss"]) and rank0:
-        print(f"[opsd] step {metrics['step']}: non-finite loss, update skipped", flush=True)
+        log.say(f"step {metrics['step']}: non-finite loss, update skipped")
 
 
 def _evaluate(c: Components, done: int, metrics: dict) -> None:
@@ -128,5 +126,5 @@ def _summarise(c: Components, start: int, counters: dict, last: dict, wall_s: fl
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if (out / "metrics.jsonl").exists():
             plot_loss(out / "metrics.jsonl", out / "loss.png")
-        print(f"[opsd] done: {json.dumps(summary)}", flush=True)
+        log.say(f"done: {json.dumps(summary)}")
     return summary

@@ -64,10 +64,14 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log(metrics, step=step)
         if self.progress:
-            info = (
-                f"loss {metrics['loss']:.4f}  len {metrics['response_length']:.0f}  "
-                f"lr {metrics['lr']:.2e}"
-            )
+            info = f"loss {metrics['loss']:.4f}"  # and what this algorithm's step has
+            if metrics.get("generated_tokens"):
+                info += f"  len {metrics['response_length']:.0f}"
+            if "reference_tokens" in metrics:
+                info += f"  ref tokens {metrics['reference_tokens']:.0f}"
+            if "reward" in metrics:
+                info += f"  reward {metrics['reward']:.2f}"
+            info += f"  lr {metrics['lr']:.2e}"
             self.progress.update(step, info)
 
     def close(self) -> None:

@@ -174,10 +174,10 @@ def test_eval_caps_new_tokens_at_the_model_limit_and_shows_progress():
     assert err is None and len(asked) == 2, (asked, err)  # 6 problems x 2 samples, batches of 6
     assert all(prompt + new == 400 for prompt, new in asked), asked
     assert printed.count("capped at") == 1 and "max_position_embeddings=400" in printed
-    progress = [ln for ln in printed.splitlines() if ln.startswith("[opsd] eval arith ")]
+    progress = [ln for ln in printed.splitlines() if ln.startswith("[eval] arith ")]
     assert [ln.split(")")[0] for ln in progress] == [
-        "[opsd] eval arith 1/2 (50%",
-        "[opsd] eval arith 2/2 (100%",
+        "[eval] arith 1/2 (50%",
+        "[eval] arith 2/2 (100%",
     ]
     _, _, err = run_distributed(_generate_with_a_recording_sampler, 1, 20)[0]
     assert err and "max_position_embeddings is 20" in err, err
