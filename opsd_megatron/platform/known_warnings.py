@@ -54,6 +54,16 @@ KNOWN = [
         "`torch.distributed.all_gather_into_tensor` is deprecated",
         "megatron-core 0.16's distributed optimizer calls it; torch 2.13 renamed it",
     ),
+    (
+        FutureWarning,
+        "`load_state_dict` is deprecated and will be removed in future versions",
+        "megatron-core 0.16's dist_checkpointing loads through torch's older API on resume",
+    ),
+    (
+        FutureWarning,
+        "Please use DTensor instead and we are deprecating ShardedTensor",
+        "megatron-core 0.16's checkpoint format is built on ShardedTensor; torch warns on load",
+    ),
 ]
 
 
