@@ -4,8 +4,10 @@
 # own gloo ranks). Output goes to a per-job directory that survives requeues. On the preemption
 # warning (#SBATCH --signal=B:USR1@120) the ranks are asked to checkpoint (OUT/PREEMPT); when
 # they stop for it (OUT/PREEMPTED) the job is requeued and resumes from that checkpoint.
-# Environment knobs: GPUS_PER_NODE (8), OPSD_OUTPUT_DIR, OPSD_CONTAINER_IMAGE (pyxis),
-# OPSD_CONTAINER_MOUNTS, MASTER_PORT. Arguments: key=value recipe overrides.
+# Environment knobs: GPUS_PER_NODE (8), PROCS_PER_NODE (CPU ranks per node through torchrun),
+# OPSD_OUTPUT_DIR (shared by all nodes), OPSD_CONTAINER_IMAGE (pyxis), OPSD_CONTAINER_MOUNTS,
+# MASTER_PORT, OPSD_RDZV_TIMEOUT_S, OPSD_COLLECTIVE_TIMEOUT_S (a lost peer fails the job after
+# this long instead of hanging it). Arguments: key=value recipe overrides.
 set -euo pipefail
 
 : "${RECIPE:?set RECIPE before sourcing launch/common.sh}"
@@ -25,7 +27,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 mkdir -p "$OUT_DIR"
-echo "[launch] job ${JOB_ID}: ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), recipe ${RECIPE}, output ${OUT_DIR}"
+echo "[launch] job ${JOB_ID}: ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), recipe ${RECIPE}, output ${OUT_DIR}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
 
 container_args=()
 if [[ -n "${OPSD_CONTAINER_IMAGE:-}" ]]; then
@@ -33,11 +35,19 @@ if [[ -n "${OPSD_CONTAINER_IMAGE:-}" ]]; then
                   --container-mounts "${OPSD_CONTAINER_MOUNTS:-$PWD:$PWD}")
 fi
 
-if [[ "$GPUS_PER_NODE" == "0" ]]; then
+# Ranks per node: the GPUs (NCCL), or with GPUS_PER_NODE=0 and PROCS_PER_NODE=N, N CPU ranks
+# (gloo) through the same torchrun path — what CI runs to test the cluster path less CUDA. With
+# GPUS_PER_NODE=0 alone, the CPU launcher of one node spawns its own gloo ranks.
+PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
+if [[ "$PROCS_PER_NODE" == "0" ]]; then
   launcher=(python -m opsd_megatron.train.cli)
 else
-  launcher=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --rdzv-backend c10d
-            --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id "$JOB_ID"
+  # c10d rendezvous on the first node, keyed by the job (a requeue is a new rendezvous); the
+  # rendezvous gives up after OPSD_RDZV_TIMEOUT_S when a node never joins
+  launcher=(torchrun --nnodes "$NNODES" --nproc-per-node "$PROCS_PER_NODE" --rdzv-backend c10d
+            --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}"
+            --rdzv-id "${JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+            --rdzv-conf "timeout=${OPSD_RDZV_TIMEOUT_S:-300}" --max-restarts 0
             -m opsd_megatron.train.cli)
 fi
 

@@ -90,8 +90,10 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = shlex.split(command)
+    env = {}
     while argv and re.match(r"^[A-Z_]+=", argv[0]):  # PYTHONPATH=. python ...: the environment
-        argv = argv[1:]
+        key, _, value = argv.pop(0).partition("=")
+        env[key] = value
     if (
         "venv" in argv
     ):  # the two fresh-machine commands: CI runs the second, the demo test the first
@@ -112,11 +114,13 @@ def test_documented_command_parses(command, capsys, monkeypatch, tmp_path):
     elif prog.startswith("opsd-"):
         _opsd(prog, argv, capsys)
     elif prog == "sbatch":
-        script = ROOT / argv[1]
+        at = next(i for i, a in enumerate(argv) if a.endswith(".slurm"))  # sbatch options first
+        script = ROOT / argv[at]
         assert script.is_file() and subprocess.run(["bash", "-n", str(script)]).returncode == 0
-        if "=" in command:  # overrides go to the script's recipe
-            recipe = re.search(r"RECIPE:-([^}]+)}", script.read_text()).group(1)
-            cfg = load_config(ROOT / recipe, [a for a in argv[2:] if "=" in a])
+        overrides = [a for a in argv[at + 1 :] if "=" in a]
+        if overrides or "RECIPE" in env:  # overrides go to the script's (or RECIPE's) recipe
+            recipe = env.get("RECIPE") or re.search(r"RECIPE:-([^}]+)}", script.read_text())[1]
+            cfg = load_config(ROOT / recipe, overrides)
             validate_layout(cfg, arch=arch_of(cfg.model))
     elif prog in ("python", "python3"):
         tool = ROOT / argv[1]

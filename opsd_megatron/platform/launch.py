@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,10 @@ def run_ranks(entry, world: int, *args, threads_per_rank: int | None = None):
     if launched_world_size() is not None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a lost peer fails the job after this long instead of hanging it: gloo's collectives
+        # time out; NCCL's watchdog aborts (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, launch/common.sh)
+        timeout = timedelta(seconds=float(os.environ.get("OPSD_COLLECTIVE_TIMEOUT_S", 1800)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
         try:
             return [entry(*args)]
         finally:
