@@ -140,7 +140,8 @@ def straight(tmp_path_factory) -> list[float]:
 def test_a_preempted_four_node_job_requeues_resumes_and_equals_one_node(tmp_path, straight):
     """USR1 to the batch step (what ``--signal=B:USR1@900`` sends) after step 1: every rank
     checkpoints, the whole four-node job requeues itself, the rerun resumes — and the losses of
-    the five steps equal the one-node run's to fp32 round-off."""
+    the five steps equal the one-node run's to fp32 round-off. Then a two-node job (another PP)
+    resumes that checkpoint, as a user who gets fewer nodes after a requeue would."""
     out = tmp_path / "preempted"
     job_id, res = _sbatch(tmp_path, out, "trainer.max_steps=5")
     assert res.returncode == 0, res.stderr
@@ -164,6 +165,18 @@ def test_a_preempted_four_node_job_requeues_resumes_and_equals_one_node(tmp_path
     )
     for step in range(1, 6):  # ranks on four nodes wrote one complete checkpoint per step
         assert (out / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").is_file()
+
+    # fewer nodes after a requeue: the four-node checkpoint resumed by a two-node job (TP2 x PP1)
+    job2, res = _sbatch(
+        tmp_path, out, "trainer.max_steps=6", "parallel.pipeline_model_parallel_size=1",
+        nodes=2, wait=True,
+    )  # fmt: skip
+    log2 = (tmp_path / f"slurm-{job2}.out").read_text()
+    assert res.returncode == 0 and _job(job2)["NumNodes"] == "2", log2[-3000:]
+    assert "resumed from" in log2 and "at step 5" in log2, log2[-3000:]
+    assert "'pp': 2" in log2 and "'pp': 1" in log2, log2[-3000:]  # resharded, and says so
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["loss"] == rows[-1]["loss"]
 
 
 def _node_ranks(node: str) -> list[int]:
