@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch.slurm_jobs import job as _job
+from tests.launch.slurm_jobs import job_id_of
+
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
     "trainer.global_batch_size=4",
@@ -60,14 +63,7 @@ def _sbatch(
         + [str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS, *args]
     )
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return int(res.stdout.strip().split(";")[0].splitlines()[0]), res
-
-
-def _job(job_id: int) -> dict:
-    text = subprocess.run(
-        ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text))
+    return job_id_of(res.stdout), res
 
 
 def _steps(out: Path) -> list[int]:
