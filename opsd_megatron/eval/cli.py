@@ -72,12 +72,6 @@ def resolve(recipe: str, overrides: list[str], world_size: int | None, checkpoin
     return cfg, validate_layout(cfg, world_size, arch=arch_of(cfg.model))
 
 
-def _silenced_run(*args):
-    """``run_ranks`` with the known third-party warnings silenced (platform/known_warnings.py)."""
-    with known_warnings.silenced():
-        return run_ranks(*args)
-
-
 def main(argv=None) -> int:
     """``opsd-eval``: check the recipe, benchmarks and checkpoint, then evaluate on every rank and
     print the report; returns the exit code."""
@@ -110,13 +104,14 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(f"[eval] {layout.describe()}; benchmarks {list(cfg.eval.benchmarks)}", flush=True)
         return 0
-    code, reports = guarded(
-        "opsd-eval",
-        args.debug,
-        lambda: _silenced_run(
-            _rank_entry, layout.world_size, cfg, layout, args.checkpoint, args.tag
-        ),
-    )
+    with known_warnings.silenced():  # platform/known_warnings.py: each with why
+        code, reports = guarded(
+            "opsd-eval",
+            args.debug,
+            lambda: run_ranks(
+                _rank_entry, layout.world_size, cfg, layout, args.checkpoint, args.tag
+            ),
+        )
     if code is not None:
         return code
     report = reports[0]

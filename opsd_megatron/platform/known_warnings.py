@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 
 # (category, the message's first words, why it is not the user's to act on)
@@ -75,8 +76,6 @@ def pythonwarnings() -> str:
 @contextlib.contextmanager
 def silenced():
     """``KNOWN`` silenced in this process and the processes started inside; restored after."""
-    import re
-
     before = os.environ.get("PYTHONWARNINGS")
     with warnings.catch_warnings():
         for category, message, _ in KNOWN:

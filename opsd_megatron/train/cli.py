@@ -46,16 +46,6 @@ def _rank_entry(resolved):
     return run(resolved)
 
 
-def _quiet(fn):
-    """``fn`` with the known third-party warnings silenced (``platform/known_warnings.py``)."""
-
-    def call(*args, **kwargs):
-        with known_warnings.silenced():
-            return fn(*args, **kwargs)
-
-    return call
-
-
 def main(argv=None) -> int:
     """``opsd-train``: check the recipe, paths, data, layout fit and resume plan before any rank
     starts (one-line errors, exit 2), then run the ranks (spawned on CPU, or as torchrun's);
@@ -132,16 +122,17 @@ def main(argv=None) -> int:
             signal.SIGUSR1,
             lambda *_: (flag.parent.mkdir(parents=True, exist_ok=True), flag.touch()),
         )
-    code, results = guarded(
-        "opsd-train",
-        args.debug,
-        lambda: _quiet(run_ranks)(
-            _rank_entry,
-            layout.world_size,
-            resolved,  # decided once, here: no rank reloads the recipe or re-decides
-            threads_per_rank=cfg.trainer.threads_per_rank,
-        ),
-    )
+    with known_warnings.silenced():  # platform/known_warnings.py: each with why
+        code, results = guarded(
+            "opsd-train",
+            args.debug,
+            lambda: run_ranks(
+                _rank_entry,
+                layout.world_size,
+                resolved,  # decided once, here: no rank reloads the recipe or re-decides
+                threads_per_rank=cfg.trainer.threads_per_rank,
+            ),
+        )
     if code is not None:  # Ctrl-C: the last complete checkpoint stands
         return code
     if any(isinstance(r, dict) and r.get("preempted") for r in results):
