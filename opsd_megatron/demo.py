@@ -5,7 +5,12 @@ but solves only part of the problems alone; (2) evaluate it on held-out problems
 reference); (3) train each arm — OPSD, and the SFT and GRPO baselines — from that base with the
 same number of problems per step, evaluating as they go; (4) write ``summary.json`` and
 ``accuracy.png`` (held-out accuracy against sampled tokens; SFT, which samples nothing, against the
-reference tokens it trained on).
+reference tokens it trained on; with each evaluation's Wilson 95 % band where it is greedy).
+
+``base: null`` skips (1): the model of ``common`` (a pretrained model, ``model.hf_dir``) is the
+base, evaluated once alone and with the reference (``OUT/base/eval/{alone,reference}.json``,
+reused while ``common`` is unchanged), and every arm trains from it — the real-model comparison
+(``recipes/smollm2_svamp.yaml``).
 
 The recipe has ``output_dir``, ``common`` (a recipe every stage starts from), ``base`` and ``arms``
 (name -> recipe overrides, ``opsd`` required) and ``seeds`` (seed triples [model init, trainer,
@@ -29,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -65,7 +71,7 @@ class BaseUntil:
 class DemoConfig:
     output_dir: str = "runs/demo"
     common: dict = field(default_factory=dict)
-    base: dict = field(default_factory=dict)
+    base: Optional[dict] = field(default_factory=dict)  # None: common's model is the base
     base_until: BaseUntil = field(default_factory=BaseUntil)
     arms: dict = field(default_factory=dict)
     seeds: list = field(default_factory=list)  # [[model init, trainer, rollout], ...] for --seeds
@@ -190,12 +196,41 @@ def _train_base(d: DemoConfig) -> dict:
         )
 
 
+def _eval_base(d: DemoConfig) -> dict:
+    """``base: null``: common's model, evaluated alone and with the reference (``opsd-eval``).
+    The reports are reused while the stage recipe they were made with is unchanged."""
+    from opsd_megatron.eval.cli import main as evaluate
+
+    recipe = _stage_recipe(d, "base", {}, None)
+    out = recipe.parent / "eval"
+    made_with = out / "made_with.yaml"
+    fresh = made_with.is_file() and made_with.read_text() == recipe.read_text()
+    figures = {}
+    for tag, reference in (("alone", "false"), ("reference", "true")):
+        path = out / f"{tag}.json"
+        if not (fresh and path.is_file()):
+            if evaluate([str(recipe), f"eval.with_reference={reference}", "--tag", tag]) != 0:
+                raise RuntimeError(f"{recipe}: opsd-eval --tag {tag} failed")
+        benchmarks = json.loads(path.read_text())["benchmarks"]
+        figures[tag] = next(iter(benchmarks.values()))
+    made_with.write_text(recipe.read_text())
+    alone, ref = figures["alone"], figures["reference"]
+    return {
+        "accuracy": alone["avg@1"],
+        "teacher_accuracy": ref["avg@1"],
+        "steps": 0,
+        "ci95": alone.get("avg@1_ci95"),
+        "teacher_ci95": ref.get("avg@1_ci95"),
+        "final": {k: alone[k] for k in report.FIGURES if k in alone},
+    }
+
+
 def _check_data(d: DemoConfig) -> None:
     """Every stage's data source exists before the first step (an arm's missing file would
     otherwise fail after the base and the arms before it have trained)."""
     from opsd_megatron.data.sources import resolve
 
-    for name, stage in {"base": d.base, **d.arms}.items():
+    for name, stage in {"base": d.base or {}, **d.arms}.items():
         recipe = OmegaConf.merge(OmegaConf.create(d.common), OmegaConf.create(stage))
         source = OmegaConf.select(recipe, "data.source", default="synthetic:arith")
         for spec in [source] if isinstance(source, str) else list(source):
@@ -211,18 +246,21 @@ def run_demo(d: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(d.output_dir)
     _check_data(d)
-    base = _train_base(d)
-    base_model = str(out / "base" / "checkpoints" / f"step_{base['steps']:06d}" / "model")
+    if d.base is None:
+        base, base_model = _eval_base(d), None
+    else:
+        base = _train_base(d)
+        base_model = str(out / "base" / "checkpoints" / f"step_{base['steps']:06d}" / "model")
     arms = {}
     for name, stage in d.arms.items():
         recipe = _stage_recipe(d, name, stage, base_model)
         _run(recipe)
-        curve = report.curve(out / name, base["accuracy"])
+        curve = report.curve(out / name, base["accuracy"], base.get("ci95"))
         arms[name] = {
             "algorithm": load_config(recipe).algorithm,
             "steps": load_config(recipe).trainer.max_steps,
             "final_accuracy": curve[-1][1],
-            "best_accuracy": max(a for _, a in curve),
+            "best_accuracy": max(p[1] for p in curve),
             "tokens": curve[-1][0],
             "curve": curve,
             "final": report.final_figures(out / name),

@@ -8,27 +8,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FIGURES = ("avg@1", "response_length", "marker_rate", "repetition_rate", "truncation_rate")
+FIGURES = (
+    "avg@1",
+    "avg@1_ci95",
+    "response_length",
+    "marker_rate",
+    "repetition_rate",
+    "truncation_rate",
+)
 
 
-def _first_benchmark_accuracy(run_dir: Path, step: int, average: float) -> float:
-    """The first benchmark's accuracy at ``step`` (the curve follows the in-domain split when an arm
-    evaluates several); the logged average when the step's report is not there."""
+def _first_benchmark_accuracy(run_dir: Path, step: int, average: float):
+    """The first benchmark's accuracy at ``step`` and its Wilson 95 % interval (None unless the
+    evaluation is greedy) — the curve follows the in-domain split when an arm evaluates several;
+    the logged average when the step's report is not there."""
     report = run_dir / "eval" / f"step_{step:06d}.json"
     if not report.is_file():
-        return average
+        return average, None
     benchmarks = json.loads(report.read_text())["benchmarks"]
-    return next(iter(benchmarks.values()))["avg@1"] if benchmarks else average
+    if not benchmarks:
+        return average, None
+    first = next(iter(benchmarks.values()))
+    return first["avg@1"], first.get("avg@1_ci95")
 
 
-def curve(run_dir: Path, start_acc: float) -> list[tuple[float, float]]:
-    """[(tokens so far, held-out accuracy)] from a run's metrics.jsonl, starting at the base."""
-    points, tokens = [(0.0, start_acc)], 0.0
+def curve(run_dir: Path, start_acc: float, start_ci=None) -> list[tuple]:
+    """[(tokens so far, held-out accuracy, 95 % low, 95 % high)] from a run's metrics.jsonl,
+    starting at the base; the interval is (None, None) where the evaluation gives none."""
+    lo, hi = start_ci or (None, None)
+    points, tokens = [(0.0, start_acc, lo, hi)], 0.0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         tokens += m.get("generated_tokens", 0.0) or m.get("reference_tokens", 0.0)
         if "eval/avg@1" in m:
-            points.append((tokens, _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])))
+            acc, ci = _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])
+            points.append((tokens, acc, *(ci or (None, None))))
     return points
 
 
@@ -41,23 +55,37 @@ def final_figures(run_dir: Path) -> dict:
     return {name: {k: b[k] for k in FIGURES if k in b} for name, b in benchmarks.items()}
 
 
+def _accuracy(f: dict) -> str:
+    if "avg@1" not in f:
+        return ""
+    ci = f.get("avg@1_ci95")
+    return f"{100 * f['avg@1']:.1f} %" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
 def table(base: dict, arms: dict) -> str:
-    """The arms side by side: final accuracy, length and marker rate per benchmark, tokens
-    sampled."""
+    """The arms side by side: final accuracy (with its 95 % interval when greedy), length,
+    truncation, repetition and marker rate per benchmark, tokens sampled."""
     names = sorted({b for a in arms.values() for b in a.get("final", {})})
-    head = "| arm | tokens | " + " | ".join(f"{b} acc | {b} length | {b} markers/1k" for b in names)
-    rows = [head + " |", "|---" * (2 + 3 * len(names)) + "|"]
+    cols = ("acc", "length", "truncated", "repeated 4-grams", "markers/1k")
+    head = "| arm | tokens | " + " | ".join(f"{b} {c}" for b in names for c in cols)
+    rows = [head + " |", "|---" * (2 + len(cols) * len(names)) + "|"]
+    if base.get("final") and len(names) == 1:  # an evaluated pretrained base: its row first
+        arms = {"base (no training)": {"tokens": 0, "final": {names[0]: base["final"]}}, **arms}
     for arm, a in arms.items():
         cells = [arm, f"{a['tokens']:.0f}"]
         for b in names:
             f = a.get("final", {}).get(b, {})
             cells += [
-                f"{100 * f['avg@1']:.0f} %" if "avg@1" in f else "",
+                _accuracy(f),
                 f"{f['response_length']:.1f}" if "response_length" in f else "",
+                f"{100 * f['truncation_rate']:.1f} %" if "truncation_rate" in f else "",
+                f"{100 * f['repetition_rate']:.1f} %" if "repetition_rate" in f else "",
                 f"{f['marker_rate']:.2f}" if "marker_rate" in f else "",
             ]
         rows.append("| " + " | ".join(cells) + " |")
-    return f"base: {100 * base['accuracy']:.0f} % alone\n" + "\n".join(rows)
+    ci = base.get("ci95")
+    band = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+    return f"base: {100 * base['accuracy']:.1f} %{band} alone\n" + "\n".join(rows)
 
 
 def _figure():
@@ -84,7 +112,17 @@ def plot(curves: dict, base: dict, out_png: Path) -> None:
     plt, fig, ax = _figure()
     for name, pts in curves.items():
         label = f"{name} (x: reference tokens trained on)" if name == "sft" else name
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+        x = [p[0] for p in pts]
+        (line,) = ax.plot(x, [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+        banded = [p for p in pts if len(p) > 3 and p[2] is not None]
+        if len(banded) > 1:  # greedy evaluations: the Wilson 95 % interval as a band
+            ax.fill_between(
+                [p[0] for p in banded],
+                [100 * p[2] for p in banded],
+                [100 * p[3] for p in banded],
+                color=line.get_color(),
+                alpha=0.15,
+            )
     ax.axhline(
         100 * base["teacher_accuracy"],
         color="gray",

@@ -30,6 +30,9 @@ TEACHER_CONTEXTS = ("solution", "answer", "custom")
 class DataConfig:
     source: str = "synthetic:arith"  # synthetic:arith | jsonl/parquet path(s) | an HF dataset name
     split: str = "train"  # HF dataset split (data.source is a Hub name)
+    # Leave out the source's first N rows: the problems held out for evaluation when the same
+    # file is the benchmark (eval.max_problems=N reads exactly those).
+    skip_first: int = 0
     problem_field: str = "problem"  # the problem's field in the data
     solution_field: str = "solution"  # the reference solution's field
     max_problem_tokens: int = 1024  # problems longer than this (tokens) are dropped
@@ -55,6 +58,8 @@ class DataConfig:
     teacher_thinking: bool = True  # the chat template's thinking mode in the teacher's prompt
 
     def __post_init__(self):
+        if self.skip_first < 0:
+            raise ConfigError(f"data.skip_first must be >= 0, got {self.skip_first}")
         if self.teacher_context not in TEACHER_CONTEXTS:
             raise ConfigError(
                 f"data.teacher_context must be solution|answer|custom, got {self.teacher_context!r}"

@@ -34,7 +34,19 @@ def _raw_rows(cfg) -> list[tuple[str, object]]:
                 f"data.source={cfg.source!r}: the only synthetic task is synthetic:arith"
             )
         rows = addition_problems(cfg.num_synthetic, seed=cfg.shuffle_seed)
-        return [(f"synthetic:arith row {i}", r) for i, r in enumerate(rows, 1)]
+        out = [(f"synthetic:arith row {i}", r) for i, r in enumerate(rows, 1)]
+    else:
+        out = _source_rows(cfg)
+    if cfg.skip_first >= len(out):
+        raise DataError(
+            f"data.skip_first={cfg.skip_first} leaves no rows of data.source={cfg.source!r} "
+            f"({len(out)} rows)"
+        )
+    return out[cfg.skip_first :]
+
+
+def _source_rows(cfg) -> list[tuple[str, object]]:
+    """Every row of the comma-separated files / datasets of ``data.source``, in order."""
     out = []
     for spec in (s.strip() for s in cfg.source.split(",")):
         kind, where = resolve("data.source", spec, "dataset")

@@ -58,6 +58,24 @@ def test_malformed_rows_error_or_skip(tmp_path):
         load_problems(DataConfig(source=str(bad_json), problem_field="q", solution_field="a"))
 
 
+def test_skip_first_holds_out_the_first_rows_before_dedup_and_filters(tmp_path):
+    """``data.skip_first=N`` drops the source's first N rows as written (across comma-separated
+    files), before de-duplication, so the held-out problems are exactly the ones
+    ``eval.max_problems=N`` reads from the same file; a malformed row among them is not read."""
+    a = _write(tmp_path / "a.jsonl", [{"q": "p1", "a": "1"}, "{bad", {"q": "p2", "a": "2"}])
+    b = _write(tmp_path / "b.jsonl", [{"q": "p3", "a": "3"}, {"q": "p1", "a": "1"}])
+    cfg = dict(source=f"{a},{b}", problem_field="q", solution_field="a", shuffle_seed=0)
+    ps = load_problems(DataConfig(**cfg, skip_first=2))
+    assert sorted(r["problem"] for r in ps.rows) == ["p1", "p2", "p3"]
+    assert (ps.skipped_malformed, ps.dropped_duplicates) == (0, 0)
+    ps = load_problems(DataConfig(**cfg, skip_first=3))
+    assert sorted(r["problem"] for r in ps.rows) == ["p1", "p3"]
+    with pytest.raises(DataError, match=r"data.skip_first=5 leaves no rows .*\(5 rows\)"):
+        load_problems(DataConfig(**cfg, skip_first=5))
+    with pytest.raises(UserError, match="data.skip_first must be >= 0"):
+        DataConfig(**cfg, skip_first=-1)
+
+
 ROWS = [
     {"q": "1+1", "a": "2", "ans": "2"},
     {"q": "2+3", "a": "5", "ans": "5"},
