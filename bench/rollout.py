@@ -2,6 +2,8 @@
 
     python bench/rollout.py                      # SmolLM2-135M, batches 8 and 32, 192 new tokens
     python bench/rollout.py --batch 8 --new-tokens 64 --threads 2
+    python bench/rollout.py --batch 50 --new-tokens 256 --temperature 0 --compaction
+        # the sampler with finished rows leaving the batch (the default) against keeping them
 
 Both sample at the same temperature (top-k/top-p off), stop at the tokenizer's end-of-turn ids,
 run in fp32 on ``--threads`` CPU threads (or the GPU where there is one), and see the same chat-
@@ -54,7 +56,9 @@ def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [student_prompt_ids(tokenizer, DataConfig(), t) for t in texts]
 
 
-def megatron_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats):
+def megatron_tokens_per_s(
+    hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats, compact_below=0.75
+):
     """One rank: the Megatron sampler (TP1) on the HF weights."""
     from opsd_megatron.models import build_gpt_model, read_hf_config
     from opsd_megatron.models.hf_io import HFCheckpointReader
@@ -76,6 +80,7 @@ def megatron_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pa
         pad_id=pad_id,
         vocab_size=arch.vocab_size,
         groups=groups,
+        compact_below=compact_below,
     )
     sampler.generate(prompts[:2], 4)  # warm-up
     best = 0.0
@@ -121,6 +126,11 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--compaction",
+        action="store_true",
+        help="instead of HF: the sampler keeping finished rows in the batch (compact_below=0)",
+    )
     args = ap.parse_args()
 
     from opsd_megatron.data.tokenizer import load_tokenizer, stop_token_ids
@@ -142,6 +152,14 @@ def main() -> None:
             megatron_tokens_per_s, 1, str(hf_dir), *common, timeout=3600,
             threads_per_rank=args.threads,
         )[0]  # fmt: skip
+        if args.compaction:
+            kept = run_distributed(
+                megatron_tokens_per_s, 1, str(hf_dir), *common, 0.0, timeout=3600,
+                threads_per_rank=args.threads,
+            )[0]  # fmt: skip
+            print(f"batch {b:3d}: finished rows leave the batch {meg:6.1f} tok/s, kept "
+                  f"{kept:6.1f} tok/s, ratio {meg / kept:.2f}")  # fmt: skip
+            continue
         hf = hf_tokens_per_s(str(hf_dir), *common)
         print(f"batch {b:3d} (prompts {lengths[0]}-{lengths[-1]} tokens): Megatron sampler "
               f"{meg:6.1f} tok/s, HF generate {hf:6.1f} tok/s, ratio {meg / hf:.2f}")  # fmt: skip

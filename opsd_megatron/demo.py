@@ -264,6 +264,7 @@ def run_demo(d: DemoConfig) -> dict:
             "tokens": curve[-1][0],
             "curve": curve,
             "final": report.final_figures(out / name),
+            "trace": report.trace(out / name),
         }
     opsd = arms["opsd"]
     summary = {
@@ -278,7 +279,8 @@ def run_demo(d: DemoConfig) -> dict:
         "wall_time_s": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(report.table(base, arms) + "\n")
+    text = report.table(base, arms) + "\n\nDuring training (first 4 steps → last 4 steps):\n\n"
+    (out / "table.md").write_text(text + report.trace_table(arms) + "\n")
     report.plot({k: v["curve"] for k, v in arms.items()}, base, out / "accuracy.png")
     return summary
 

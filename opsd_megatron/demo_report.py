@@ -62,6 +62,45 @@ def _accuracy(f: dict) -> str:
     return f"{100 * f['avg@1']:.1f} %" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
+# per-step figures of the training rollouts (OPSD adds the teacher's agreement, GRPO its reward)
+TRACE = (
+    "response_length",
+    "truncation_rate",
+    "repetition_rate",
+    "marker_rate",
+    "top1_agreement",
+    "teacher_logprob",
+    "reward",
+)
+
+
+def trace(run_dir: Path, window: int = 4) -> dict:
+    """{figure: [mean over the first ``window`` steps, over the last ``window``]} of the run's
+    per-step training figures — whether responses grow, get cut off or repeat as it trains (the
+    collapse the OPSD follow-ups describe) and whether the student moves toward the teacher."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = {}
+    for key in TRACE:
+        values = [m[key] for m in rows if isinstance(m.get(key), (int, float))]
+        if values:
+            ends = values[:window], values[-window:]
+            out[key] = [sum(v) / len(v) for v in ends]
+    return out
+
+
+def trace_table(arms: dict) -> str:
+    """Each sampling arm's training figures, first steps -> last steps."""
+    keys = [k for k in TRACE if any(k in a.get("trace", {}) for a in arms.values())]
+    rows = ["| arm | " + " | ".join(keys) + " |", "|---" * (1 + len(keys)) + "|"]
+    for name, a in arms.items():
+        t = a.get("trace", {})
+        if "response_length" not in t:  # SFT samples nothing
+            continue
+        cells = [f"{t[k][0]:.3g} → {t[k][1]:.3g}" if k in t else "" for k in keys]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def table(base: dict, arms: dict) -> str:
     """The arms side by side: final accuracy (with its 95 % interval when greedy), length,
     truncation, repetition and marker rate per benchmark, tokens sampled."""

@@ -58,6 +58,9 @@ def test_pretrained_base_is_evaluated_once_and_every_arm_starts_from_it(tmp_path
         acc, lo, hi = REACHED[name]
         key = "reference_tokens" if name == "sft" else "generated_tokens"
         lines = [{"step": s, key: 1000.0} for s in range(1, 25)]
+        if name != "sft":  # responses grow from 100 to 146 tokens; agreement rises
+            for m in lines:
+                m.update(response_length=98.0 + 2 * m["step"], top1_agreement=0.8 + m["step"] / 200)
         for s, a in ((12, acc / 2), (24, acc)):
             lines[s - 1]["eval/avg@1"] = a
             (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,13 @@ def test_pretrained_base_is_evaluated_once_and_every_arm_starts_from_it(tmp_path
     assert "| base (no training) | 0 | 4.0 % [2.0, 7.7] |" in table
     assert "| sft | 24000 | 20.0 % [15.0, 26.1] | 120.0 | 12.0 % | 20.0 % | 0.00 |" in table
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
+    # the training trace: the mean of the first four steps, of the last four
+    assert summary["arms"]["opsd"]["trace"]["response_length"] == [103.0, 143.0]
+    assert summary["arms"]["grpo"]["trace"]["top1_agreement"] == [0.8125, 0.9125]
+    assert (
+        "| opsd | 103 → 143 | 0.812 → 0.912 |" in table
+        and "| sft |" not in table.split("During")[1]
+    )
 
     evals.clear()
     demo.run_demo(demo.load_demo(RECIPE, over))  # unchanged common: the base's reports reused

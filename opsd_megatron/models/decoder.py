@@ -44,6 +44,11 @@ class KVDecoder:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
 
+    def keep(self, index_B: torch.Tensor) -> None:
+        """Keep only these rows of the cache (the rows still decoding), in this order."""
+        self.keys = [k.index_select(0, index_B) for k in self.keys]
+        self.values = [v.index_select(0, index_B) for v in self.values]
+
     @torch.no_grad()
     def forward(self, tokens_BS, positions_BS, allowed_BSK) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` of ``S`` new positions; ``allowed_BSK`` (True = may attend)

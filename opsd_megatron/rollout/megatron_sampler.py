@@ -16,7 +16,8 @@ vocab-parallel (``sampling.py``) and broadcasts the tokens to the other stages. 
 so a run is reproducible.
 
 Every tensor lives on the rank's device (``groups.device``), the generator too; the host sees the
-tokens once, at the end, and one "any row alive?" flag per step.
+tokens once, at the end, and one count of the rows still decoding per step; at PP=1 the finished
+rows leave the batch once enough have (``compact_below``), with the random stream unchanged.
 """
 
 from __future__ import annotations
@@ -48,15 +49,19 @@ class MegatronSampler:
         vocab_size: int,
         seed: int = 0,
         groups: ParallelGroups | None = None,
+        compact_below: float = 0.75,
     ):
-        """``groups``: where the model sits (default: the initialised layout's)."""
+        """``groups``: where the model sits (default: the initialised layout's).
+        ``compact_below``: at PP=1, once the rows still decoding are at most this fraction of
+        the decoder's batch, the finished rows leave it (their cache too): a batch stops paying
+        for rows that ended early while one runs to the limit (0: never)."""
         self.model = model
         self.groups = groups or groups_of(model)
         self.device = self.groups.device
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
         self.pad_id, self.vocab_size, self.seed = pad_id, vocab_size, seed
-        self.calls = 0
+        self.calls, self.compact_below = 0, compact_below
         self.whole_prompt = masks_honoured(model)  # else the stepwise path (TE attention)
 
     def _generator(self) -> torch.Generator:
@@ -64,8 +69,9 @@ class MegatronSampler:
         key = (self.seed, self.calls, self.groups.dp_rank, self.groups.tp_rank)
         return torch.Generator(device=self.device).manual_seed(hash(key) % (2**63))
 
-    def _next(self, logits, b: int, gen):
-        """Sample from last-position logits (last stage) and share the tokens with every stage."""
+    def _next(self, logits, b: int, gen, rows=None):
+        """Sample from last-position logits (last stage) and share the tokens with every stage.
+        ``rows``: the batch rows the logits belong to (the others have finished)."""
         g = self.groups
         if logits is not None:
             tok, lp = sample_next_tokens(
@@ -76,7 +82,12 @@ class MegatronSampler:
                 generator=gen,
                 vocab_size=self.vocab_size,
                 group=g.tp,
+                noise_rows=rows,
+                noise_batch=b,
             )
+            if rows is not None:  # back to batch rows; finished rows are masked by the caller
+                tok = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
+                lp = torch.zeros(b, dtype=lp.dtype, device=lp.device).index_copy_(0, rows, lp)
         else:
             tok = torch.zeros(b, dtype=torch.long, device=self.device)
             lp = torch.zeros(b, dtype=torch.float32, device=self.device)
@@ -126,19 +137,34 @@ class MegatronSampler:
                 itself = keys[None, :width] == keys[:width, None]  # a padding query sees itself
                 mask = (causal[None, None] | padding_BK[:, None, None, :width]) & ~itself
                 logits = self._forward(tokens[:, :width], positions[:, :width], mask, ctx)
+                rows = None  # the batch rows in the decoder (None: all of them)
                 for t in range(width, total):
-                    tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
+                    last = None if logits is None else logits[:, -1]
+                    tok, lp = self._next(last, b, gen, rows)
                     tokens[:, t] = torch.where(alive, tok, self.pad_id)
                     logprobs_BT[:, t] = torch.where(alive, lp, 0.0)
                     generated += alive.long()
                     alive &= ~torch.isin(tok, self.stop_ids) & (generated < max_new_tokens)
-                    if t + 1 == total or not bool(alive.any()):
+                    decoding = int(alive.sum())  # the host's one read per step
+                    if t + 1 == total or decoding == 0:
                         break
-                    mask = padding_BK[:, None, None, : t + 1]
-                    logits = self._forward(tokens[:, t : t + 1], positions[:, t : t + 1], mask, ctx)
+                    if isinstance(ctx, KVDecoder):
+                        rows = self._compact(ctx, alive, rows, decoding)
+                    r = slice(None) if rows is None else rows
+                    mask = padding_BK[r, None, None, : t + 1]
+                    logits = self._forward(tokens[r, t : t + 1], positions[r, t : t + 1], mask, ctx)
         finally:
             self.model.train(was_training)
         return self._result(tokens, logprobs_BT, generated, [width] * b)
+
+    def _compact(self, ctx: KVDecoder, alive, rows, decoding: int):
+        """The decoder's rows after dropping the finished ones, if few enough still decode."""
+        held = alive.shape[0] if rows is None else rows.numel()
+        if decoding > self.compact_below * held:
+            return rows
+        live = alive.nonzero()[:, 0]  # every TP rank holds the same tokens: the same rows
+        ctx.keep(live if rows is None else torch.searchsorted(rows, live))
+        return live
 
     def _forward(self, tokens_BS, positions_BS, mask, ctx):
         """Logits of the new positions ``[B, S, V/tp]`` (None off the last stage); advances the

@@ -30,9 +30,13 @@ def sample_next_tokens(
     generator: torch.Generator,
     vocab_size: int | None = None,
     group=None,
+    noise_rows: torch.Tensor | None = None,
+    noise_batch: int | None = None,
 ):
     """Sample one token per row from vocab-sharded logits; returns (global ids [B], log-probs [B]).
-    ``temperature=0``: greedy."""
+    ``temperature=0``: greedy. ``noise_rows``: these B rows are rows of a ``noise_batch``-row
+    batch, and take those rows of that batch's noise — a decoder that dropped its finished rows
+    keeps the random stream, so its tokens are those of the full batch."""
     shard = vocab_shard(logits_BV.shape[1], vocab_size, group)
     greedy = temperature == 0
     z = logits_BV[:, : shard.real].float() / (1.0 if greedy else temperature)
@@ -42,9 +46,9 @@ def sample_next_tokens(
         score = z.double()
     else:
         # the generator lives on the logits' device (a CPU generator cannot draw CUDA noise)
-        u = torch.rand(
-            keep.shape, generator=generator, dtype=torch.float64, device=keep.device
-        ).clamp_(1e-300, 1.0)
+        shape = keep.shape if noise_rows is None else (noise_batch, keep.shape[1])
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=keep.device)
+        u = (u if noise_rows is None else u[noise_rows]).clamp_(1e-300, 1.0)
         score = keep.double() - torch.log(-torch.log(u))
     if score.shape[1] == 0:
         best, idx = (

@@ -223,3 +223,58 @@ def test_whole_prompt_prefill_with_a_row_stopping_at_once(tp, pp):
         want = full[: full.index(stop) + 1] if stop in full else full
         assert cut == want and done == (stop in full)
     assert any(len(r) == 12 and stop not in r for r in free.responses), "a row runs to the limit"
+
+
+def _compacted(tp: int):
+    """Sampled rollouts (T=0.9, top-k/top-p) whose rows stop at different steps, with finished
+    rows leaving the decoder at every finish, at the default threshold and never; how many
+    times the cache shrank in each."""
+    from opsd_megatron.models import arch_from_hf_config, build_gpt_model
+    from opsd_megatron.models import decoder as decoder_module
+    from opsd_megatron.models.hf_weights import load_hf_weights
+    from opsd_megatron.models.random_init import RandomHFWeights
+    from opsd_megatron.platform import initialize_model_parallel
+    from opsd_megatron.rollout.megatron_sampler import MegatronSampler
+
+    groups = initialize_model_parallel(tp, 1)
+    arch = arch_from_hf_config(
+        dict(model_type="qwen3", vocab_size=200, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    model = build_gpt_model(arch, initialize=False, groups=groups)
+    load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
+    prompts = [[5, 6, 7], list(range(20, 45)), [14], [50, 51, 52], [60, 61], [70, 71, 72, 73]]
+    shrinks, keep = [], decoder_module.KVDecoder.keep
+
+    def counted(self, index):
+        shrinks[-1] += 1
+        return keep(self, index)
+
+    decoder_module.KVDecoder.keep = counted
+    out = []
+    try:
+        for below in (1.0, 0.75, 0.0):
+            shrinks.append(0)
+            sampler = MegatronSampler(
+                model, temperature=0.9, top_k=50, top_p=0.95, stop_ids=list(range(100, 110)),
+                pad_id=0, vocab_size=arch.vocab_size, seed=3, groups=groups, compact_below=below,
+            )  # fmt: skip
+            out.append(sampler.generate(prompts, max_new_tokens=24))
+    finally:
+        decoder_module.KVDecoder.keep = keep
+    return out, shrinks
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_finished_rows_leave_the_decoder_without_changing_any_token(tp):
+    """The rows still decoding are all the decoder computes once enough rows have finished; the
+    tokens, their log-probs and the finished flags are those of the batch that kept every row
+    (the same random stream: each row takes its own row of the full batch's noise)."""
+    (every, default, never), shrinks = run_distributed(_compacted, tp, tp, timeout=120)[0]
+    lengths = sorted(len(r) for r in never.responses)
+    assert len(set(lengths)) >= 4 and lengths[0] < 12 < lengths[-1], lengths  # rows end apart
+    assert shrinks[0] >= 3 and shrinks[1] >= 1 and shrinks[2] == 0, shrinks
+    for run in (every, default):
+        assert run.responses == never.responses and run.finished == never.finished
+        for a, b in zip(run.logprobs, never.logprobs):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
