@@ -171,14 +171,12 @@ def test_sampler_logprobs_equal_trainer_logprobs(tp, pp):
     assert again[0][0] == responses, "same seed, same rollouts"
 
 
-def _stops(tp: int, pp: int):
-    """Greedy rollouts of prompts of very different lengths, without stops and then with row 0's
-    first token as the stop: whole-prompt prefill and the stepwise path (kept for TE)."""
+def _tiny_model(tp: int, pp: int):
+    """(groups, arch, model): a two-layer random Qwen3 with a 200-token vocabulary."""
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.models.hf_weights import load_hf_weights
     from opsd_megatron.models.random_init import RandomHFWeights
     from opsd_megatron.platform import initialize_model_parallel
-    from opsd_megatron.rollout import megatron_sampler
 
     groups = initialize_model_parallel(tp, pp)
     arch = arch_from_hf_config(
@@ -187,6 +185,15 @@ def _stops(tp: int, pp: int):
     )  # fmt: skip
     model = build_gpt_model(arch, initialize=False, groups=groups)
     load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
+    return groups, arch, model
+
+
+def _stops(tp: int, pp: int):
+    """Greedy rollouts of prompts of very different lengths, without stops and then with row 0's
+    first token as the stop: whole-prompt prefill and the stepwise path (kept for TE)."""
+    from opsd_megatron.rollout import megatron_sampler
+
+    groups, arch, model = _tiny_model(tp, pp)
     prompts = [[5, 6, 7], list(range(20, 45)), [14], [50, 51, 52, 53, 54, 55, 56, 57]]
 
     def run(stop_ids, stepwise=False):
@@ -229,20 +236,10 @@ def _compacted(tp: int):
     """Sampled rollouts (T=0.9, top-k/top-p) whose rows stop at different steps, with finished
     rows leaving the decoder at every finish, at the default threshold and never; how many
     times the cache shrank in each."""
-    from opsd_megatron.models import arch_from_hf_config, build_gpt_model
     from opsd_megatron.models import decoder as decoder_module
-    from opsd_megatron.models.hf_weights import load_hf_weights
-    from opsd_megatron.models.random_init import RandomHFWeights
-    from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
-    groups = initialize_model_parallel(tp, 1)
-    arch = arch_from_hf_config(
-        dict(model_type="qwen3", vocab_size=200, hidden_size=32, intermediate_size=64,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    )  # fmt: skip
-    model = build_gpt_model(arch, initialize=False, groups=groups)
-    load_hf_weights(model, RandomHFWeights(arch, 0, std=0.3), arch)
+    groups, arch, model = _tiny_model(tp, 1)
     prompts = [[5, 6, 7], list(range(20, 45)), [14], [50, 51, 52], [60, 61], [70, 71, 72, 73]]
     shrinks, keep = [], decoder_module.KVDecoder.keep
 
