@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from opsd_megatron.config import ConfigError, load_config, validate_layout
 from opsd_megatron.models.from_config import arch_of
@@ -18,7 +19,7 @@ TINY = ROOT / "recipes" / "tiny_cpu.yaml"
 
 
 DEMOS = [
-    r for r in RECIPES if r.stem.startswith("demo_")
+    r for r in RECIPES if "arms" in (yaml.safe_load(r.read_text()) or {})
 ]  # opsd-demo recipes: stages of training recipes
 
 
@@ -34,14 +35,16 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
     from opsd_megatron.demo import _stage_recipe, load_demo
 
     d = load_demo(str(recipe), [f"output_dir={tmp_path}"])
-    base = load_config(_stage_recipe(d, "base", d.base, None))
-    assert (
-        base.algorithm == "sft"
-        and base.eval.teacher_too
-        and base.trainer.max_steps % base.eval.interval == 0
-    )
+    base = load_config(_stage_recipe(d, "base", d.base or {}, None))
+    if d.base is not None:  # a base trained by the demo (else: the pretrained model of common)
+        assert (
+            base.algorithm == "sft"
+            and base.eval.teacher_too
+            and base.trainer.max_steps % base.eval.interval == 0
+        )
+    base_model = None if d.base is None else str(tmp_path / "base_model")
     for name, stage in d.arms.items():
-        cfg = load_config(_stage_recipe(d, name, stage, str(tmp_path / "base_model")))
+        cfg = load_config(_stage_recipe(d, name, stage, base_model))
         validate_layout(cfg, arch=arch_of(base.model))
         assert cfg.trainer.output_dir == str(tmp_path / name)
     assert set(d.arms) == DEMO_ARMS[recipe.stem]
@@ -49,6 +52,7 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
 
 DEMO_ARMS = {
     "demo_cpu": {"opsd", "sft", "grpo"},
+    "smollm2_svamp": {"opsd", "grpo", "sft", "opsd_fkl_clip", "opsd_ref_kl"},
     "demo_variants": {
         "opsd",
         "answer_only",

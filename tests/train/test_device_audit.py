@@ -87,7 +87,7 @@ def _host_generator(self):
     return torch.Generator().manual_seed(self.seed)
 
 
-def _host_next(self, logits, b, gen):  # the PP broadcast after .cpu(), as it was
+def _host_next(self, logits, b, gen, rows=None):  # the PP broadcast after .cpu(), as it was
     tok, lp = torch.zeros(b, dtype=torch.long), torch.zeros(b)
     if logits is not None:
         from opsd_megatron.rollout.sampling import sample_next_tokens
