@@ -79,6 +79,7 @@ def trace(run_dir: Path, window: int = 4) -> dict:
     per-step training figures — whether responses grow, get cut off or repeat as it trains (the
     collapse the OPSD follow-ups describe) and whether the student moves toward the teacher."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [m for m in rows if m.get("generated_tokens")]  # SFT samples nothing: no trace
     out = {}
     for key in TRACE:
         values = [m[key] for m in rows if isinstance(m.get(key), (int, float))]

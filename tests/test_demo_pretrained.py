@@ -58,7 +58,10 @@ def test_pretrained_base_is_evaluated_once_and_every_arm_starts_from_it(tmp_path
         acc, lo, hi = REACHED[name]
         key = "reference_tokens" if name == "sft" else "generated_tokens"
         lines = [{"step": s, key: 1000.0} for s in range(1, 25)]
-        if name != "sft":  # responses grow from 100 to 146 tokens; agreement rises
+        if name == "sft":  # the trainer logs a length of 0 where nothing is sampled
+            for m in lines:
+                m["response_length"] = 0.0
+        else:  # responses grow from 100 to 146 tokens; agreement rises
             for m in lines:
                 m.update(response_length=98.0 + 2 * m["step"], top1_agreement=0.8 + m["step"] / 200)
         for s, a in ((12, acc / 2), (24, acc)):
