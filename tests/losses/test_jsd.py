@@ -135,6 +135,20 @@ def test_clip_blocks_gradient_of_clamped_terms():
     )
 
 
+def test_clip_bounds_each_vocabulary_entry_not_the_token_sum():
+    """The OPSD code's jsd_token_clip clamps the [B, T, V] terms, not each token's divergence."""
+    s = torch.zeros(1, 8, dtype=torch.float64)
+    t = torch.tensor([[1.0] * 7 + [-5.0]], dtype=torch.float64)  # 7 entries share the sum
+    terms = torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))
+    clip = float(terms.max()) * 1.01  # above every entry, below the token's sum
+    full = vocab_parallel_jsd(s, t, beta=0.0)
+    assert float(terms.sum()) > clip
+    assert torch.allclose(vocab_parallel_jsd(s, t, beta=0.0, term_clip=clip), full, rtol=1e-12)
+    # one entry far above the clip: it is capped, the negative entries are not -> below zero
+    peaked = torch.tensor([[6.0] + [0.0] * 7], dtype=torch.float64)
+    assert float(vocab_parallel_jsd(s, peaked, beta=0.0, term_clip=0.01)) < 0.0
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
