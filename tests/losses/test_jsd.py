@@ -149,6 +149,23 @@ def test_clip_bounds_each_vocabulary_entry_not_the_token_sum():
     assert float(vocab_parallel_jsd(s, peaked, beta=0.0, term_clip=0.01)) < 0.0
 
 
+def test_clipped_entry_where_the_teacher_exceeds_the_student_is_pushed_down():
+    """Why β=0 + term_clip drove SmolLM2 away from its teacher (docs/real_model.md): a clamped
+    entry passes no gradient of its own, so only the softmax normaliser moves its logit — and
+    it moves it the wrong way. Teacher 0.9 on entry 0, student 0.6: unclipped, descent raises
+    the student's logit there (∂L/∂s_0 = p_S − p_T = −0.3); clipped, it lowers it
+    (∂L/∂s_0 = p_S,0·(1 − p_T,0) = +0.06)."""
+    rest = torch.full((4,), 0.1 / 4, dtype=torch.float64)
+    t = torch.log(torch.cat([torch.tensor([0.9], dtype=torch.float64), rest]))[None]
+    s0 = torch.log(torch.cat([torch.tensor([0.6], dtype=torch.float64), rest * 4]))[None]
+    grads = []
+    for clip in (None, 0.05):
+        s = s0.clone().requires_grad_(True)
+        vocab_parallel_jsd(s, t, beta=0.0, term_clip=clip).sum().backward()
+        grads.append(float(s.grad[0, 0]))
+    assert grads[0] == pytest.approx(-0.3, abs=1e-9) and grads[1] == pytest.approx(0.06, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
