@@ -316,6 +316,8 @@ def test_bad_numbers_are_one_line_naming_key_and_value(override, message, capsys
     [
         (["loss.ref_kl_coef=0.1", "teacher.update=ema"], "ref_kl_coef needs teacher.update=fixed"),
         (["loss.ref_kl_coef=-1"], "ref_kl_coef must be >= 0"),
+        (["loss.token_clip=0"], "token_clip must be > 0"),
+        (["loss.kind=sampled_token", "loss.token_clip=0.1"], "needs loss.kind=jsd, got 0.1 with"),
         (["loss.baseline=reverse_kl"], "applies to loss.kind=sampled_token only"),
         (["loss.kind=sampled_token", "loss.baseline=mean"], "loss.baseline must be none"),
         (

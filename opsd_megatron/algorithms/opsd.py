@@ -54,8 +54,10 @@ class OPSD:
             own = ("teacher_topk_mass",)
         else:
             own = ("student_entropy", "teacher_entropy")
-        extra = (("ref_kl",) if loss.ref_kl_coef else ()) + (
-            ("low_confidence_fraction",) if loss.token_weight == "teacher_entropy" else ()
+        extra = (
+            (("ref_kl",) if loss.ref_kl_coef else ())
+            + (("low_confidence_fraction",) if loss.token_weight == "teacher_entropy" else ())
+            + (("token_clipped_fraction",) if loss.token_clip is not None else ())
         )
         self.stat_names = own + extra + DIAGNOSTICS
 
@@ -143,6 +145,10 @@ class OPSD:
             )
             diag["advantage"] = out.advantage
         loss = out.loss
+        if loss_cfg.token_clip is not None:  # a token's whole divergence capped, no gradient
+            clipped = loss > loss_cfg.token_clip
+            loss = torch.where(clipped, torch.full_like(loss, loss_cfg.token_clip), loss)
+            diag["token_clipped_fraction"] = clipped.to(torch.float32)
         if loss_cfg.token_weight == "teacher_entropy":  # unsure teacher: down-weighted tokens
             h_t = diag.get("teacher_entropy")  # the full JSD computed it already
             if h_t is None:

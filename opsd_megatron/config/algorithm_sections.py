@@ -147,6 +147,10 @@ class LossConfig:
     # clip each vocabulary entry's divergence term at this value (OPSD code's jsd_token_clip; null:
     # off)
     term_clip: Optional[float] = None
+    # clip each response token's summed divergence at this value; clipped tokens pass no gradient
+    # (the per-token reading of jsd_token_clip some reproductions use; term_clip can push the
+    # student away from its teacher, docs/losses.md; null: off)
+    token_clip: Optional[float] = None
     reduction: str = "sequence_mean"  # sequence_mean (paper eq. 6/8) | token_mean
     # JSD over the teacher's global top-K tokens only (0: the full vocabulary): `tail` adds one
     # bucket with the rest of each distribution's mass, `renorm` renormalises the top-K (the OPSD
@@ -188,6 +192,11 @@ class LossConfig:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.term_clip is not None and self.term_clip <= 0:
             raise ConfigError(f"loss.term_clip must be > 0 or null, got {self.term_clip}")
+        if self.token_clip is not None and (self.token_clip <= 0 or self.kind != "jsd"):
+            raise ConfigError(
+                f"loss.token_clip must be > 0 (or null) and needs loss.kind=jsd, got "
+                f"{self.token_clip} with kind {self.kind!r}"
+            )
         if self.kind not in ("jsd", "sampled_token"):
             raise ConfigError(f"loss.kind must be jsd|sampled_token, got {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:

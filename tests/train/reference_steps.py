@@ -98,6 +98,12 @@ def per_token_losses(s, t, tokens, loss: dict, beta: float, r=None):
         h_t = ref.entropy(t, temperature)
         w = torch.where(h_t > loss["entropy_threshold"], loss["low_confidence_weight"], 1.0)
         return w * per_token_losses(s, t, tokens, rest, beta, r)
+    if loss.get("token_clip"):  # the summed divergence capped; capped tokens pass no gradient
+        c = loss["token_clip"]
+        d = per_token_losses(
+            s, t, tokens, {k: v for k, v in loss.items() if k != "token_clip"}, beta
+        )
+        return torch.where(d > c, torch.full_like(d, c).detach(), d)
     if loss.get("kind", "jsd") == "sampled_token":
         if loss.get("baseline") == "reverse_kl":  # Â = log-ratio + sg[KL(p_S || p_T)]
             ls = ref.token_logprobs(s, tokens, temperature)

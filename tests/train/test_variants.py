@@ -1,7 +1,7 @@
 """The trainer's options in real runs (TP=1, 2 steps, the tiny recipe), each against an fp64
 HF-transformers (+ peft) recomputation on the run's own rollouts: the sampled-token objective (with
-and without its reverse-KL baseline) and the loss temperature, token-mean reduction and term
-clipping, the teacher's top-K (tail bucket and renormalised), the KL to the initial policy,
+and without its reverse-KL baseline) and the loss temperature, token-mean reduction, term and
+token clipping, the teacher's top-K (tail bucket and renormalised), the KL to the initial policy,
 teacher-entropy token weights, several rollouts per problem with top-k/top-p sampling, an EMA and a
 current teacher (whose weights must move as documented), and a run started from ``model.hf_dir``.
 Loss to 1e-5 and gradient norm to 1e-4 relative at both steps; and each option must change the
@@ -44,6 +44,11 @@ VARIANTS = {
         ["loss.reduction=token_mean", "loss.term_clip=0.02", "rollout.max_new_tokens=32"],
         {"reduction": "token_mean", "term_clip": 0.02},
         [{"term_clip": 0.02}, {"reduction": "token_mean"}],
+    ),
+    "token_clip": (
+        ["loss.token_clip=0.3"],
+        {"token_clip": 0.3},
+        [{}],
     ),
     "two_rollouts+top_k+top_p": (
         ["rollout.num_rollouts=2", "rollout.top_k=6", "rollout.top_p=0.9"],
@@ -91,6 +96,8 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
     if "token_weight" in name:  # the threshold splits the tokens: both weights are exercised
         assert all(0.05 < r["low_confidence_fraction"] < 0.95 for r in rows), rows
+    if name == "token_clip":  # the clip splits the tokens: capped and passed both exercised
+        assert all(0.05 < r["token_clipped_fraction"] < 0.95 for r in rows), rows
     after1 = run_distributed(saved_weights, 1, str(out), [1], timeout=300)[0][1]
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
     teacher2 = _teacher_weights(name, after1)
