@@ -77,9 +77,7 @@ def test_pretrained_base_is_evaluated_once_and_every_arm_starts_from_it(tmp_path
         f"output_dir={tmp_path / 'out'}",
         f"common.data.source={data}",
         f"common.eval.benchmarks=[{data}]",
-        "arms.opsd_lr1e3=null",
-        "arms.opsd_fkl_clip=null",
-        "arms.opsd_ref_kl=null",
+        *(f"arms.{a}=null" for a in OmegaConf.load(RECIPE).arms if a not in REACHED),
     ]
     d = demo.load_demo(RECIPE, over)
     summary = demo.run_demo(d)
