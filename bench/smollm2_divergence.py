@@ -3,9 +3,12 @@ the reference) and its student on the student's own rollouts, split by what each
 digit, an operator, the final 'Answer:' line, the rest of the words — and by whether the rollout
 was right. If the divergence is concentrated on the few tokens that decide the answer while the
 loss averages over every response token, the per-step signal is diluted by the response length.
+And how heavy the tail is: what share of the divergence, and of the digits, a per-token cap
+(``loss.token_clip``) at each of ``--caps`` would take out of the gradient.
 
     PYTHONPATH=. python bench/smollm2_divergence.py          # the SVAMP comparison's OPSD arm
     PYTHONPATH=. python bench/smollm2_divergence.py --steps 2 --recipe OUT/opsd/recipe.yaml
+    PYTHONPATH=. python bench/smollm2_divergence.py --steps 3 loss.beta=0   # forward KL's tail
 
 Samples ``--steps`` batches of the recipe (the base model: LoRA adapters at zero), scores them as
 the OPSD step does and prints one table (Markdown); nothing is trained.
@@ -55,6 +58,7 @@ def measure(recipe: str, steps: int, overrides: list[str]) -> dict:
     tok = c.tokenizer
     out = {(ok, k): [0, 0.0] for ok in (True, False) for k in CLASSES}
     thirds = [[0, 0.0] for _ in range(3)]
+    values = []  # (divergence, is a digit) per response token: the tail a cap would cut
     for step in range(steps):
         rollouts = c.algorithm.rollout(1000 + step)
         scored = c.algorithm.score(rollouts)
@@ -77,12 +81,31 @@ def measure(recipe: str, steps: int, overrides: list[str]) -> dict:
                         cls = token_class(piece, "Answer" in text)
                         text += piece
                         d = float(per_token[i, n])
+                        values.append((d, cls == "digit"))
                         out[(bool(right), cls)][0] += 1
                         out[(bool(right), cls)][1] += d
                         third = thirds[min(2, 3 * n // max(len(ids), 1))]
                         third[0] += 1
                         third[1] += d
-    return {"classes": {f"{ok}|{k}": v for (ok, k), v in out.items()}, "thirds": thirds}
+    classes = {f"{ok}|{k}": v for (ok, k), v in out.items()}
+    return {"classes": classes, "thirds": thirds, "values": values}
+
+
+def tail(values: list[tuple[float, bool]], caps: list[float]) -> list[str]:
+    """Per cap: the tokens above it, their share of the divergence and how many are digits."""
+    total = sum(d for d, _ in values) or 1.0
+    rows = [
+        "| cap (nats per token) | tokens above | share of the divergence | digits among them |",
+        "|---|---|---|---|",
+    ]
+    for cap in caps:
+        over = [(d, digit) for d, digit in values if d > cap]
+        digits = sum(digit for _, digit in over) / max(len(over), 1)
+        rows.append(
+            f"| {cap:g} | {100 * len(over) / max(len(values), 1):.2f} % | "
+            f"{100 * sum(d for d, _ in over) / total:.1f} % | {100 * digits:.0f} % |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -91,6 +114,7 @@ def main() -> None:
         "--recipe", default=str(ROOT / "runs" / "smollm2_svamp" / "opsd" / "recipe.yaml")
     )
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--caps", default="0.1,0.3,1", help="per-token caps to read the tail at")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     args = p.parse_args()
     from opsd_megatron.testing import run_distributed
@@ -107,6 +131,10 @@ def main() -> None:
                   f"{100 * d / total_d:.1f} % | {d / n:.4f} |")  # fmt: skip
     print("\nby position in the response (first, middle, last third): mean JSD per token "
           + ", ".join(f"{d / max(n, 1):.4f}" for n, d in r["thirds"]))  # fmt: skip
+    values = sorted(d for d, _ in r["values"])
+    q = {p: values[min(len(values) - 1, int(p * len(values)))] for p in (0.5, 0.9, 0.99, 0.999)}
+    print("\nper-token quantiles: " + ", ".join(f"p{100 * p:g} {v:.4f}" for p, v in q.items()))
+    print("\n".join(["", *tail(r["values"], [float(c) for c in args.caps.split(",")])]))
 
 
 if __name__ == "__main__":

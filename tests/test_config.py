@@ -53,7 +53,9 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
 DEMO_ARMS = {
     "demo_cpu": {"opsd", "sft", "grpo"},
     "smollm2_svamp": {
-        *("opsd", "grpo", "sft", "opsd_lr1e3", "opsd_fkl_clip", "opsd_ref_kl", "grpo_lr1e3"),
+        *("opsd", "opsd_long", "grpo", "sft", "opsd_lr1e3", "opsd_fkl_clip", "opsd_ref_kl"),
+        "grpo_lr1e3",
+        "opsd_fkl",
     },
     "demo_variants": {
         "opsd",
