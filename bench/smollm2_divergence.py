@@ -1,10 +1,11 @@
-"""Where OPSD's signal sits on a real model: the per-token JSD between SmolLM2's teacher (reading
-the reference) and its student on the student's own rollouts, split by what each token is — a
-digit, an operator, the final 'Answer:' line, the rest of the words — and by whether the rollout
-was right. If the divergence is concentrated on the few tokens that decide the answer while the
-loss averages over every response token, the per-step signal is diluted by the response length.
-And how heavy the tail is: what share of the divergence, and of the digits, a per-token cap
-(``loss.token_clip``) at each of ``--caps`` would take out of the gradient.
+"""Where OPSD's signal sits on a real model: the per-token divergence (the recipe's JSD_β)
+between SmolLM2's teacher (reading the reference) and its student on the student's own
+rollouts, split by what each token is — a digit, an operator, the final 'Answer:' line, the
+rest of the words — and by whether the rollout was right. If the divergence is concentrated on
+the few tokens that decide the answer while the loss averages over every response token, the
+per-step signal is diluted by the response length. And how heavy the tail is: what share of the
+divergence, and of the digits, a per-token cap (``loss.token_clip``) at each of ``--caps`` would
+take out of the gradient.
 
     PYTHONPATH=. python bench/smollm2_divergence.py          # the SVAMP comparison's OPSD arm
     PYTHONPATH=. python bench/smollm2_divergence.py --steps 2 --recipe OUT/opsd/recipe.yaml
@@ -122,14 +123,14 @@ def main() -> None:
     r = run_distributed(measure, 1, args.recipe, args.steps, args.overrides, timeout=3600)[0]
     total_n = sum(v[0] for v in r["classes"].values())
     total_d = sum(v[1] for v in r["classes"].values())
-    print("| rollouts | token | share of tokens | share of the divergence | mean JSD per token |")
+    print("| rollouts | token | share of tokens | share of the divergence | mean per token |")
     print("|---|---|---|---|---|")
     for key, (n, d) in r["classes"].items():
         ok, cls = key.split("|")
         if n:
             print(f"| {'right' if ok == 'True' else 'wrong'} | {cls} | {100 * n / total_n:.1f} % | "
                   f"{100 * d / total_d:.1f} % | {d / n:.4f} |")  # fmt: skip
-    print("\nby position in the response (first, middle, last third): mean JSD per token "
+    print("\nby position in the response (first, middle, last third): mean divergence per token "
           + ", ".join(f"{d / max(n, 1):.4f}" for n, d in r["thirds"]))  # fmt: skip
     values = sorted(d for d, _ in r["values"])
     q = {p: values[min(len(values) - 1, int(p * len(values)))] for p in (0.5, 0.9, 0.99, 0.999)}
