@@ -56,6 +56,7 @@ DEMO_ARMS = {
         *("opsd", "opsd_long", "grpo", "sft", "opsd_lr1e3", "opsd_fkl_clip", "opsd_ref_kl"),
         "grpo_lr1e3",
         "opsd_fkl",
+        "opsd_fkl_token_clip",
     },
     "demo_variants": {
         "opsd",
