@@ -53,10 +53,16 @@ def test_demo_recipes_validate_every_stage(recipe, tmp_path):
 DEMO_ARMS = {
     "demo_cpu": {"opsd", "sft", "grpo"},
     "smollm2_svamp": {
-        *("opsd", "opsd_long", "grpo", "sft", "opsd_lr1e3", "opsd_fkl_clip", "opsd_ref_kl"),
-        "grpo_lr1e3",
+        "opsd",
+        "opsd_long",
+        "opsd_lr1e3",
         "opsd_fkl",
+        "opsd_fkl_clip",
         "opsd_fkl_token_clip",
+        "opsd_ref_kl",
+        "grpo",
+        "grpo_lr1e3",
+        "sft",
     },
     "demo_variants": {
         "opsd",
