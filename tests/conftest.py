@@ -28,6 +28,8 @@ SLOW = (
     "tests/train/test_sequence_parallel.py",
     "tests/train/test_torchrun.py",
     "tests/rollout/test_vllm_engine.py",
+    "tests/rollout/test_vllm_cpu_engine.py",
+    "tests/rollout/test_vllm_cpu_training.py",
     "tests/eval/test_runner.py",
     "tests/launch/",
     "tests/test_documented_commands.py",

