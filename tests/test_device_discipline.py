@@ -1,7 +1,8 @@
 """What the device audit (``testing/device_audit.py``) cannot see, checked in the source: a
 ``torch.Generator`` without a device (a CPU stream cannot draw for CUDA tensors), a ``.cpu()``,
-and a literal CPU device (``torch.device("cpu")``, ``device="cpu"``, ``.to("cpu")``), which the
-audit reads as the rank's device. Each allowed use is listed with why; a new one fails here
+a literal CPU device (``torch.device("cpu")``, ``device="cpu"``, ``.to("cpu")``), which the
+audit reads as the rank's device, and a ``"cpu"`` default in a signature (a caller that forgets
+the device gets the host silently: how a micro-batch revert once hid). Each allowed use is listed with why; a new one fails here
 until it is moved to the rank's device (``groups.device``) or added with its reason."""
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def _kinds(call: ast.Call):
         yield "literal cpu"
 
 
+def _default_kinds(fn: ast.FunctionDef | ast.AsyncFunctionDef):
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    defaults = [*a.defaults, *(d for d in a.kw_defaults if d is not None)]
+    if any(_is_cpu(d) for d in defaults) and (positional or a.kwonlyargs):
+        yield "cpu default"
+
+
 def _found() -> dict[tuple[str, str], list[int]]:
     found: dict[tuple[str, str], list[int]] = {}
     for path in sorted(ROOT.rglob("*.py")):
@@ -49,9 +58,13 @@ def _found() -> dict[tuple[str, str], list[int]]:
         if rel in SKIP:
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            kinds = ()
             if isinstance(node, ast.Call):
-                for kind in _kinds(node):
-                    found.setdefault((rel, kind), []).append(node.lineno)
+                kinds = _kinds(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                kinds = _default_kinds(node)
+            for kind in kinds:
+                found.setdefault((rel, kind), []).append(node.lineno)
     return found
 
 
@@ -77,3 +90,6 @@ def test_the_check_sees_each_kind():
     kinds = [next(_kinds(ast.parse(c).body[0].value), None) for c in calls]
     assert kinds == ["host generator", ".cpu()", "literal cpu", "literal cpu", "literal cpu"]
     assert next(_kinds(ast.parse("torch.Generator(device=d)").body[0].value), None) is None
+    for sig in ('def f(x, device="cpu"): pass', 'def f(x, *, device="cpu"): pass'):
+        assert next(_default_kinds(ast.parse(sig).body[0]), None) == "cpu default"
+    assert next(_default_kinds(ast.parse("def f(x, device): pass").body[0]), None) is None

@@ -87,7 +87,7 @@ def micro_batches(
     logprobs: list[list[float]] | None,
     micro: int,
     pad_id: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str,
     max_tokens: int | None = None,
 ) -> list[MicroBatch]:
     """The step's sequences as micro-batches, built on the host from Python lists, then moved to
@@ -218,7 +218,7 @@ class StepData:
         responses: list[list[int]],
         logprobs: list[list[float]] | None,
     ) -> list[MicroBatch]:
-        """The step's sequences as micro-batches (``batches.micro_batches``)."""
+        """The step's sequences as micro-batches (``micro_batches`` above), on the rank's device."""
         return micro_batches(
             prompts,
             responses,

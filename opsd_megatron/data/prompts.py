@@ -61,7 +61,8 @@ def pack(
     responses: list[list[int]],
     pad_id: int,
     pad_to: int | None = None,
-    device: torch.device | str = "cpu",
+    *,
+    device: torch.device | str,
 ) -> PackedBatch:
     """[prompt ++ ŷ ++ pad...] per row; position ids 0..T-1; mask over the positions predicting ŷ.
     Built on the host, then moved to ``device`` (the rank's) in one copy per tensor."""

@@ -82,7 +82,7 @@ def test_grpo_loss_equals_plain_formula():
         vocab_size=v,
     )
     mb = MicroBatch(
-        pack([[1]] * 2, [[0] * r] * 2, 0),
+        pack([[1]] * 2, [[0] * r] * 2, 0, device="cpu"),
         torch.ones(2, r, dtype=torch.bool),
         tokens,
         old,

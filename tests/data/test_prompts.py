@@ -64,7 +64,8 @@ def test_response_aligns_token_for_token(make):
         assert joined != sp + response, (
             "this tokenizer should merge across the prompt/response boundary"
         )
-    s, t = pack([sp], [response], tok.pad_token_id), pack([tp], [response], tok.pad_token_id)
+    s = pack([sp], [response], tok.pad_token_id, device="cpu")
+    t = pack([tp], [response], tok.pad_token_id, device="cpu")
     for batch, prompt in ((s, sp), (t, tp)):
         seq = batch.tokens_BT[0].tolist()
         assert (
@@ -80,7 +81,7 @@ def test_response_aligns_token_for_token(make):
 
 def test_no_padding_between_prompt_and_response_and_contiguous_positions():
     pad = 0
-    batch = pack([[5, 6, 7], [5, 6, 7, 8, 9, 10]], [[11, 12], [13]], pad)
+    batch = pack([[5, 6, 7], [5, 6, 7, 8, 9, 10]], [[11, 12], [13]], pad, device="cpu")
     for i, (p, r) in enumerate([(3, 2), (6, 1)]):
         row = batch.tokens_BT[i].tolist()
         assert pad not in row[: p + r], "padding only after the response"
@@ -89,7 +90,7 @@ def test_no_padding_between_prompt_and_response_and_contiguous_positions():
         mask = batch.response_mask_BT[i]
         assert mask.sum() == r and torch.nonzero(mask)[0].item() == p - 1
     with pytest.raises(ValueError, match="shorter than the longest"):
-        pack([[1, 2, 3]], [[4]], pad, pad_to=3)
+        pack([[1, 2, 3]], [[4]], pad, pad_to=3, device="cpu")
 
 
 def test_default_templates_are_the_official_codes():

@@ -39,7 +39,8 @@ def test_chat_prompts_and_response_alignment_with_a_real_tokenizer(smollm2_hf): 
     # re-tokenizing prompt + response text would merge the boundary: ids would not line up
     retok = tok.encode(tok.decode(s + response), add_special_tokens=False)
     assert retok[: len(s)] != s or retok[len(s) :] != response
-    student, teacher = pack([s], [response], tok.pad_token_id), pack([t], [response], 0)
+    student = pack([s], [response], tok.pad_token_id, device="cpu")
+    teacher = pack([t], [response], 0, device="cpu")
     for batch, prompt in ((student, s), (teacher, t)):
         assert batch.tokens_BT[0, : len(prompt) + len(response)].tolist() == prompt + response
         rows = response_logit_rows(batch)[0]  # positions whose logits predict each ŷ token

@@ -106,7 +106,7 @@ def test_opsd_hands_loss_compile_to_every_jsd(monkeypatch):
     teacher, ref = (Logits(torch.randn(b, r, v, generator=g)) for _ in range(2))
     tokens = torch.randint(0, v, (b, r), generator=g)
     mb = MicroBatch(
-        pack([[1]] * b, [[0] * r] * b, 0),
+        pack([[1]] * b, [[0] * r] * b, 0, device="cpu"),
         torch.ones(b, r, dtype=torch.bool),
         tokens,
         torch.zeros(b, r),

@@ -141,7 +141,7 @@ def _sampler_vs_trainer(tp, pp, seed):
     )
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     out = sampler.generate(prompts, max_new_tokens=6)
-    batch = pack(prompts, out.responses, pad_id=0)
+    batch = pack(prompts, out.responses, pad_id=0, device="cpu")
     logits = forward_logits(model, batch.tokens_BT)
     trainer_lp = None
     if logits is not None:

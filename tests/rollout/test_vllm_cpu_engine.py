@@ -35,7 +35,7 @@ def _trainer_logprobs(c, prompts, responses, **dist_kw):
     from opsd_megatron.losses import vocab_parallel_token_logprobs
     from opsd_megatron.models.forward import forward_logits
 
-    batch = pack(prompts, responses, pad_id=c.tokenizer.pad_token_id)
+    batch = pack(prompts, responses, pad_id=c.tokenizer.pad_token_id, device=c.groups.device)
     logits = forward_logits(c.model, batch.tokens_BT)
     lp = vocab_parallel_token_logprobs(
         logits, batch.targets_BT, **dist_kw, vocab_size=c.arch.vocab_size, group=c.groups.tp

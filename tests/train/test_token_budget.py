@@ -23,7 +23,7 @@ import dataclasses
 import pytest
 import torch
 
-from opsd_megatron.algorithms.step_data import token_budget_groups
+from opsd_megatron.algorithms.step_data import micro_batches, token_budget_groups
 from opsd_megatron.config import ConfigError, load_config
 from opsd_megatron.testing import run_distributed
 from tests.train.tiny import RECIPE, overrides
@@ -136,6 +136,17 @@ def test_groups_are_filled_longest_first_within_the_budget():
     assert token_budget_groups(lengths, 9) == [[1], [3], [0], [4, 2], [5]]
     with pytest.raises(ConfigError, match=r"trainer.micro_batch_tokens=8 .* \(9 tokens"):
         token_budget_groups(lengths, 8)
+
+
+def test_each_budget_micro_batch_is_as_wide_as_its_own_longest_row():
+    """Padding every micro-batch to the step's longest row (what the budget exists to avoid) fails
+    here: the groups are [2, 0], [3, 4], [1], of widths 11, 9 and 6."""
+    prompts = [[1] * n for n in (3, 5, 2, 7, 4)]
+    responses = [[2] * n for n in (6, 1, 9, 2, 5)]
+    mbs = micro_batches(prompts, responses, None, 2, 0, "cpu", max_tokens=24)
+    assert [mb.rows for mb in mbs] == [[2, 0], [3, 4], [1]]
+    assert [mb.student.tokens_BT.shape[1] for mb in mbs] == [11, 9, 6]
+    assert [mb.response_tokens_BR.shape[1] for mb in mbs] == [9, 5, 1]
 
 
 def test_a_budget_below_one_sequence_is_a_config_error():
