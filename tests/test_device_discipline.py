@@ -2,8 +2,9 @@
 ``torch.Generator`` without a device (a CPU stream cannot draw for CUDA tensors), a ``.cpu()``,
 a literal CPU device (``torch.device("cpu")``, ``device="cpu"``, ``.to("cpu")``), which the
 audit reads as the rank's device, and a ``"cpu"`` default in a signature (a caller that forgets
-the device gets the host silently: how a micro-batch revert once hid). Each allowed use is listed with why; a new one fails here
-until it is moved to the rank's device (``groups.device``) or added with its reason."""
+the device gets the host silently: how a micro-batch revert once hid). Each allowed use is listed
+with why; a new one fails here until it is moved to the rank's device (``groups.device``) or added
+with its reason."""
 
 from __future__ import annotations
 
