@@ -1,17 +1,18 @@
 """rollout.engine=vllm wired into training, run against the strict stand-in of vLLM 0.32's API
-(tests/rollout/fake_vllm): the trainer's own log-probs of every sampled token equal the engine's
-(each rollout came from the weights being trained: the refit is complete and fresh), with top-k and
-top-p (processed log-probs on both sides), for LoRA merged into the stream (sleep level 2) and for
-LoRA pushed as a PEFT adapter over a base loaded once (level 1, the rank rounded up to vLLM's);
-rollouts are bitwise identical on every TP rank and PP stage and after a resume (per-request
-seeds); the start-up arguments vLLM would refuse are computed, not configured."""
+(tests/rollout/fake_vllm) for what vLLM's CPU build cannot show — the GPU platform: sleep levels
+(level 2 discards the weights, level 1 keeps the base for the adapter), the wake order (weights
+before the KV cache), the reload only while the weights alone are awake, adapters pushed and
+cleaned up, the memory arguments computed from free GPU memory; the rollouts still carry the
+trainer's log-probs (top-k/top-p; LoRA merged and as an adapter) and are identical on both TP
+ranks. The real engine runs the rest: tests/rollout/test_vllm_cpu_engine.py and
+test_vllm_cpu_training.py (greedy and seeded sampling, refit after an update, TP2, PP2, resume,
+SmolLM2)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def _digests(log: list[str]) -> list[str]:
 @pytest.mark.parametrize("mode", ["merged", "adapter"])
 def test_vllm_rollouts_come_from_the_current_weights(tmp_path, mode):
     extra = (
-        ["rollout.top_k=6", "rollout.top_p=0.85", "checkpoint.save_interval=2"]
+        ["rollout.top_k=6", "rollout.top_p=0.85"]
         if mode == "merged"
         else ["lora.rank=4", "lora.alpha=8.0"]
     )
@@ -88,26 +89,6 @@ def test_vllm_rollouts_come_from_the_current_weights(tmp_path, mode):
     if mode == "adapter":
         kept = sorted(p.name for p in (tmp_path / "out" / "vllm").glob("adapter_v*"))
         assert kept == ["adapter_v000002", "adapter_v000003"], "old adapters are cleaned up"
-        return
-    # resume from step 2: step 3's rollouts are those of the uninterrupted run
-    shutil.rmtree(tmp_path / "out" / "checkpoints" / "step_000003")
-    resumed, again = _train(
-        tmp_path, f"rollout.vllm.lora_mode={mode}", *extra, "trainer.max_steps=3", tag="resumed"
-    )
-    assert [_digests(log) for log in again] == [_digests(logs[0])[2:]] * 2
-    assert resumed[-1]["step"] == 3 and resumed[-1]["loss"] == metrics[-1]["loss"]
-
-
-def test_vllm_rollouts_are_identical_on_every_pipeline_stage(tmp_path):
-    metrics, logs = _train(
-        tmp_path,
-        "parallel.tensor_model_parallel_size=1",
-        "parallel.pipeline_model_parallel_size=2",
-        "trainer.max_steps=2",
-    )
-    assert len(logs) == 2, "one engine per pipeline stage"
-    assert _digests(logs[0]) == _digests(logs[1]) and len(_digests(logs[0])) == 2
-    assert all(m["sampler_logprob_error"] <= 1e-4 for m in metrics)
 
 
 def test_vllm_start_up_arguments_are_computed():
