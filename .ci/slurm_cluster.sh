@@ -3,10 +3,11 @@
 # slurmd daemons (nodes n1..n4, all 127.0.0.1 on ports 17001-17004, per-node spool/log/pid files),
 # with n1..n4 resolvable (/etc/hosts) as a cluster's DNS would make them: `scontrol show hostnames`
 # yields names that torchrun's rendezvous must resolve. Each node offers the machine's CPUs (the
-# four share them), so a one-node job sees what a one-node cluster gave it. Installs Debian's slurm-wlm and munge when they are missing
-# (needs root and apt). Idempotent: does nothing when `sinfo` already answers. When it cannot start
-# a cluster it says why; under CI=true that is a failure (exit 1: CI must not go green with the
-# real-SLURM tests skipped), elsewhere the real-SLURM tests skip.
+# four share them), so a one-node job sees what a one-node cluster gave it. Installs Debian's
+# slurm-wlm and munge when they are missing (needs root and apt). Idempotent: does nothing when
+# `sinfo` already answers with this configuration, and reconfigures (saying what differs)
+# otherwise. When it cannot start a cluster it says why; under CI=true that is a failure (exit 1:
+# CI must not go green with the real-SLURM tests skipped), elsewhere the real-SLURM tests skip.
 set -uo pipefail
 
 give_up() {
@@ -16,8 +17,16 @@ give_up() {
 }
 
 NODES=4
-if [[ $(timeout 5 sinfo -h -N -o '%N' 2>/dev/null | sort -u | wc -l) -ge $NODES ]]; then
-  echo "[slurm] cluster already up"; exit 0
+# the CPUs this machine gives us (affinity, cgroups), not what the caller's OMP_NUM_THREADS or
+# OMP_THREAD_LIMIT say: plain `nproc` honours those; `nproc --all` would count a host's every CPU
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+up=$(timeout 5 sinfo -h -N -o '%N %c' 2>/dev/null | sort -u)
+if [[ $(echo -n "$up" | grep -c .) -ge $NODES ]]; then
+  offered=$(echo "$up" | awk '{print $2}' | sort -u | tr '\n' ' ')
+  if [[ $offered == "$CPUS " ]]; then
+    echo "[slurm] cluster already up ($NODES nodes, $CPUS CPUs each)"; exit 0
+  fi
+  echo "[slurm] a cluster is up but its nodes offer ${offered}CPUs, this machine has $CPUS: reconfiguring"
 fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
@@ -61,7 +70,7 @@ SlurmdPidFile=/run/slurmd-%n.pid
 MinJobAge=3600
 # a node whose slurmd stops answering is marked down after this long (the node-loss test)
 SlurmdTimeout=30
-NodeName=n[1-${NODES}] NodeHostname=${host} NodeAddr=127.0.0.1 Port=[17001-1700${NODES}] CPUs=$(nproc) State=UNKNOWN
+NodeName=n[1-${NODES}] NodeHostname=${host} NodeAddr=127.0.0.1 Port=[17001-1700${NODES}] CPUs=${CPUS} State=UNKNOWN
 PartitionName=debug Nodes=n[1-${NODES}] Default=YES MaxTime=INFINITE State=UP
 CONF
 

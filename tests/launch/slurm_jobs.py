@@ -14,6 +14,12 @@ def job(job_id: int) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
-def job_id_of(stdout: str) -> int:
-    """The job id ``sbatch --parsable`` printed."""
-    return int(stdout.strip().split(";")[0].splitlines()[0])
+def job_id_of(res: subprocess.CompletedProcess) -> int:
+    """The job id ``sbatch --parsable`` printed; when it printed none, sbatch's own words."""
+    first = res.stdout.strip().split(";")[0].splitlines()[:1]
+    if not first or not first[0].isdigit():
+        raise AssertionError(
+            f"sbatch printed no job id (exit {res.returncode}); stdout {res.stdout.strip()!r}, "
+            f"stderr: {res.stderr.strip() or '(empty)'}"
+        )
+    return int(first[0])

@@ -78,7 +78,7 @@ def _sbatch(tmp_path: Path, out: Path, *args: str, nodes: int = NODES, wait: boo
         str(ROOT / "launch" / "opsd_70b.slurm"), *TINY, *args,
     ]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=_env(out), capture_output=True, text=True, timeout=900)
-    return job_id_of(res.stdout), res
+    return job_id_of(res), res
 
 
 def _losses(out: Path) -> list[float]:

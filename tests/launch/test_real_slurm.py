@@ -63,7 +63,7 @@ def _sbatch(
         + [str(ROOT / "launch" / "opsd_tiny.slurm"), *ARGS, *args]
     )
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return job_id_of(res.stdout), res
+    return job_id_of(res), res
 
 
 def _steps(out: Path) -> list[int]:

@@ -163,3 +163,18 @@ def test_a_cluster_that_cannot_start_fails_ci_and_is_skipped_elsewhere(tmp_path,
         assert res.returncode == 1 and "fails CI" in res.stdout
     else:
         assert res.returncode == 0 and "will skip" in res.stdout
+
+
+def test_a_refused_sbatch_shows_its_own_error():
+    from tests.launch.slurm_jobs import job_id_of
+
+    ok = subprocess.CompletedProcess(["sbatch"], 0, stdout="417;cluster\n", stderr="")
+    assert job_id_of(ok) == 417
+    refused = subprocess.CompletedProcess(
+        ["sbatch"],
+        1,
+        stdout="",
+        stderr="sbatch: error: Batch job submission failed: Invalid account",
+    )
+    with pytest.raises(AssertionError, match="exit 1.*Invalid account"):
+        job_id_of(refused)
