@@ -164,3 +164,12 @@ def test_real_vllm_cpu_engine(tmp_path, tp, mode):
     moved = [abs(x - y) for a, b in zip(after.logprobs, greedy.logprobs) for x, y in zip(a, b)]
     assert max(moved) > 0.05, "the update moved the log-probs (else this checks nothing)"
     assert r["refits"] == 5, "one refit per generate"
+
+
+def test_a_head_size_cpu_vllm_cannot_serve_is_a_one_line_error():
+    from opsd_megatron.errors import UserError
+    from opsd_megatron.rollout.vllm_engine import check_cpu_head_dim
+
+    check_cpu_head_dim(64)  # SmolLM2's
+    with pytest.raises(UserError, match=r"serves head_dim in \[32, 64.*the model has 16"):
+        check_cpu_head_dim(16)  # the tiny recipe's
