@@ -83,8 +83,10 @@ def vllm_lora_rank(rank: int) -> int:
 def cpu_kv_cache_bytes(arch, tp: int, rows: int, max_model_len: int, dtype: torch.dtype) -> int:
     """KV cache for ``rows`` sequences of ``max_model_len`` tokens (plus one 128-token block each
     for rounding) on one TP rank: what the CPU engine reserves when ``kv_cache_gb`` is unset."""
-    per_token = 2 * arch.num_layers * max(1, arch.num_query_groups // tp) * arch.head_dim
-    return rows * (max_model_len + 128) * per_token * torch.finfo(dtype).bits // 8
+    from opsd_megatron.planner import sampler_kv_cache_bytes
+
+    elem = torch.finfo(dtype).bits // 8
+    return sampler_kv_cache_bytes(arch, tp, arch.num_layers, rows, max_model_len + 128, elem)
 
 
 def check_cpu_head_dim(head_dim: int) -> None:
@@ -209,8 +211,11 @@ class VLLMEngine:
         dtype = params_dtype(cfg.model)
         if self.on_cpu:
             check_cpu_head_dim(arch.head_dim)
-            kv = v.kv_cache_gb * 2**30 if v.kv_cache_gb else None
-            kv = kv or cpu_kv_cache_bytes(arch, groups.tp_size, rows, self.max_model_len, dtype)
+            kv = (
+                v.kv_cache_gb * 2**30
+                if v.kv_cache_gb
+                else cpu_kv_cache_bytes(arch, groups.tp_size, rows, self.max_model_len, dtype)
+            )
             memory = {"kv_cache_memory_bytes": int(kv)}
         elif torch.cuda.is_available():
             memory = v.engine_memory(*torch.cuda.mem_get_info(), reserve_bytes)
