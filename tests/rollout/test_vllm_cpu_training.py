@@ -64,6 +64,10 @@ def test_real_vllm_adapter_and_pipeline_stages(tmp_path, layout):
     _check_steps(metrics, [1, 2])
 
 
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train_sample.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="needs ../shared/data (the GSM8K train sample)")
 def test_real_vllm_on_smollm2(tmp_path, smollm2_hf):  # noqa: F811
     out = tmp_path / "out"
     cmd = [
@@ -73,7 +77,7 @@ def test_real_vllm_on_smollm2(tmp_path, smollm2_hf):  # noqa: F811
         str(ROOT / "recipes" / "smollm2_135m_gsm8k.yaml"),
         f"model.hf_dir={smollm2_hf}",
         f"model.tokenizer={smollm2_hf}",
-        f"data.source={ROOT.parent / 'shared' / 'data' / 'gsm8k_train_sample.jsonl'}",
+        f"data.source={GSM8K}",
         "rollout.engine=vllm",
         "rollout.top_k=20",
         "rollout.top_p=0.9",
