@@ -164,16 +164,6 @@ def activation_bytes_per_layer(
     return hidden_norms + qk_norms + attention + nbytes * 3 * sb * f
 
 
-def sampler_kv_cache_bytes(
-    arch: ArchSpec, tp: int, layers: int, batch: int, max_len: int, bytes_per_param: int
-) -> int:
-    """The Megatron sampler's KV cache: per layer of the stage a key and a value buffer of
-    ``max_len x batch x kv_heads/tp x head_dim`` in the parameter dtype (``models/decoder.py`` at
-    PP=1; megatron-core 0.16.1 ``transformer/attention.py::_allocate_memory`` at PP>1)."""
-    kv_heads = max(1, arch.num_query_groups // tp)
-    return 2 * layers * max_len * batch * kv_heads * arch.head_dim * bytes_per_param
-
-
 def plan(p: PlanInput) -> dict[str, float]:
     """Bytes per GPU on the most loaded stage, by term, plus the total."""
     a = p.arch
@@ -224,21 +214,16 @@ def plan(p: PlanInput) -> dict[str, float]:
     teacher_copy = per_stage[worst] * p.bytes_per_param if p.frozen_teacher_copy else 0
     vllm = 0.0
     if p.vllm is not None:  # the step's rollouts on this rank at once, at vLLM's max_model_len
-        kv = (
-            2
-            * a.num_layers
-            * max(1, a.num_query_groups // p.tp)
-            * a.head_dim
-            * p.rollouts_per_rank
-            * p.vllm_seq_len
-            * p.bytes_per_param
-        )
+        kv = a.kv_cache_bytes(p.tp, a.num_layers, p.rollouts_per_rank, p.vllm_seq_len,
+                              p.bytes_per_param)  # fmt: skip
         weights_here = sum(stage_params(PlanInput(**{**p.__dict__, "pp": 1}))) * p.bytes_per_param
         vllm = p.vllm.free_bytes_needed(weights_here, kv)
     sampler_kv = 0.0
-    if p.vllm is None:  # the Megatron sampler decodes this rank's rollouts at once (kv_cache.py)
-        sampler_kv = sampler_kv_cache_bytes(a, p.tp, layers_here, p.rollouts_per_rank,
-                                            p.student_seq_len, p.bytes_per_param)  # fmt: skip
+    if p.vllm is None:  # the Megatron sampler decodes this rank's rollouts at once, in the
+        # parameter dtype: models/decoder.py at PP=1, megatron-core 0.16.1
+        # transformer/attention.py::_allocate_memory at PP>1 (same size)
+        sampler_kv = a.kv_cache_bytes(p.tp, layers_here, p.rollouts_per_rank, p.student_seq_len,
+                                      p.bytes_per_param)  # fmt: skip
     terms = {
         "weights": weights,
         "gradients": grads,

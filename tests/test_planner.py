@@ -211,7 +211,6 @@ def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
     the planner's term for the same stage, batch and length."""
     import opsd_megatron.rollout.megatron_sampler as ms
     from opsd_megatron.models import arch_from_hf_config, build_gpt_model
-    from opsd_megatron.planner import sampler_kv_cache_bytes
     from opsd_megatron.platform import initialize_model_parallel
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
 
@@ -233,7 +232,7 @@ def _sampler_cache(tp: int, batch: int, prompt: int, new: int):
     )  # fmt: skip
     sampler.generate([[1] * prompt] * batch, new)
     held = sum(t.numel() * t.element_size() for t in made[0].keys + made[0].values)
-    planned = sampler_kv_cache_bytes(arch, tp, arch.num_layers, batch, prompt + new, 4)
+    planned = arch.kv_cache_bytes(tp, arch.num_layers, batch, prompt + new, 4)
     return held, planned
 
 

@@ -64,6 +64,13 @@ class ArchSpec:
                 f"num_hidden_layers={self.num_layers}"
             )
 
+    def kv_cache_bytes(self, tp: int, layers: int, batch: int, max_len: int, elem: int) -> int:
+        """A KV cache on one TP rank: per layer a key and a value buffer of ``max_len x batch x
+        kv_heads/tp x head_dim`` elements of ``elem`` bytes (the Megatron sampler's, and vLLM's
+        paged one without its block rounding)."""
+        kv_heads = max(1, self.num_query_groups // tp)
+        return 2 * layers * max_len * batch * kv_heads * self.head_dim * elem
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

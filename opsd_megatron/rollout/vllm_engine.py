@@ -83,10 +83,8 @@ def vllm_lora_rank(rank: int) -> int:
 def cpu_kv_cache_bytes(arch, tp: int, rows: int, max_model_len: int, dtype: torch.dtype) -> int:
     """KV cache for ``rows`` sequences of ``max_model_len`` tokens (plus one 128-token block each
     for rounding) on one TP rank: what the CPU engine reserves when ``kv_cache_gb`` is unset."""
-    from opsd_megatron.planner import sampler_kv_cache_bytes
-
     elem = torch.finfo(dtype).bits // 8
-    return sampler_kv_cache_bytes(arch, tp, arch.num_layers, rows, max_model_len + 128, elem)
+    return arch.kv_cache_bytes(tp, arch.num_layers, rows, max_model_len + 128, elem)
 
 
 def check_cpu_head_dim(head_dim: int) -> None:
