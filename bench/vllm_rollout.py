@@ -55,8 +55,8 @@ def run(shape: str, engine: str, steps: int, new_tokens: int) -> dict:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = metrics[1:] or metrics  # the first step includes compilation and the base load
-    refit = sum(m.get("refit_time", 0.0) for m in later) / len(later)
-    rollout = sum(m["rollout_time"] for m in later) - refit * len(later)
+    refit = sum(m.get("time/refit", 0.0) for m in later) / len(later)
+    rollout = sum(m["time/rollout"] for m in later) - refit * len(later)
     tokens = sum(m["generated_tokens"] for m in later)
     return {
         "refit_s": refit,

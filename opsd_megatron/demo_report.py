@@ -46,6 +46,16 @@ def curve(run_dir: Path, start_acc: float, start_ci=None) -> list[tuple]:
     return points
 
 
+def accuracy_by_step(run_dir: Path) -> dict[int, float]:
+    """{step: held-out accuracy} of a run's periodic evaluations."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "eval/avg@1" in m:
+            out[int(m["step"])] = _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])[0]
+    return out
+
+
 def final_figures(run_dir: Path) -> dict:
     """{benchmark: {figure: value}} of the run's last periodic evaluation ({} when none)."""
     reports = sorted(p for p in (run_dir / "eval").glob("step_*.json") if "teacher" not in p.name)
@@ -197,6 +207,30 @@ def spread(runs: list[dict]) -> dict:
             "lift_min": min(lifts),
             "lift_max": max(lifts),
         }
+    return out
+
+
+def lifts_at(runs: list[dict], step: int) -> list[float | None]:
+    """Each run's OPSD lift over its base at ``step`` (None: not evaluated there)."""
+    out = []
+    for r in runs:
+        acc = r["arms"]["opsd"].get("accuracy_at", {}).get(str(step))
+        out.append(None if acc is None else acc - r["base_accuracy"])
+    return out
+
+
+def below_claims(runs: list[dict], claims) -> list[str]:
+    """One line per (seed triple, claim) whose lift falls short of the claim (or was not
+    evaluated at its step)."""
+    out = []
+    for claim in claims:
+        for r, lift in zip(runs, lifts_at(runs, claim.step)):
+            if lift is None or lift < claim.lift:
+                got = "not evaluated" if lift is None else f"{100 * lift:+.0f} points"
+                out.append(
+                    f"seeds {r['seeds']}: lift at step {claim.step} {got}, claim "
+                    f"{100 * claim.lift:+.0f}"
+                )
     return out
 
 

@@ -108,7 +108,8 @@ def test_base_trains_on_until_it_reads_references_and_solves_some_alone(tmp_path
 
     monkeypatch.setattr(demo, "_run", fake_run)
     over = [f"output_dir={tmp_path}", "base.trainer.max_steps=200", "base.eval.interval=200"]
-    until = ["base_until.teacher_accuracy=0.95", "base_until.accuracy=0.05"]
+    until = ["base_until.teacher_accuracy=0.95", "base_until.accuracy=0.05",
+             "base_until.accuracy_lower_bound=false"]  # fmt: skip
     d = demo.load_demo(
         str(ROOT / "recipes" / "demo_cpu.yaml"),
         over + until + ["base_until.extend_steps=50", "base_until.max_steps=1000"],
@@ -122,3 +123,42 @@ def test_base_trains_on_until_it_reads_references_and_solves_some_alone(tmp_path
         over + until + ["base_until.max_steps=300", "base_until.extend_steps=50"],
     )
     assert demo._train_base(d)["steps"] == 300 and asked == [200, 250, 300]  # the cap
+
+
+def test_the_shipped_protocol_refuses_a_base_at_the_edge_of_its_criterion(tmp_path, monkeypatch):
+    """A base that solves 5 of 100 alone (and every problem with the reference) may solve 2 % in
+    truth, and OPSD barely moved such a base (issue 42: +13 in 100 steps); the shipped recipe judges
+    the accuracy alone by its Wilson 95 % lower bound, so it trains on to 11 of 100 (lower bound
+    6.2 %) — where the plain rule would have stopped at 5 and 8."""
+    from omegaconf import OmegaConf
+
+    from opsd_megatron import demo
+    from opsd_megatron.eval.metrics import wilson_interval
+
+    reached = {200: (2, 0.74), 225: (5, 1.0), 250: (8, 1.0), 275: (11, 1.0), 300: (30, 1.0)}
+    asked = []
+
+    def fake_run(recipe):
+        steps = OmegaConf.load(recipe).trainer.max_steps
+        asked.append(steps)
+        solved, teacher = reached[steps]
+        run = Path(recipe).parent
+        (run / "eval").mkdir(exist_ok=True)
+        report = {"avg@1": solved / 100, "avg@1_ci95": list(wilson_interval(solved, 100))}
+        (run / "eval" / f"step_{steps:06d}.json").write_text(
+            json.dumps({"benchmarks": {"synthetic_arith": report}})
+        )
+        line = {"step": steps, "eval/avg@1": solved / 100, "eval_teacher/avg@1": teacher}
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    d = demo.load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), [f"output_dir={tmp_path}"])
+    assert demo._train_base(d) == {"accuracy": 0.11, "teacher_accuracy": 1.0, "steps": 275}
+    assert asked == [200, 225, 250, 275]
+    (tmp_path / "base" / "metrics.jsonl").unlink()
+    plain = demo.load_demo(
+        str(ROOT / "recipes" / "demo_cpu.yaml"),
+        [f"output_dir={tmp_path}", "base_until.accuracy_lower_bound=false"],
+    )
+    assert demo._train_base(plain)["steps"] == 225  # the edge base the plain rule accepts

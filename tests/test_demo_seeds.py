@@ -37,7 +37,11 @@ def _fake_run_demo(calls):
         with lock:
             calls.append((triple, d.output_dir, d.common["trainer"]["threads_per_rank"]))
         curve = [[0.0, base]] + [[1000.0 * (i + 1), a] for i, a in enumerate(accs)]
-        arm = {"curve": curve, "final_accuracy": accs[-1]}
+        arm = {
+            "curve": curve,
+            "final_accuracy": accs[-1],
+            "accuracy_at": {str(50 * (i + 1)): a for i, a in enumerate(accs)},
+        }
         return {
             "base_accuracy": base,
             "base_teacher_accuracy": 0.95,
@@ -72,6 +76,33 @@ def test_seeds_write_the_spread_over_seed_triples(tmp_path, monkeypatch, jobs):
     assert written["lift"]["lift_max"] == pytest.approx(max(lifts))
     assert written["lift"]["lift_mean"] == pytest.approx(sum(lifts) / 3)
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_seeds_flag_each_triple_whose_lift_falls_short_of_a_claim(tmp_path, monkeypatch, capsys):
+    """Lifts at step 50: +0.2, +0.2, +0.1; at step 100: +0.8, +0.4, +0.5 (SCRIPT). A claim of
+    +15 at 50 flags [2, 2, 2] alone, +45 at 100 flags [1, 1, 1] alone; a claim at a step never
+    evaluated flags every triple."""
+    monkeypatch.setattr(demo, "run_demo", _fake_run_demo([]))
+    recipe = str(ROOT / "recipes" / "demo_cpu.yaml")
+    claims = "claims=[{step: 50, lift: 0.15}, {step: 100, lift: 0.45}, {step: 70, lift: 0.0}]"
+    assert demo.main([recipe, "--seeds", "3", f"output_dir={tmp_path}", claims]) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["lift_at"]["50"] == pytest.approx([0.2, 0.2, 0.1])
+    assert written["lift_at"]["100"] == pytest.approx([0.8, 0.4, 0.5])
+    assert written["below_claim"] == [
+        "seeds [2, 2, 2]: lift at step 50 +10 points, claim +15",
+        "seeds [1, 1, 1]: lift at step 100 +40 points, claim +45",
+        *(f"seeds {t}: lift at step 70 not evaluated, claim +0" for t in SCRIPT_ORDER),
+    ]
+    assert "[demo] OPSD lift at step 100: +80, +40, +50" in out
+    assert "[demo] BELOW THE CLAIM: seeds [1, 1, 1]: lift at step 100 +40 points" in out
+    bad = [recipe, "--seeds", "1", f"output_dir={tmp_path}", "claims=[{step: 0, lift: 0.4}]"]
+    assert demo.main(bad) == 2
+    assert "claims: step must be >= 1" in capsys.readouterr().err
+
+
+SCRIPT_ORDER = ["[1234, 42, 0]", "[1, 1, 1]", "[2, 2, 2]"]
 
 
 def test_triples_beyond_the_recipes_list_and_bad_options(tmp_path, capsys):

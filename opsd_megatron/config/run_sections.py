@@ -138,6 +138,7 @@ class LoggingConfig:
     wandb: bool = False  # log to Weights & Biases too
     wandb_project: str = "opsd-megatron"  # the W&B project
     progress_bar: bool = True  # a progress bar with the loss on rank 0
+    phase_times: bool = False  # ... and each step's time/<phase> seconds and ms per sampled token
     # counted per 1,000 response tokens in training rollouts and evaluation outputs (marker_rate):
     # expressions of uncertainty a rich-context teacher is known to suppress (arXiv 2603.24472)
     uncertainty_markers: list = field(default_factory=lambda: list(DEFAULT_MARKERS))

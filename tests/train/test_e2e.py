@@ -79,6 +79,10 @@ def test_three_steps_match_the_fp64_reference(trained, request, tp, pp, world, e
         assert got["repetition_rate"] == pytest.approx(
             sum(repetition_rate(t) for t in texts) / len(saved)
         )
+    for got in rows:  # the phase timers: four phases that make up the step, the sampler's inside
+        phases = [got[f"time/{k}"] for k in ("rollout", "score", "student", "optimizer")]
+        assert min(phases) > 0 and sum(phases) == pytest.approx(got["time/step"], rel=1e-9)
+        assert 0 < got["time/prefill"] < got["time/decode"] < got["time/rollout"], got
     assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
     assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
 
