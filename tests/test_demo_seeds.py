@@ -16,6 +16,7 @@ import pytest
 from opsd_megatron import demo
 
 ROOT = Path(__file__).resolve().parents[1]
+SEEDS = "seeds=[[1234, 42, 0], [1, 1, 1], [2, 2, 2]]"
 # per triple: base accuracy, OPSD accuracy at the two evaluations
 SCRIPT = {
     (1234, 42, 0): (0.1, [0.3, 0.9]),
@@ -57,7 +58,7 @@ def _fake_run_demo(calls):
 def test_seeds_write_the_spread_over_seed_triples(tmp_path, monkeypatch, jobs):
     calls = []
     monkeypatch.setattr(demo, "run_demo", _fake_run_demo(calls))
-    d = demo.load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), [f"output_dir={tmp_path}"])
+    d = demo.load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), [f"output_dir={tmp_path}", SEEDS])
     executor = ThreadPoolExecutor(jobs) if jobs > 1 else None
     summary = demo.run_seeds(d, 3, jobs=jobs, executor=executor)
 
@@ -85,7 +86,7 @@ def test_seeds_flag_each_triple_whose_lift_falls_short_of_a_claim(tmp_path, monk
     monkeypatch.setattr(demo, "run_demo", _fake_run_demo([]))
     recipe = str(ROOT / "recipes" / "demo_cpu.yaml")
     claims = "claims=[{step: 50, lift: 0.15}, {step: 100, lift: 0.45}, {step: 70, lift: 0.0}]"
-    assert demo.main([recipe, "--seeds", "3", f"output_dir={tmp_path}", claims]) == 0
+    assert demo.main([recipe, "--seeds", "3", f"output_dir={tmp_path}", SEEDS, claims]) == 0
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["lift_at"]["50"] == pytest.approx([0.2, 0.2, 0.1])
@@ -107,7 +108,8 @@ SCRIPT_ORDER = ["[1234, 42, 0]", "[1, 1, 1]", "[2, 2, 2]"]
 
 def test_triples_beyond_the_recipes_list_and_bad_options(tmp_path, capsys):
     d = demo.load_demo(str(ROOT / "recipes" / "demo_cpu.yaml"), [f"output_dir={tmp_path}"])
-    assert d.seed_triples(7)[5:] == [(5, 5, 5), (6, 6, 6)]  # (k, k, k) not already listed
+    assert d.seeds[1] == [5, 5, 5]  # the recipe's own list, then (k, k, k) not already listed:
+    assert d.seed_triples(10)[5:] == [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (7, 7, 7)]
     recipe = str(ROOT / "recipes" / "demo_cpu.yaml")
     assert demo.main([recipe, "--jobs", "2", f"output_dir={tmp_path}"]) == 2
     assert "--jobs must be >= 1 and needs --seeds" in capsys.readouterr().err
