@@ -122,7 +122,9 @@ def build_gpt_model(
     setattr(model, _GROUPS, groups)
     mark_tensor_parallel_params(model)
     contiguous_logit_grads(model)
-    if groups.device.type != "cpu":  # the rank's one device; on CPU (meta too) it stays put
+    if not any(p.is_meta for p in model.parameters()):
+        # the rank's one device (on CPU the same tensors: no copy; under the device audit this is
+        # what marks megatron's CPU-initialised parameters as the rank's, as on a GPU)
         model.to(groups.device)
     return model
 

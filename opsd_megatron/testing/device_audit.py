@@ -15,15 +15,19 @@ Why not the alternatives (weighed for issue 27):
 So the rank's device stays the CPU and the harness *tags* tensors instead (a
 ``TorchFunctionMode``, which sees every torch call with the arguments the code wrote):
 
-* host: made by a factory with no ``device`` (the default device), by ``torch.tensor`` /
-  ``from_numpy`` without one, by ``.cpu()`` or ``.to("cpu")``; results of host-only operations.
+* host: made by a factory with no ``device`` (the default device) or with ``device=`` a host
+  tensor's ``.device``, by ``torch.tensor`` without one, ``from_numpy`` / ``frombuffer`` and the
+  legacy ``torch.FloatTensor(...)`` constructors, by ``.cpu()`` or ``.to("cpu")``; a
+  ``Parameter`` of a host tensor (a module built without a device and never moved); results of
+  host-only operations.
 * device: everything else — made with an explicit device (the rank's ``groups.device``, or
-  ``x.device`` of a device tensor), moved with ``.to(device)`` / ``.cuda()``, model parameters.
+  ``x.device`` of a device tensor), moved with ``.to(device)`` / ``.cuda()``.
 
 It raises :class:`DeviceAuditError` where CUDA raises: an operation mixing a host tensor of rank
 > 0 with a device tensor (indices, copies and 0-dim host scalars excepted, as on CUDA), a
 collective on a host tensor (NCCL reduces only CUDA tensors, torch 2.13 ``distributed_c10d``),
-and a random draw that mixes a host generator (``torch.Generator()``) with device tensors.
+and a random draw that mixes a host generator (``torch.Generator()``, ``torch.default_generator``)
+with device tensors.
 
 What it cannot see: a literal ``torch.device("cpu")`` passed as ``device=`` reads as the rank's
 device (CPU here); ``tests/test_device_discipline.py`` forbids such literals in the step's modules.
@@ -95,14 +99,30 @@ LIKE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_li
 # where CUDA accepts host tensors beside device ones: copies, index tensors, assignment
 MIXING_ALLOWED = frozenset(
     {"copy_", "to", "cpu", "cuda", "__setitem__", "__getitem__", "index_put_", "index_put",
-     "set_", "__set__", "new_tensor", "new_zeros", "new_ones", "new_full", "new_empty"}
+     "set_", "__set__", "new_tensor", "new_zeros", "new_ones", "new_full", "new_empty",
+     "_has_compatible_shallow_copy_type"}
 )  # fmt: skip
 
 
+# ``host_t.device`` as the audited code received it: a fresh ``torch.device`` per read, kept here
+# by id (torch.device takes no weak references) so a ``device=`` built from it reads as the host
+_HOST_DEVICES: dict[int, torch.device] = {}
+
+
 def _is_host_device(device) -> bool:
-    """A ``device=`` argument that means the host: absent (the default device) or the literal
-    string "cpu". A ``torch.device`` is taken to be the rank's (see the module docstring)."""
-    return device is None or (isinstance(device, str) and device.split(":")[0] == "cpu")
+    """A ``device=`` argument that means the host: absent (the default device), the literal string
+    "cpu", or the ``.device`` of a host tensor. Any other ``torch.device`` is taken to be the
+    rank's (see the module docstring)."""
+    if device is None or id(device) in _HOST_DEVICES:
+        return True
+    return isinstance(device, str) and device.split(":")[0] == "cpu"
+
+
+def _host_generator(generator) -> bool:
+    """``torch.Generator()`` made under the audit, or torch's own CPU ``default_generator``."""
+    return generator is not None and (
+        getattr(generator, _TAG, False) or generator is torch.default_generator
+    )
 
 
 def _name(func) -> str:
@@ -115,9 +135,14 @@ class _Audit(TorchFunctionMode):
         name = _name(func)
         if name == "type":  # the CPU backend wraps Tensor.type; torch hands its wrapper back here
             return torch._C.TensorBase.type(*args, **kwargs)
+        if name == "__get__" and func == _DEVICE_GET:  # host_t.device: device= from it is host
+            out = func(*args, **kwargs)
+            if on_host(args[0]):
+                out = torch.device(out)
+                _HOST_DEVICES[id(out)] = out
+            return out
         inputs = _tensors(args, kwargs)
-        generator = kwargs.get("generator")
-        host_gen = generator is not None and getattr(generator, _TAG, False)
+        host_gen = _host_generator(kwargs.get("generator"))
 
         if name in FACTORIES and not (name == "as_tensor" and inputs):
             host = _is_host_device(kwargs.get("device"))
@@ -187,7 +212,7 @@ def _to_target(args, kwargs) -> str | None:
             return "host" if on_host(a) else "device"
     if dest is None:
         return None
-    return "host" if isinstance(dest, str) and dest.split(":")[0] == "cpu" else "device"
+    return "host" if _is_host_device(dest) else "device"
 
 
 COLLECTIVES = (
@@ -225,6 +250,43 @@ def _checked_collective(name, fn):
     return wrapper
 
 
+_DEVICE_GET = torch.Tensor.device.__get__
+# the pre-factory constructors, which torch never routes through a TorchFunctionMode
+LEGACY = (
+    "FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "LongTensor", "IntTensor",
+    "ShortTensor", "CharTensor", "ByteTensor", "BoolTensor",
+)  # fmt: skip
+
+
+class _HostMade:
+    """A host factory torch does not route through the mode (``from_numpy``, ``frombuffer``, the
+    legacy ``torch.FloatTensor(...)``): its result is marked host; ``isinstance`` still works."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        _tag(out, True)
+        return out
+
+    def __instancecheck__(self, obj):
+        return isinstance(obj, self.original)
+
+
+def _parameter_new(original):
+    """``nn.Parameter(t)`` is a new tensor object: it keeps ``t``'s mark (a module built without
+    a device, and never moved, holds host parameters — the first-day GPU crash)."""
+
+    def new(cls, data=None, requires_grad=True):
+        out = original(cls, data, requires_grad)
+        if data is not None and on_host(data):
+            _tag(out, True)
+        return out
+
+    return new
+
+
 class _HostGenerator(torch.Generator):
     """``torch.Generator()`` as the code under audit sees it: remembers a host stream."""
 
@@ -248,6 +310,8 @@ def device_audit():
     # too (the rest only in ``torch.distributed``, so gloo's object collectives stay unchecked)
     saved_p2p = {name: getattr(c10d, name) for name in ("isend", "irecv")}
     saved_generator, saved_cuda = torch.Generator, torch.Tensor.cuda
+    saved_factories = {n: getattr(torch, n) for n in ("from_numpy", "frombuffer", *LEGACY)}
+    saved_parameter_new = torch.nn.Parameter.__new__
 
     def cuda(self, *args, **kwargs):  # the CPU backend's no-op .cuda() still means "to device"
         out = saved_cuda(self, *args, **kwargs)
@@ -260,10 +324,17 @@ def device_audit():
         setattr(c10d, name, getattr(dist, name))
     torch.Generator = _HostGenerator
     torch.Tensor.cuda = cuda
+    for name, fn in saved_factories.items():
+        setattr(torch, name, _HostMade(fn))
+    torch.nn.Parameter.__new__ = _parameter_new(saved_parameter_new)
     try:
         with _Audit():
             yield
     finally:
+        for name, fn in saved_factories.items():
+            setattr(torch, name, fn)
+        torch.nn.Parameter.__new__ = saved_parameter_new
+        _HOST_DEVICES.clear()
         for name, fn in saved.items():
             setattr(dist, name, fn)
         for name, fn in saved_p2p.items():
