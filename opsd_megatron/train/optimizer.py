@@ -27,6 +27,12 @@ import torch
 from opsd_megatron.config import OPSDConfig
 
 
+def overlap_possible() -> bool:
+    """Overlapping the reduction with the backward is for CUDA streams; on CPU it runs at the end
+    (tests/train/test_loss_contract.py runs megatron's overlap hooks on gloo all the same)."""
+    return torch.cuda.is_available()
+
+
 def wrap_and_build(cfg: OPSDConfig, model: torch.nn.Module, dtype: torch.dtype):
     """(DDP-wrapped model for the schedule, megatron optimizer). ``model`` keeps its identity: the
     sampler, teacher, evaluation and checkpoints use it directly."""
@@ -40,8 +46,7 @@ def wrap_and_build(cfg: OPSDConfig, model: torch.nn.Module, dtype: torch.dtype):
         raise ValueError("fp16 parameters need a loss scaler; train in bf16 (model.dtype=bfloat16)")
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=master_fp32 or dtype == torch.float32,
-        # Overlapping the reduction with the backward needs CUDA streams; on CPU it runs at the end.
-        overlap_grad_reduce=torch.cuda.is_available() and o.overlap_grad_reduce,
+        overlap_grad_reduce=overlap_possible() and o.overlap_grad_reduce,
         use_distributed_optimizer=distributed,
         bucket_size=o.bucket_mb * 2**20 // 4 if o.bucket_mb else None,
     )

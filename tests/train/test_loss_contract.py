@@ -6,7 +6,10 @@ autograd of the global token mean on one process; each piece is also pinned on i
 Checked by breaking each piece locally: without ``configure_model`` the gradient halves (megatron
 divides by the 2 micro-batches), ``num_tokens=<the count>`` divides it by the step's count of 4,
 a per-rank normaliser (no DP reduction) weights the ranks wrongly, a count other than 1 or a
-missing ``no_sync_func`` fails the unit test.
+missing ``no_sync_func`` fails the unit test. With ``overlap_grad_reduce`` (the GPU default,
+megatron's hooks run here on gloo): a step with more micro-batches than the first is reduced
+early without ``no_sync`` (error > 0.1, checked), and ``build_components`` not handing its DDP to
+``configure_model`` fails the build test (checked).
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ def _per_token(model, tokens_BT1):
     return -lp.gather(-1, tokens_BT1[:, 1:, None])[..., 0]
 
 
-def _rank():
+def _rank(overlap: bool = False, wired: bool = True):
+    """Rank's worst relative gradient error against the single-process reference. ``overlap``:
+    DDP's ``overlap_grad_reduce`` (the GPU default; its bucket hooks reduce as soon as a bucket's
+    gradients are ready); ``wired``: ``configure_model`` gets the DDP (its ``no_sync``)."""
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -77,9 +83,10 @@ def _rank():
     model.zero_grad(set_to_none=True)
 
     loss_contract.configure_model(model)
-    ddp = DistributedDataParallel(
-        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
-    )
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap)
+    ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+    if wired:
+        loss_contract.configure_model(model, ddp)
     ddp.zero_grad_buffer()
     rank = dist.get_rank()
     mine = [(tokens[rank, m], masks[rank, m]) for m in range(2)]
@@ -96,16 +103,23 @@ def _rank():
 
         return out, loss_fn
 
-    get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(mine),
-        model=[ddp],
-        num_microbatches=2,
-        seq_length=T,
-        micro_batch_size=B,
-        forward_only=False,
-    )
-    loss_contract.finalize_gradients(ddp)
+    # with overlap, a second step with one micro-batch more (token-budget steps differ in count):
+    # an empty one first, so the step's gradient is the same. Megatron's overlap hooks count each
+    # parameter's gradients in the first step and, from the second on, reduce a bucket as soon as
+    # the count is reached — after the last micro-batch only if no_sync marks the others
+    steps = [mine] if not overlap else [mine, [(mine[0][0], torch.zeros_like(mine[0][1])), *mine]]
+    for batches in steps:
+        ddp.zero_grad_buffer()
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=[ddp],
+            num_microbatches=len(batches),
+            seq_length=T,
+            micro_batch_size=B,
+            forward_only=False,
+        )
+        loss_contract.finalize_gradients(ddp)
     got = {n: p.main_grad.clone() for n, p in model.named_parameters()}
     return max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want)
 
@@ -113,6 +127,37 @@ def _rank():
 def test_megatron_scales_the_gradient_to_the_global_token_mean():
     errors = run_distributed(_rank, 2, timeout=300)
     assert max(errors) < 1e-5, errors  # fp32 round-off; a broken piece is off by >= 25 %
+
+
+def test_with_overlapped_reduction_no_sync_keeps_one_reduction_per_step():
+    """``overlap_grad_reduce`` (on by default on a GPU, where its hooks run on CUDA streams; here
+    megatron's same hooks with gloo's async all-reduce), over two steps of 2 and then 3 micro-
+    batches: wired, the second step's gradients equal the reference; without ``no_sync`` every
+    micro-batch counts as the last, megatron learns "two per step" from the first, reduces the
+    second step's bucket after its second micro-batch and the third adds its local gradient
+    unreduced."""
+    assert max(run_distributed(_rank, 2, True, True, timeout=300)) < 1e-5
+    assert min(run_distributed(_rank, 2, True, False, timeout=300)) > 0.1
+
+
+def _components_with_overlap(out):
+    from opsd_megatron.config import load_config
+    from opsd_megatron.train import optimizer
+    from opsd_megatron.train.components import build_components
+    from tests.train.tiny import RECIPE, overrides, rank_layout
+
+    optimizer.overlap_possible = lambda: True  # the GPU default (this process only)
+    cfg = load_config(RECIPE, overrides(out, 1, 1))
+    c = build_components(cfg, rank_layout(cfg))
+    return c.ddp.ddp_config.overlap_grad_reduce, c.model.config.no_sync_func == c.ddp.no_sync
+
+
+def test_build_components_hands_its_ddp_to_the_contract(tmp_path):
+    """With overlap on (a GPU's default), the built model's schedule syncs through the DDP's
+    ``no_sync``: what the test above shows is needed."""
+    assert run_distributed(_components_with_overlap, 1, tmp_path / "run", timeout=300) == [
+        (True, True)
+    ]
 
 
 def test_each_piece_of_the_contract():
