@@ -6,6 +6,7 @@ tests/train/test_preemption.py)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,11 +71,21 @@ def test_a_blocked_teardown_after_ctrl_c_ends_with_the_stacks():
         """
     )
     t0 = time.monotonic()
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50,
+        preexec_fn=terminal_sigint,
+    )  # fmt: skip
     assert time.monotonic() - t0 < 40, "the watchdog did not end the blocked teardown"
     assert run.returncode == 1, run.stderr
     assert "Timeout (0:00:01)!" in run.stderr, run.stderr  # faulthandler's dump ...
     assert 'File "<string>", line 10' in run.stderr, run.stderr  # ... names the blocked line
+
+
+def terminal_sigint() -> None:
+    """In the child: SIGINT as a terminal gives it. A shell starting the suite in the background
+    (``pytest ... &``) ignores SIGINT, every child inherits that, and an ignored SIGINT stays
+    ignored on purpose (the test below)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_an_ignored_sigint_stays_ignored():

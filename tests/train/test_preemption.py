@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from tests.platform.test_local_processes import terminal_sigint
 from tests.train.tiny import RECIPE, metrics, overrides
 
 # every checkpoint stays: the tests wait for step 1's, which keep_last would prune within two
@@ -82,8 +83,9 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_checkpoints(tmp_path):
     err_file = tmp_path / "stderr.txt"
     with err_file.open("w") as err_out:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err_out, text=True, start_new_session=True
-        )
+            cmd, stdout=subprocess.DEVNULL, stderr=err_out, text=True, start_new_session=True,
+            preexec_fn=terminal_sigint,
+        )  # fmt: skip
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step_000001" / "trainer_state.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before Ctrl-C"
