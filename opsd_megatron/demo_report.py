@@ -32,28 +32,30 @@ def _first_benchmark_accuracy(run_dir: Path, step: int, average: float):
     return first["avg@1"], first.get("avg@1_ci95")
 
 
-def curve(run_dir: Path, start_acc: float, start_ci=None) -> list[tuple]:
-    """[(tokens so far, held-out accuracy, 95 % low, 95 % high)] from a run's metrics.jsonl,
-    starting at the base; the interval is (None, None) where the evaluation gives none."""
-    lo, hi = start_ci or (None, None)
-    points, tokens = [(0.0, start_acc, lo, hi)], 0.0
+def _evaluations(run_dir: Path):
+    """(step, tokens so far, accuracy, 95 % interval or None) per periodic evaluation of a run."""
+    tokens = 0.0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         tokens += m.get("generated_tokens", 0.0) or m.get("reference_tokens", 0.0)
         if "eval/avg@1" in m:
             acc, ci = _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])
-            points.append((tokens, acc, *(ci or (None, None))))
+            yield int(m["step"]), tokens, acc, ci
+
+
+def curve(run_dir: Path, start_acc: float, start_ci=None) -> list[tuple]:
+    """[(tokens so far, held-out accuracy, 95 % low, 95 % high)] from a run's metrics.jsonl,
+    starting at the base; the interval is (None, None) where the evaluation gives none."""
+    lo, hi = start_ci or (None, None)
+    points = [(0.0, start_acc, lo, hi)]
+    for _, tokens, acc, ci in _evaluations(run_dir):
+        points.append((tokens, acc, *(ci or (None, None))))
     return points
 
 
 def accuracy_by_step(run_dir: Path) -> dict[int, float]:
     """{step: held-out accuracy} of a run's periodic evaluations."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "eval/avg@1" in m:
-            out[int(m["step"])] = _first_benchmark_accuracy(run_dir, m["step"], m["eval/avg@1"])[0]
-    return out
+    return {step: acc for step, _, acc, _ in _evaluations(run_dir)}
 
 
 def final_figures(run_dir: Path) -> dict:
