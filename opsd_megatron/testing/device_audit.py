@@ -260,7 +260,9 @@ LEGACY = (
 
 class _HostMade:
     """A host factory torch does not route through the mode (``from_numpy``, ``frombuffer``, the
-    legacy ``torch.FloatTensor(...)``): its result is marked host; ``isinstance`` still works."""
+    legacy ``torch.FloatTensor(...)``): its result is marked host; ``isinstance``, attributes and
+    annotations (``torch.LongTensor | None``, met when a module is first imported under the audit)
+    still work."""
 
     def __init__(self, original):
         self.original = original
@@ -272,6 +274,15 @@ class _HostMade:
 
     def __instancecheck__(self, obj):
         return isinstance(obj, self.original)
+
+    def __getattr__(self, name):
+        return getattr(self.original, name)
+
+    def __or__(self, other):
+        return self.original | other
+
+    def __ror__(self, other):
+        return other | self.original
 
 
 def _parameter_new(original):

@@ -57,7 +57,11 @@ def test_the_correct_form_passes(name):
     assert isinstance(torch.from_numpy(np.ones(1)), torch.Tensor)
 
 
-def test_isinstance_against_a_legacy_type_still_works_under_the_audit():
+def test_a_legacy_type_still_works_as_a_type_under_the_audit():
+    original = torch.LongTensor
     with device_audit():
         assert isinstance(torch.ones(2), torch.FloatTensor)
         assert not isinstance(torch.ones(2, dtype=torch.long), torch.FloatTensor)
+        # annotations of modules first imported under the audit (transformers' logits processors)
+        assert (torch.LongTensor | None) == (original | None) == (None | torch.LongTensor)
+        assert torch.LongTensor.dtype is original.dtype

@@ -65,7 +65,13 @@ VARIANTS = {
         {"teacher_top_k": 5, "top_k_mode": "renorm"},
         [{"teacher_top_k": 5}],
     ),
-    "teacher_ema": (["teacher.update=ema", "teacher.ema_rate=0.5"], {}, []),
+    # asymmetric values: rate 0.75 and 1 - rate differ, JSD_0.3 differs from JSD_0.7 (so a swapped
+    # EMA rate or a beta read as 1 - beta fails here)
+    "teacher_ema+beta": (
+        ["teacher.update=ema", "teacher.ema_rate=0.75", "loss.beta=0.3"],
+        {},
+        [],
+    ),
     "teacher_context_answer": (["data.teacher_context=answer"], {}, []),
     "teacher_current": (["teacher.update=current"], {}, []),
 }
@@ -74,8 +80,8 @@ VARIANTS = {
 def _teacher_weights(name: str, after_step1: dict):
     """The teacher's adapters at step 2. At step 1 B = 0, so A gets no gradient and is unchanged:
     EMA(rate) of (A0, 0) and (A1, B1) is (A1, (1 - rate) * B1); the current teacher is (A1, B1)."""
-    if name == "teacher_ema":
-        return {k: v * 0.5 if "lora_B" in k else v for k, v in after_step1.items()}
+    if name.startswith("teacher_ema"):
+        return {k: v * 0.25 if "lora_B" in k else v for k, v in after_step1.items()}
     if name == "teacher_current":
         return after_step1
     return None
@@ -102,21 +108,44 @@ def test_option_in_a_real_run_matches_the_fp64_reference(tmp_path, name):
     initial = {k: v * 0 if "lora_B" in k else v for k, v in after1.items()}  # B = 0, A unchanged
     teacher2 = _teacher_weights(name, after1)
     data = tuple(x for x in extra if x.startswith("data."))  # prompts: the reference needs them
+    beta = float(next((x.split("=")[1] for x in extra if x.startswith("loss.beta=")), 0.5))
     for step, weights, teacher in ((1, initial, None), (2, after1, teacher2)):
         loss, norm = reference_step(
-            out, step, weights, LORA, loss=loss_cfg, teacher_weights=teacher, cfg_overrides=data
+            out,
+            step,
+            weights,
+            LORA,
+            beta,
+            loss=loss_cfg,
+            teacher_weights=teacher,
+            cfg_overrides=data,
         )
         _close(rows[step - 1], loss, norm, f"{name} step {step}")
     if data:  # the teacher read only the answer: with the full solution the reference differs
-        loss, _ = reference_step(out, 2, after1, LORA, loss=loss_cfg)
+        loss, _ = reference_step(out, 2, after1, LORA, beta, loss=loss_cfg)
         assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "the teacher context did not change"
     # the option matters: without it the reference is far from what the run computed
     for other in without:
-        loss, _ = reference_step(out, 2, after1, LORA, loss=other, teacher_weights=teacher2)
+        loss, _ = reference_step(out, 2, after1, LORA, beta, loss=other, teacher_weights=teacher2)
         assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), (name, other)
+    if beta != 0.5:  # beta read as 1 - beta would give another loss
+        loss, _ = reference_step(
+            out, 2, after1, LORA, 1 - beta, loss=loss_cfg, teacher_weights=teacher2
+        )
+        assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "beta and 1 - beta"
     if teacher2 is not None:
-        loss, _ = reference_step(out, 2, after1, LORA, loss=loss_cfg)
+        loss, _ = reference_step(out, 2, after1, LORA, beta, loss=loss_cfg)
         assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "the teacher did not move"
+        swapped = (
+            {k: v * 3 if "lora_B" in k else v for k, v in teacher2.items()}
+            if "ema" in name
+            else None
+        )
+        if swapped is not None:  # rate read as 1 - rate: (A1, rate * B1)
+            loss, _ = reference_step(
+                out, 2, after1, LORA, beta, loss=loss_cfg, teacher_weights=swapped
+            )
+            assert abs(rows[1]["loss"] - loss) > 1e-3 * abs(loss), "rate and 1 - rate"
     if name.startswith("two_rollouts"):
         ids = [r["id"] for r in rollouts(out, 1)]
         assert len(ids) == 4 and ids[0::2] == ids[1::2], "each problem twice, side by side"
