@@ -26,49 +26,65 @@ def _host_gather_tp(tensor, groups):  # the TP gather of weights after a .cpu()
     return shards
 
 
-def _paths(out: str, hf_dir: str, tp: int, pp: int, host_gather: bool) -> dict:
-    """Under the audit: one OPSD step with vLLM rollouts, then both converters at this layout.
-    Returns each path's error (None when it passed)."""
-    sys.path.insert(0, FAKE)  # the stand-in engine, not the installed CPU build
+def _vllm_step(base: Path, tp: int, pp: int) -> None:
     import dataclasses
 
     from opsd_megatron.algorithms import build_algorithm
     from opsd_megatron.config import load_config
-    from opsd_megatron.models import convert, hf_weights
-    from opsd_megatron.testing.device_audit import DeviceAuditError, device_audit
     from opsd_megatron.train.components import build_components
     from opsd_megatron.train.step import train_step
     from tests.train.tiny import RECIPE, overrides, rank_layout
 
+    extra = ["rollout.engine=vllm", "lora.rank=4", "lora.alpha=8.0"]
+    cfg = load_config(RECIPE, overrides(base / "run", tp, pp, extra=extra))
+    c = build_components(cfg, rank_layout(cfg))
+    alg = build_algorithm(cfg, c.algorithm.source, c.teacher, c.arch.vocab_size)
+    m = train_step(dataclasses.replace(c, cfg=cfg), alg, 1)
+    assert m["sampler_logprob_error"] <= 1e-4, m
+
+
+def _converters(base: Path, hf_dir: str, tp: int, pp: int) -> None:
+    from megatron.core import parallel_state
+
+    from opsd_megatron.models import convert
+
+    shards, hf_out = base / "megatron", base / "hf"
+    for d in (shards, hf_out):  # what the converters' atomic_output_dir makes
+        d.mkdir(exist_ok=True)
+    for run in (
+        lambda: convert._hf_to_megatron_rank(hf_dir, str(shards), tp, pp, "float32"),
+        lambda: convert._megatron_to_hf_rank(str(shards), str(hf_out), tp, pp, "float32", None),
+    ):
+        parallel_state.destroy_model_parallel()  # each converter sets up its own layout
+        run()
+
+
+def _paths(out: str, hf_dir: str, tp: int, pp: int, host_gather: bool) -> dict:
+    """Under the audit: one OPSD step with vLLM rollouts, then both converters at this layout.
+    Clean code raises nothing (a refusal on one rank ends the call with its traceback, the other
+    rank's collective then closing); with ``host_gather`` each path's refusal is returned (both
+    ranks refuse the same gather)."""
+    sys.path.insert(0, FAKE)  # the stand-in engine, not the installed CPU build
+    from opsd_megatron.models import hf_weights
+    from opsd_megatron.testing.device_audit import DeviceAuditError, device_audit
+
+    base = Path(out)
+    paths = {
+        "vllm": lambda: _vllm_step(base, tp, pp),
+        "convert": lambda: _converters(base, hf_dir, tp, pp),
+    }
+    errors = {}
     if host_gather:
         hf_weights._gather_tp = _host_gather_tp
-    errors = {}
-    base = Path(out)
     with device_audit():
-        try:
-            extra = ["rollout.engine=vllm", "lora.rank=4", "lora.alpha=8.0"]
-            cfg = load_config(RECIPE, overrides(base / "run", tp, pp, extra=extra))
-            c = build_components(cfg, rank_layout(cfg))
-            alg = build_algorithm(cfg, c.algorithm.source, c.teacher, c.arch.vocab_size)
-            m = train_step(dataclasses.replace(c, cfg=cfg), alg, 1)
-            assert m["sampler_logprob_error"] <= 1e-4, m
-            errors["vllm"] = None
-        except DeviceAuditError as e:
-            errors["vllm"] = str(e)
-        dist.barrier()
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()  # each converter sets up its own layout
-        shards = base / "megatron"
-        for d in (shards, base / "hf"):  # what the converters' atomic_output_dir makes
-            d.mkdir(exist_ok=True)
-        try:
-            convert._hf_to_megatron_rank(hf_dir, str(shards), tp, pp, "float32")
-            parallel_state.destroy_model_parallel()
-            convert._megatron_to_hf_rank(str(shards), str(base / "hf"), tp, pp, "float32", None)
-            errors["convert"] = None
-        except DeviceAuditError as e:
-            errors["convert"] = str(e)
+        for name, run in paths.items():
+            try:
+                run()
+                errors[name] = None
+            except DeviceAuditError as e:
+                if not host_gather:
+                    raise
+                errors[name] = str(e)
     return errors
 
 
