@@ -40,7 +40,6 @@ def measure(recipe: str, steps: int, overrides: list[str]) -> dict:
     """Rank function: per class, [tokens, summed divergence] over right and wrong rollouts."""
     import torch
 
-    from opsd_megatron.algorithms.step_data import response_rows
     from opsd_megatron.config import load_config, validate_layout
     from opsd_megatron.data.grading import Grader
     from opsd_megatron.losses.distributions import Logits
@@ -68,7 +67,7 @@ def measure(recipe: str, steps: int, overrides: list[str]) -> dict:
             for mb in scored.micro_batches:
                 with hidden_states_out(c.model):
                     states = c.model(mb.student.tokens_BT, mb.student.position_ids_BT, None)
-                rows = response_rows(states, mb.student, mb.response_mask_BR.shape[1])
+                rows = mb.student.response_rows(states, mb.response_mask_BR.shape[1])
                 student = Logits(logits_of(rows, output_weight(c.model)))
                 per_token, _ = c.algorithm.per_token_loss(student, mb, c.groups)
                 for i, row in enumerate(mb.rows):

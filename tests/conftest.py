@@ -33,6 +33,7 @@ SLOW = (
     "tests/eval/test_runner.py",
     "tests/launch/",
     "tests/test_documented_commands.py",
+    "tests/testing/test_device_audit_tools.py",
 )
 
 

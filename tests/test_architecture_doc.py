@@ -1,12 +1,15 @@
 """docs/architecture.md stays true to the code: every file its reading-order table lists exists,
 and every function or class (``Class.method`` too) it names is defined in that file; every other
-path it names exists."""
+path it names exists; and the table's order is the order in which one step first calls into each
+of its files (measured with ``bench/step_reading_path.py``'s profiler)."""
 
 from __future__ import annotations
 
 import ast
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
@@ -59,3 +62,13 @@ def test_every_path_the_page_names_exists():
         if not any(c.is_file() for c in candidates):
             missing.append(p)
     assert paths and not missing, missing
+
+
+@pytest.mark.slow
+def test_the_reading_order_is_the_order_a_step_first_calls_each_file(tmp_path):
+    from bench.step_reading_path import first_call_order, step_events, table_files
+    from opsd_megatron.testing import run_distributed
+
+    table = table_files()
+    events = run_distributed(step_events, 1, str(tmp_path), timeout=300)[0]
+    assert first_call_order(events, set(table)) == table

@@ -1,10 +1,11 @@
 """The README and docs/*.md point at things that exist: every relative Markdown link resolves
 from the page that holds it, and every repository path a page names in backticks (a file of the
 library — also as ``losses/jsd.py`` relative to the package —, the tests, recipes, launch scripts,
-tools or benchmarks) is there."""
+tools or benchmarks) is there; so is every such path the library's docstrings name."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -28,10 +29,9 @@ def test_relative_links_resolve(page):
     assert not dead, f"{page.name}: dead links {dead}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_named_repository_paths_exist(page):
+def _missing(text: str) -> list[str]:
     missing = []
-    for path in set(PATH.findall(page.read_text())):
+    for path in set(PATH.findall(text)):
         head = path.split("/")[0]
         if head in TOP:
             ok = (ROOT / path).exists()
@@ -41,7 +41,29 @@ def test_named_repository_paths_exist(page):
             continue
         if not ok:
             missing.append(path)
-    assert not missing, f"{page.name}: no such path {sorted(missing)}"
+    return sorted(missing)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_named_repository_paths_exist(page):
+    missing = _missing(page.read_text())
+    assert not missing, f"{page.name}: no such path {missing}"
+
+
+def _docstrings(module: Path) -> str:
+    tree = ast.parse(module.read_text())
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, defs))]
+    return "\n".join(d for d in (ast.get_docstring(n, clean=False) for n in nodes) if d)
+
+
+def test_paths_named_in_the_librarys_docstrings_exist():
+    missing = {
+        str(m.relative_to(ROOT)): _missing(_docstrings(m))
+        for m in sorted((ROOT / "opsd_megatron").rglob("*.py"))
+    }
+    missing = {m: paths for m, paths in missing.items() if paths}
+    assert not missing, f"docstrings name paths that do not exist: {missing}"
 
 
 def test_the_checker_sees_a_dead_link(tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from opsd_megatron.algorithms.base import Diagnostic, Rollouts, Scored
-from opsd_megatron.algorithms.step_data import MicroBatch, StepData, response_rows
+from opsd_megatron.algorithms.step_data import MicroBatch, StepData
 from opsd_megatron.config import GRPOConfig
 from opsd_megatron.data.grading import Grader, reference_answer
 from opsd_megatron.losses.distributions import Hidden, Logits
@@ -83,7 +83,7 @@ class GRPO:
         adv, keep = adv.reshape(-1), informative.repeat_interleave(g)
         mbs = self.source.micro_batches(rollouts.prompts, rollouts.responses, rollouts.logprobs)
         for mb in mbs:
-            rows = torch.tensor(mb.rows, device=mb.device)
+            rows = torch.tensor(mb.rows, device=self.source.groups.device)
             mb.response_mask_BR &= keep[rows, None]
             mb.advantages_B = adv[rows]
             if self.grpo.kl_coef > 0:
@@ -107,12 +107,12 @@ class GRPO:
             states, weight = self.reference.hidden(tokens, positions)
             if states is None:
                 return
-            ref = Hidden(response_rows(states, mb.student, r_max), weight)
+            ref = Hidden(mb.student.response_rows(states, r_max), weight)
         else:
             logits = self.reference.logits(tokens, positions)
             if logits is None:
                 return
-            ref = Logits(response_rows(logits, mb.student, r_max))
+            ref = Logits(mb.student.response_rows(logits, r_max))
         mb.reference_logprobs_BR = ref.token_logprobs(
             mb.response_tokens_BR,
             **self.sampling,

@@ -58,27 +58,12 @@ class MicroBatch:
     sampler_logprobs_BR: torch.Tensor
     sampled: bool  # the responses were sampled (OPSD, GRPO), not reference solutions (SFT)
     rows: list[int] = field(default_factory=list)  # the step's rollouts it holds, in row order
+    teacher_input: PackedBatch | None = None  # OPSD: teacher prompt + the same responses
     # What ``Algorithm.score`` adds for its loss (on the last pipeline stage; None elsewhere):
     teacher: Logits | Hidden | None = None  # OPSD: the teacher's view of the responses
     reference: Logits | Hidden | None = None  # OPSD ref_kl: the initial policy's view
     advantages_B: torch.Tensor | None = None  # GRPO: group-normalised advantage per row
     reference_logprobs_BR: torch.Tensor | None = None  # GRPO KL: the initial policy's log p(ŷ)
-
-    @property
-    def device(self) -> torch.device:
-        """Where this micro-batch lives (the rank's device): what per-row tensors added to it
-        use."""
-        return self.response_mask_BR.device
-
-
-def response_rows(logits_BTV: torch.Tensor, batch: PackedBatch, r_max: int) -> torch.Tensor:
-    """Logits at the positions that predict the response, aligned by response index: [B, R, V]."""
-    b, _, v = logits_BTV.shape
-    out = logits_BTV.new_zeros(b, r_max, v)
-    for i in range(b):
-        start, n = batch.prompt_lengths[i] - 1, batch.response_lengths[i]
-        out[i, :n] = logits_BTV[i, start : start + n]
-    return out
 
 
 def micro_batches(
@@ -89,13 +74,17 @@ def micro_batches(
     pad_id: int,
     device: torch.device | str,
     max_tokens: int | None = None,
+    teacher_prompts: list[list[int]] | None = None,
+    keep: list[bool] | None = None,
 ) -> list[MicroBatch]:
     """The step's sequences as micro-batches, built on the host from Python lists, then moved to
     ``device`` (the rank's): the one seam where a step's data reaches the accelerator.
 
     ``max_tokens`` None: ``micro`` consecutive rows each, all padded to the step's longest sequence
     (the pipeline schedule's fixed shape). Else by token budget: ``token_budget_groups``, each
-    padded to its own longest row."""
+    padded to its own longest row. ``teacher_prompts``: each row's teacher prompt, packed with the
+    same responses (``teacher_input``, padded to its own micro-batch's longest row); ``keep``:
+    rows to leave out of the loss (False) keep no response token in the mask."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     if max_tokens is None:
         groups = [
@@ -112,11 +101,14 @@ def micro_batches(
         tokens = torch.full((len(resp), r_max), pad_id, dtype=torch.long)
         lps = torch.zeros(len(resp), r_max)
         for j, (i, r) in enumerate(zip(rows, resp)):
-            mask[j, : len(r)] = True
+            mask[j, : len(r)] = keep is None or keep[i]
             tokens[j, : len(r)] = torch.tensor(r, dtype=torch.long)
             if logprobs is not None:
                 lps[j, : len(r)] = torch.tensor(logprobs[i])
         packed = pack([prompts[i] for i in rows], resp, pad_id, pad_to=width, device=device)
+        teacher = None
+        if teacher_prompts is not None:
+            teacher = pack([teacher_prompts[i] for i in rows], resp, pad_id, device=device)
         out.append(
             MicroBatch(
                 packed,
@@ -125,6 +117,7 @@ def micro_batches(
                 lps.to(device),
                 sampled=logprobs is not None,
                 rows=rows,
+                teacher_input=teacher,
             )
         )
     return out
@@ -217,6 +210,8 @@ class StepData:
         prompts: list[list[int]],
         responses: list[list[int]],
         logprobs: list[list[float]] | None,
+        teacher_prompts: list[list[int]] | None = None,
+        keep: list[bool] | None = None,
     ) -> list[MicroBatch]:
         """The step's sequences as micro-batches (``micro_batches`` above), on the rank's device."""
         return micro_batches(
@@ -227,6 +222,8 @@ class StepData:
             self.tokenizer.pad_token_id,
             self.groups.device,
             self.micro_batch_tokens,
+            teacher_prompts,
+            keep,
         )
 
     def _save(self, step: int, problems, result) -> None:

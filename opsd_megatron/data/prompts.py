@@ -55,6 +55,16 @@ class PackedBatch:
     prompt_lengths: list[int]
     response_lengths: list[int]
 
+    def response_rows(self, states_BTX: torch.Tensor, r_max: int) -> torch.Tensor:
+        """``states_BTX`` (logits or hidden states) at the positions that predict the response,
+        aligned by response index: ``[B, R, X]``."""
+        b, _, x = states_BTX.shape
+        out = states_BTX.new_zeros(b, r_max, x)
+        for i in range(b):
+            start, n = self.prompt_lengths[i] - 1, self.response_lengths[i]
+            out[i, :n] = states_BTX[i, start : start + n]
+        return out
+
 
 def pack(
     prompts: list[list[int]],

@@ -6,9 +6,9 @@ interface so an algorithm writes each loss once and reaches it in one call:
   (``loss.fused=true``: logits made one token chunk at a time, never whole; ``linear_*.py``).
 
 ``student.jsd(teacher, ...)``, ``.sampled_token(...)``, ``.topk_jsd(...)``,
-``.token_logprobs(...)``, ``.entropy(...)``, ``.top1_agreement(...)``: each hands straight to its
-loss file's public function (math, autograd function and API in that one file); ``Logits.jsd`` is
-jsd.py's function itself. Student and teacher must have the same form.
+``.token_logprobs(...)``, ``.entropy(...)``, ``.top1_agreement(...)``: each is one call to its
+loss file's public function (math, autograd function and API in that one file). Student and
+teacher must have the same form.
 
 Legend: H hidden size, V local vocab shard; ``...`` the token dims ([B, R] in the trainer).
 """
@@ -54,9 +54,16 @@ class Logits:
     def token_shape(self) -> torch.Size:
         return self.values.shape[:-1]
 
-    # Per-token JSD_β and both entropies: ``student.jsd(teacher, beta=..., ...)`` is the public
-    # function of jsd.py itself (its math, autograd function and API in that one file).
-    jsd = vocab_parallel_jsd_with_entropy
+    def jsd(
+        self, teacher: Logits, *, beta, term_clip=None, temperature=1.0, vocab_size=None,
+        group=None, compile="false",
+    ) -> JSDOutput:  # fmt: skip
+        """Per-token JSD_β and both entropies (``jsd.py``)."""
+        _same_form(self, teacher, Logits)
+        return vocab_parallel_jsd_with_entropy(
+            self.values, teacher.values, beta=beta, temperature=temperature,
+            vocab_size=vocab_size, term_clip=term_clip, group=group, compile=compile,
+        )  # fmt: skip
 
     def topk_jsd(self, teacher: Logits, **kw) -> TopKJSDOutput:
         """JSD_β over the teacher's top-K plus a tail bucket (``topk_jsd.py``)."""

@@ -199,18 +199,6 @@ class _VocabParallelJSD(torch.autograd.Function):
         return grad_NV, None, None, None, None, None, None, None, None
 
 
-def _tensor(logits, role: str) -> torch.Tensor:
-    """The tensor of ``logits``: a tensor, or ``losses.distributions.Logits`` (``.values``)."""
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(getattr(logits, "values", None), torch.Tensor):
-        return logits.values
-    raise TypeError(
-        f"{role}: expected logits (a tensor or Logits), got {type(logits).__name__}: student and "
-        "teacher must both be Logits or both Hidden"
-    )
-
-
 def vocab_parallel_jsd_with_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -230,11 +218,7 @@ def vocab_parallel_jsd_with_entropy(
     beyond it are ignored. ``group``: the tensor-parallel group (None: unsharded). ``compile``:
     ``loss.compile`` (auto|true|false, ``compiled.py``). Returns
     per-token tensors ``[...]``; only the loss is differentiable, and only w.r.t. the student.
-    It is also ``Logits.jsd`` (``losses/distributions.py``): ``student.jsd(teacher, beta=...)``
-    calls this function directly, so an algorithm reaches the arithmetic in one call.
     """
-    student_logits = _tensor(student_logits, "student")
-    teacher_logits = _tensor(teacher_logits, "teacher")
     check_logits_pair(student_logits, teacher_logits)
     check_temperature(temperature)
     if not 0.0 <= beta <= 1.0:

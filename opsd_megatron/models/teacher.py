@@ -23,9 +23,11 @@ from typing import Callable
 import torch
 
 from opsd_megatron.config import TeacherConfig
+from opsd_megatron.data.prompts import PackedBatch
+from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.models.forward import forward_logits
 from opsd_megatron.models.lora import adapters, adapters_disabled
-from opsd_megatron.models.output_head import hidden_states_out, output_weight
+from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 
 
 class Teacher:
@@ -152,6 +154,18 @@ class Teacher:
         with adapters off, EMA or live; a frozen copy's own); (None, None) off the last pipeline
         stage."""
         return self._forward(tokens_BT, position_ids_BT, micro_batch_size, hidden=True)
+
+    def view(
+        self, packed: PackedBatch, r_max: int, fused: bool, chunk_tokens: int | None = None
+    ) -> Logits | Hidden | None:
+        """The teacher's next-token distributions at the response positions of ``packed``: logits
+        ``[B, R, V/tp]`` (the output layer on ŷ's rows only), or with ``loss.fused`` hidden
+        states ``[B, R, H]`` and the output-layer shard; None off the last pipeline stage."""
+        states, weight = self.hidden(packed.tokens_BT, packed.position_ids_BT)
+        if states is None:
+            return None
+        rows = packed.response_rows(states, r_max)
+        return Hidden(rows, weight, chunk_tokens) if fused else Logits(logits_of(rows, weight))
 
     def _forward(self, tokens_BT, position_ids_BT, micro_batch_size, hidden: bool):
         with self.active() as model:

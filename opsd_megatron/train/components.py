@@ -118,6 +118,11 @@ def build_components(cfg: OPSDConfig, layout: Layout) -> Components:
     teacher = Teacher(model, cfg.teacher, build_model=lambda: build_model(cfg, arch, dtype, groups))
     ddp, optimizer = wrap_and_build(cfg, model, dtype)
     loss_contract.configure_model(model, ddp)  # with overlap: one gradient sync per step
+    # token-budget micro-batches differ in rows and width: at PP>1 the pipeline then sends each
+    # activation's shape ahead of it (megatron-core 0.16.1 p2p_communication._communicate_shapes)
+    model.config.variable_seq_lengths = (
+        groups.pp_size > 1 and cfg.trainer.micro_batch_tokens is not None
+    )
     scheduler = LRSchedule(optimizer, cfg.optimizer.lr, lr_lambda(cfg))
     problems = load_problems(
         cfg.data,

@@ -19,18 +19,17 @@ Legend: B micro-batch rows, T sequence length, R response length, V local vocab 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from opsd_megatron.algorithms.base import Algorithm
-from opsd_megatron.algorithms.step_data import MicroBatch, response_rows, step_response_stats
+from opsd_megatron.algorithms.step_data import MicroBatch
 from opsd_megatron.losses.distributions import Hidden, Logits
 from opsd_megatron.losses.reduction import masked_sum_count, partial_loss
 from opsd_megatron.models import loss_contract
 from opsd_megatron.models.forward import pad_for_sequence_parallel
 from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 from opsd_megatron.platform.clock import wall_clock
-from opsd_megatron.platform.parallel import ParallelGroups
 from opsd_megatron.train.components import Components
+from opsd_megatron.train.metrics import StepStats, step_metrics
 from opsd_megatron.train.optimizer import optimizer_step, zero_grads
 
 
@@ -57,50 +56,7 @@ def train_step(c: Components, algorithm: Algorithm, step: int) -> dict:
         c.teacher.after_optimizer_step()
     c.scheduler.step()
     clock.append(wall_clock(c.groups.device))
-    sampled = ["sampler_logprob_error"] if any(mb.sampled for mb in mbs) else []
-    out = share_stats(
-        stats, ["loss", "divergence", *algorithm.stat_names, *sampled], {"loss"}, c.groups
-    )
-    counts = share_stats(
-        scored.counts, list(scored.counts), set(scored.counts), c.groups
-    )  # summed over DP
-    if "reward_sum" in counts:
-        out["reward"] = counts.pop("reward_sum") / max(counts.pop("rollouts"), 1.0)
-    tokens = counts.pop("generated_tokens")
-    out.update(counts)
-    out.update(
-        step=step + 1,
-        grad_norm=grad_norm,
-        skipped=0 if finite else 1,
-        lr=lr,
-        response_length=tokens / c.cfg.trainer.global_batch_size,
-        generated_tokens=tokens,
-        tokens_per_s=tokens / max(clock[-1] - clock[0], 1e-9),
-    )
-    out.update(phase_times(clock, c.sampler))
-    if rollouts.finished is not None:  # sampled: length, truncation, repetition, markers
-        figures = step_response_stats(
-            rollouts, c.tokenizer, c.groups, c.cfg.logging.uncertainty_markers
-        )
-        figures.pop("response_length")  # logged above, from the engine's token count
-        out.update(figures)
-    return out
-
-
-PHASES = ("rollout", "score", "student", "optimizer")
-
-
-def phase_times(clock: list[float], sampler) -> dict[str, float]:
-    """``time/<phase>`` seconds from the phases' end times, the whole ``time/step``, and the
-    sampler's own split where it keeps one: ``time/prefill`` and ``time/decode`` (Megatron
-    sampler), ``time/refit`` (vLLM's weight push); all inside ``time/rollout``."""
-    out = {f"time/{name}": b - a for name, a, b in zip(PHASES, clock, clock[1:])}
-    out["time/step"] = clock[-1] - clock[0]
-    for name, seconds in getattr(sampler, "last_phase_s", {}).items():
-        out[f"time/{name}"] = seconds
-    if hasattr(sampler, "last_refit_s"):
-        out["time/refit"] = sampler.last_refit_s
-    return out
+    return step_metrics(c, algorithm, step, rollouts, scored, stats, clock, grad_norm, finite, lr)
 
 
 def student_pass(
@@ -124,7 +80,7 @@ def student_pass(
             output = model(tokens, positions, attention_mask=None)
 
         def loss_fn(output_BTH):
-            hidden = response_rows(output_BTH, mb.student, mb.response_mask_BR.shape[1])
+            hidden = mb.student.response_rows(output_BTH, mb.response_mask_BR.shape[1])
             if fused:
                 student = Hidden(hidden, weight, c.cfg.loss.chunk_tokens)
             else:
@@ -144,10 +100,6 @@ def student_pass(
 
         return output, loss_fn
 
-    # Micro-batches by token budget differ in rows and width: the pipeline then sends each
-    # activation's shape ahead of it (megatron-core 0.16.1 p2p_communication._communicate_shapes)
-    shapes = {tuple(mb.student.tokens_BT.shape) for mb in micro_batches}
-    c.model.config.variable_seq_lengths = groups.pp_size > 1 and len(shapes) > 1
     results = get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=iter(micro_batches),
@@ -166,38 +118,7 @@ def student_pass(
         k: float(v[0]) if k == "loss" else float(v[0] / v[1].clamp(min=1))
         for k, v in totals.items()
     }
-    counts = {k: float(v[1]) for k, v in totals.items() if k != "loss"}
-    return TokenMeans(means, counts)
-
-
-class TokenMeans(dict):
-    """{statistic: this rank's value} — the summed loss, and each diagnostic's mean over this
-    rank's response tokens — with ``counts`` (tokens per diagnostic), so that DP ranks combine
-    into the mean over all the step's tokens however the rows were grouped into micro-batches."""
-
-    def __init__(self, means: dict, counts: dict):
-        super().__init__(means)
-        self.counts = counts
-
-
-def share_stats(stats: dict, keys: list[str], summed: set[str], groups: ParallelGroups) -> dict:
-    """Loss statistics live on the last pipeline stage: give them to every rank; over DP, keys in
-    ``summed`` add up (the loss is a sum of partial losses), token means (``TokenMeans``) are
-    weighted by their token counts, and other values are averaged."""
-    counts = getattr(stats, "counts", {})
-    flat = []
-    for k in keys:
-        value, n = float(stats.get(k, 0.0)), 0.0 if k in summed else counts.get(k, 1.0)
-        flat += [value if k in summed else value * n, n]
-    t = torch.tensor(flat, dtype=torch.float64).to(groups.device)  # NCCL: accelerator tensors
-    if groups.pp_size > 1:
-        dist.broadcast(t, groups.pp_last_rank, group=groups.pp)
-    dist.all_reduce(t, group=groups.dp)
-    v = t.tolist()
-    return {
-        k: v[2 * j] if k in summed else v[2 * j] / max(v[2 * j + 1], 1e-30)
-        for j, k in enumerate(keys)
-    }
+    return StepStats(means, {k: float(v[1]) for k, v in totals.items() if k != "loss"})
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ def rescored_divergence(c, micro_batches) -> float:
     kept, over their response tokens; forward only."""
     import torch
 
-    from opsd_megatron.algorithms.step_data import response_rows
     from opsd_megatron.losses.distributions import Logits
     from opsd_megatron.models.output_head import hidden_states_out, logits_of, output_weight
 
@@ -41,7 +40,7 @@ def rescored_divergence(c, micro_batches) -> float:
         for mb in micro_batches:
             with hidden_states_out(c.model):
                 states = c.model(mb.student.tokens_BT, mb.student.position_ids_BT, None)
-            rows = response_rows(states, mb.student, mb.response_mask_BR.shape[1])
+            rows = mb.student.response_rows(states, mb.response_mask_BR.shape[1])
             student = Logits(logits_of(rows, output_weight(c.model)))
             per_token, _ = c.algorithm.per_token_loss(student, mb, c.groups)
             total += float(per_token[mb.response_mask_BR].sum())

@@ -69,13 +69,13 @@ def test_steps_pass_the_device_audit(tmp_path, tp, pp, world):
 
 def _host_micro_batches(original):
     def build(*args, **kwargs):
-        return original(*args[:5], "cpu")  # built and left on the host
+        return original(*args[:5], "cpu", *args[6:], **kwargs)  # built and left on the host
 
     return build
 
 
 def _host_share_stats(stats, keys, summed, groups):
-    t = torch.tensor([float(stats.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(stats.means.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if groups.pp_size > 1:
         dist.broadcast(t, groups.pp_last_rank, group=groups.pp)
     dist.all_reduce(t, group=groups.dp)
@@ -111,11 +111,11 @@ def _reverted(out, tp, pp, names):
     from opsd_megatron.algorithms import step_data as rollouts
     from opsd_megatron.rollout.megatron_sampler import MegatronSampler
     from opsd_megatron.testing.device_audit import DeviceAuditError, device_audit
-    from opsd_megatron.train import preemption, step
+    from opsd_megatron.train import metrics, preemption
 
     patches = {
         "micro_batches": (rollouts, "micro_batches", _host_micro_batches(rollouts.micro_batches)),
-        "share_stats": (step, "share_stats", _host_share_stats),
+        "share_stats": (metrics, "share_stats", _host_share_stats),
         "generator": (MegatronSampler, "_generator", _host_generator),
         "pp_broadcast": (MegatronSampler, "_next", _host_next),
         "preemption": (preemption, "requested", _host_preemption_vote),

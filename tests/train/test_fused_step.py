@@ -80,7 +80,7 @@ def _both_ways(tp, pp, extra, variants):
                 for n, p in c.model.named_parameters()
                 if p.requires_grad
             }
-            results.append((stats, grads))
+            results.append((stats.means, grads))
         (s0, g0), (s1, g1) = results
         assert s0.keys() == s1.keys() and g0.keys() == g1.keys()
         name = f"{algorithm}:{loss}"

@@ -1,4 +1,4 @@
-"""The step's phase timers (``train/step.py::phase_times``) and their progress line
+"""The step's phase timers (``train/metrics.py::phase_times``) and their progress line
 (``logging.phase_times``); a real run's timers are checked in test_e2e.py."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_megatron.train.metrics import phase_line
-from opsd_megatron.train.step import phase_times
+from opsd_megatron.train.metrics import phase_line, phase_times
 
 ROOT = Path(__file__).resolve().parents[2]
 

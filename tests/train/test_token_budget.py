@@ -37,13 +37,15 @@ def _both_ways(tp, pp, extra):
     from opsd_megatron.losses import global_normalizer
     from opsd_megatron.models.loss_contract import finalize_gradients
     from opsd_megatron.train.components import build_components
+    from opsd_megatron.train.metrics import share_stats
     from opsd_megatron.train.optimizer import zero_grads
-    from opsd_megatron.train.step import share_stats, student_pass
+    from opsd_megatron.train.step import student_pass
     from tests.train.tiny import rank_layout
 
     cfg = load_config(
         RECIPE,
         overrides("/tmp/unused-budget", tp, pp, extra=["model.dtype=float32", "grpo.group_size=2",
+                                                       f"trainer.micro_batch_tokens={BUDGET}",
                                                        *extra]),
     )  # fmt: skip
     c = build_components(cfg, rank_layout(cfg))
@@ -69,7 +71,7 @@ def _both_ways(tp, pp, extra):
             zero_grads(c.ddp, c.optimizer)
             stats = student_pass(dataclasses.replace(c, cfg=run), alg, mbs, norm)
             finalize_gradients(c.ddp)
-            keys = sorted(k for k in stats if k != "loss") if stats else []
+            keys = sorted(k for k in stats.means if k != "loss")
             keys = _same_keys(keys, c)
             shared = share_stats(stats, ["loss", *keys], {"loss"}, c.groups)
             grads = {
