@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def linear_shapes(arch) -> list[tuple[int, int]]:
     """(in, out) of every matrix product of one decode step: per layer q, k, v, o, gate, up,
     down; then the output layer."""
-    h, kv = arch.hidden_size, arch.num_key_value_heads * arch.head_dim
+    h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
     q = arch.num_attention_heads * arch.head_dim
     per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, arch.ffn_hidden_size),
                  (h, arch.ffn_hidden_size), (arch.ffn_hidden_size, h)]  # fmt: skip

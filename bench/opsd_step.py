@@ -70,7 +70,8 @@ def step_prompts(hf_dir: str, steps: int) -> list[tuple[list, list]]:
 
     cfg = load_config(RECIPE, [f"model.hf_dir={hf_dir}", f"model.tokenizer={hf_dir}"])
     tok = load_tokenizer(hf_dir)
-    problems = load_problems(cfg.data, lambda t: len(tok.encode(t, add_special_tokens=False)))
+    count = lambda t: len(tok.encode(t, add_special_tokens=False))  # noqa: E731
+    problems = load_problems(cfg.data, count, solution_required=True).rows  # as the trainer
     one_rank = SimpleNamespace(dp_size=1, dp_rank=0)
     source = StepData(problems, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, tok,
                       cfg.data, None, cfg.rollout.max_new_tokens, one_rank)  # fmt: skip
