@@ -178,3 +178,16 @@ def test_a_refused_sbatch_shows_its_own_error():
     )
     with pytest.raises(AssertionError, match="exit 1.*Invalid account"):
         job_id_of(refused)
+
+
+def test_the_cluster_offers_the_machines_cpus_whatever_omp_says():
+    """.ci/slurm_cluster.sh's CPU count under an exported OMP_NUM_THREADS=1 (common in benchmark
+    shells and on clusters): GNU nproc honours it, and nodes offering 1 CPU refuse every job
+    asking for 2. The script's own line, run alone (so a regression cannot reconfigure a cluster
+    the suite is using)."""
+    script = (ROOT / ".ci" / "slurm_cluster.sh").read_text().splitlines()
+    line = next(x for x in script if x.startswith("CPUS="))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"}
+    cmd = ["bash", "-c", f"{line}; echo $CPUS"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert int(res.stdout) == len(os.sched_getaffinity(0))
