@@ -9,7 +9,9 @@ which also gives the machine's GEMM throughput at decode shapes. The sampler the
 same batch (GSM8K prompts, no stop token: every row runs ``--new-tokens`` steps) and its decode
 seconds per step (``last_phase_s["decode"]``, the trainer's ``time/decode``) are set against the
 floor. Attention over the cache is not in the floor (at these lengths a few % of the FLOPs).
-Prints FLOPs per step, the floor, the measured step and their ratio; nothing is asserted.
+With ``--lora R`` (16 by default) the sampler runs again with adapters of rank R on every linear,
+as the trainer's student samples. Prints FLOPs per step, the floor, the measured steps and their
+ratios; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def gemm_floor_s(shapes, batch: int, repeats: int = 5) -> float:
     return best
 
 
-def sampler_decode_s(hf_dir: str, prompts, new_tokens: int, repeats: int = 2) -> float:
+def sampler_decode_s(hf_dir: str, prompts, new_tokens: int, lora: int = 0, repeats: int = 2):
     """The Megatron sampler's decode seconds per step, every row running ``new_tokens`` steps
-    (no stop token), best of ``repeats``."""
+    (no stop token), best of ``repeats``; ``lora``: with adapters of that rank on every linear
+    (as the trainer's student samples)."""
     from opsd_megatron.models import build_gpt_model, read_hf_config
     from opsd_megatron.models.hf_io import HFCheckpointReader
     from opsd_megatron.models.hf_weights import load_hf_weights
@@ -63,6 +66,11 @@ def sampler_decode_s(hf_dir: str, prompts, new_tokens: int, repeats: int = 2) ->
     model = build_gpt_model(arch, torch.float32, initialize=False, groups=groups).eval()
     with HFCheckpointReader(hf_dir) as reader:
         load_hf_weights(model, reader, arch)
+    if lora:
+        from opsd_megatron.config import LoRAConfig
+        from opsd_megatron.models.lora import apply_lora
+
+        apply_lora(model, LoRAConfig(rank=lora, alpha=2.0 * lora))
     sampler = MegatronSampler(model, temperature=1.0, top_k=0, top_p=1.0, stop_ids=[],
                               pad_id=0, vocab_size=arch.vocab_size, groups=groups)  # fmt: skip
     sampler.generate(prompts[:2], 4)  # warm-up
@@ -78,6 +86,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora", type=int, default=16, help="also time the sampler with adapters of "
+                    "this rank on every linear, as the trainer samples (0: skip)")  # fmt: skip
     args = ap.parse_args()
 
     from opsd_megatron.data.tokenizer import load_tokenizer
@@ -107,6 +117,14 @@ def main() -> None:
             f"({gemm:.1f} GFLOP/s); sampler {1e3 * step:.1f} ms per step ({ours:.1f} GFLOP/s), "
             f"{step / floor:.2f}x the GEMM floor"
         )
+        if args.lora:
+            with_lora = run_distributed(sampler_decode_s, 1, str(hf_dir), prompts,
+                                        args.new_tokens, args.lora, timeout=3600,
+                                        threads_per_rank=args.threads)[0]  # fmt: skip
+            print(
+                f"           with LoRA r{args.lora} on every linear: {1e3 * with_lora:.1f} ms per "
+                f"step, {with_lora / step:.2f}x without, {with_lora / floor:.2f}x the floor"
+            )
 
 
 if __name__ == "__main__":

@@ -125,6 +125,13 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
             whole.append(d)
         elif not whole:  # newer than anything usable: say why it is passed over
             skips.append(f"skipping checkpoint {d}: {problems[0]}; trying the previous one")
+    if whole and mode is not False and _finished(whole[0], cfg):
+        # a finished run is not resumed, so no rank would hash its final checkpoint: hash it
+        # here before saying "nothing to do" (only on this path: a rerun of a finished run)
+        damaged = problems_with(whole[0], checksums=True)
+        if damaged:
+            skips.append(f"skipping checkpoint {whole[0]}: {damaged[0]}; trying the previous one")
+            whole = whole[1:]
     newest = whole[0] if whole else None
     if newest is None:
         return ResumePlan("fresh", notes=skips if mode is not False else [])
@@ -181,6 +188,10 @@ def plan_resume(cfg: OPSDConfig) -> ResumePlan:
     if step >= cfg.trainer.max_steps:
         return ResumePlan("finished", newest, step, notes)
     return ResumePlan("resume", newest, step, notes, fallbacks=whole[1:])
+
+
+def _finished(checkpoint: Path, cfg: OPSDConfig) -> bool:
+    return int(read_state(checkpoint)["step"]) >= cfg.trainer.max_steps
 
 
 def _ways_forward(cfg) -> str:

@@ -135,9 +135,12 @@ def test_with_overlapped_reduction_no_sync_keeps_one_reduction_per_step():
     batches: wired, the second step's gradients equal the reference; without ``no_sync`` every
     micro-batch counts as the last, megatron learns "two per step" from the first, reduces the
     second step's bucket after its second micro-batch and the third adds its local gradient
-    unreduced."""
+    unreduced. Unwired, gloo's all-reduce runs asynchronously beside the third micro-batch, so
+    whether a rank's buffer is read before or after that gradient lands is a race: one rank may
+    come out right by timing (a clean-clone run: 0.83 and 1.2e-7), so the broken case asserts
+    that some rank is wrong, and the wired one that every rank is right."""
     assert max(run_distributed(_rank, 2, True, True, timeout=300)) < 1e-5
-    assert min(run_distributed(_rank, 2, True, False, timeout=300)) > 0.1
+    assert max(run_distributed(_rank, 2, True, False, timeout=300)) > 0.1
 
 
 def _components_with_overlap(out):

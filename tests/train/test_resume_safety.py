@@ -179,6 +179,22 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_matches_the_uninterrupted_
     assert problems_with(run / "checkpoints" / "step_000002") == []  # rewritten by the rerun
 
 
+def test_a_finished_run_whose_final_checkpoint_is_damaged_resumes_before_it(straight, tmp_path):
+    """Rerunning a finished run hashes its final checkpoint before saying "nothing to do": a
+    flipped byte (same size; only the checksum sees it) sends the run back to step 2."""
+    from opsd_megatron.train.resume import plan_resume
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    assert plan_resume(load_config(RECIPE, _ov(run))).action == "finished"
+    _damage(run / "checkpoints" / "step_000003", "flip")
+    plan = plan_resume(load_config(RECIPE, _ov(run)))
+    assert (plan.action, plan.checkpoint) == ("resume", run / "checkpoints" / "step_000002")
+    assert any(
+        f"skipping checkpoint {run / 'checkpoints' / 'step_000003'}" in n for n in plan.notes
+    )
+
+
 def test_resume_false_starts_fresh_and_keeps_the_old_files(straight, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight, run)
